@@ -1,0 +1,87 @@
+"""ITAE injected into the last block: an attention module that shares the block's weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from itae_export import ops
+from itae_export.registry import ITAEOptions
+
+
+class ITAEAttention(nn.Module):
+    """The last block's attention with the ITAE edit (Eq. 2-6 of the paper, docs/onnx-ops.md).
+
+    It holds the original ``qkv`` and ``proj`` modules, so parameter names and weights stay
+    those of the pretrained model. The attention is written out (no fused kernel) so that the
+    logits exist as a tensor to edit and the graph exports cleanly.
+    """
+
+    def __init__(self, attn: nn.Module, options: ITAEOptions):
+        super().__init__()
+        self.qkv = attn.qkv
+        self.proj = attn.proj
+        self.num_heads = attn.num_heads
+        self.options = options
+
+    @property
+    def needs_unpatched_output(self) -> bool:
+        return self.options.enabled and self.options.source == "output"
+
+    def mask_from_output(self, x_out_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source=output: plain L2 norms of the unpatched block's output tokens (no 1/sqrt(d))."""
+        return torch.ops.itae.artifact_mask(x_out_BTC, self.options.theta, 1.0, self.options.group_code)
+
+    def forward(self, x_BTC: torch.Tensor, artifact_mask=None, bypass: bool = False):
+        B, T, C = x_BTC.shape
+        H = self.num_heads
+        d = C // H
+        opts = self.options
+        qkv_BTC3 = self.qkv(x_BTC)
+        q_BTC, k_BTC, v_BTC = qkv_BTC3.split(C, dim=-1)
+        edit = opts.enabled and not bypass
+        if not edit:
+            mask_BN = torch.zeros((B, T - 1), dtype=torch.bool, device=x_BTC.device)
+            norms_BN = None
+        elif artifact_mask is not None:
+            mask_BN, norms_BN = artifact_mask
+        else:
+            src_BTC = {"query": q_BTC, "key": k_BTC, "value": v_BTC}[opts.source]
+            mask_BN, norms_BN = torch.ops.itae.artifact_mask(src_BTC, opts.theta, d**-0.5, opts.group_code)
+
+        q_BHTD = q_BTC.reshape(B, T, H, d).transpose(1, 2)
+        k_BHTD = k_BTC.reshape(B, T, H, d).transpose(1, 2)
+        v_BHTD = v_BTC.reshape(B, T, H, d).transpose(1, 2)
+        s_BHTT = (q_BHTD * d**-0.5) @ k_BHTD.transpose(-2, -1)
+        if edit:
+            s_BHTT = torch.ops.itae.attenuate_logits(s_BHTT, mask_BN, opts.strategy_code, opts.rows == "all", opts.lsa)
+        a_BHTT = s_BHTT.softmax(dim=-1)
+        o_BTC = (a_BHTT @ v_BHTD).transpose(1, 2).reshape(B, T, C)
+        aux = {"artifact_mask": mask_BN, "cls_attention": a_BHTT[:, :, 0]}
+        if norms_BN is not None:
+            aux["norms"] = norms_BN
+        return self.proj(o_BTC), aux
+
+
+def inject_itae(model: nn.Module, options: ITAEOptions) -> nn.Module:
+    """Replace the last block's attention by :class:`ITAEAttention` (in place; weights shared)."""
+    last = model.blocks[-1]
+    last.attn = ITAEAttention(last.attn, options)  # also re-injects over an ITAEAttention
+    return model
+
+
+def remove_itae(model: nn.Module) -> nn.Module:
+    """Put a plain attention back into the last block (same weights)."""
+    from itae_export.vit import Attention
+
+    last = model.blocks[-1]
+    if isinstance(last.attn, ITAEAttention):
+        plain = Attention.__new__(Attention)
+        nn.Module.__init__(plain)
+        plain.num_heads = last.attn.num_heads
+        plain.qkv, plain.proj = last.attn.qkv, last.attn.proj
+        last.attn = plain
+    return model
+
+
+__all__ = ["ITAEAttention", "inject_itae", "remove_itae", "ops"]
