@@ -1,0 +1,325 @@
+"""Export an ITAE-patched encoder to ONNX: custom-domain nodes, local functions, a manifest,
+and a validation against PyTorch before anything lands at the output path."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from itae_export.errors import InputError, ToleranceError
+from itae_export.manifest import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_CLS_ATTENTION,
+    OUTPUT_EMBEDDING,
+    OUTPUT_MASK,
+    MANIFEST_SCHEMA,
+    atomic_write_json,
+    manifest_path,
+)
+from itae_export.onnx import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
+from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
+
+PRECISIONS = ("fp32", "fp16")
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    inline_path: Path | None = None
+
+    @property
+    def validation(self) -> dict:
+        return self.manifest.get("validation", {})
+
+
+def export_dir() -> Path:
+    return Path(os.environ.get("ITAE_EXPORT_DIR", "exported"))
+
+
+def default_output_path(spec: ModelSpec | str, options: ITAEOptions, resolution: int | None = None,
+                        precision: str = "fp32", quantize: str | None = None) -> Path:
+    """``exported/<model>_<res>_<itae options>[_fp16][_int8].onnx``."""
+    spec = get_model_spec(spec) if isinstance(spec, str) else spec
+    res = resolution or spec.preprocessing.resolution
+    name = f"{spec.name}_{res}_{options.slug()}"
+    if precision != "fp32":
+        name += f"_{precision}"
+    if quantize:
+        name += f"_{quantize}"
+    return export_dir() / f"{name}.onnx"
+
+
+class _ExportWrapper:
+    """Builds the torch module whose outputs are the contract's outputs (lazy torch import)."""
+
+    @staticmethod
+    def make(model, attention_output: bool, half: bool):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixel_values):
+                x = pixel_values.half() if half else pixel_values
+                f = self.model.forward_features(x)
+                outs = (f["embedding"].float(), f["artifact_mask"])
+                if attention_output:
+                    outs = outs + (f["cls_attention"].float(),)
+                return outs
+
+        return Wrapper().eval()
+
+
+def output_names(attention_output: bool) -> list[str]:
+    names = [OUTPUT_EMBEDDING, OUTPUT_MASK]
+    if attention_output:
+        names.append(OUTPUT_CLS_ATTENTION)
+    return names
+
+
+def _torch_export(model, resolution: int, attention_output: bool, half: bool):
+    """torch.export -> ONNX ModelProto with ``itae`` nodes and their local functions."""
+    import torch
+
+    from itae_export.onnx.functions import attach_functions, translation_table
+
+    wrapper = _ExportWrapper.make(model, attention_output, half)
+    example = torch.randn(2, 3, resolution, resolution)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=output_names(attention_output),
+            dynamic_shapes=({0: batch},),
+            custom_translation_table=translation_table(),
+            verbose=False,
+        )
+    proto = program.model_proto
+    attach_functions(proto)
+    return proto
+
+
+def _set_metadata(proto, manifest: dict) -> None:
+    del proto.metadata_props[:]
+    flat = {
+        METADATA_KEY: json.dumps(manifest, sort_keys=True),
+        "itae.model": manifest["model"],
+        "itae.theta": str(manifest["itae"]["theta"]),
+        "itae.enabled": str(manifest["itae"]["enabled"]).lower(),
+        "itae.preprocessing": json.dumps(manifest["preprocessing"], sort_keys=True),
+    }
+    for k, v in flat.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = f"{manifest['model']} with ITAE ({json.dumps(manifest['itae'])}); exported by itae-export"
+    proto.producer_name = "itae-export"
+    proto.producer_version = manifest["package_version"]
+
+
+def _save(proto, path: Path, external: bool) -> str | None:
+    import onnx
+
+    if external:
+        location = path.name + ".data"
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        return location
+    onnx.save_model(proto, str(path))
+    return None
+
+
+def _weights_nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def build_manifest(spec: ModelSpec, options: ITAEOptions, *, resolution: int, precision: str,
+                   attention_output: bool, pos_rule: str, weights_info: dict, num_tokens: int) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from itae_export import __version__
+
+    prep = spec.preprocessing.to_dict()
+    prep["resolution"] = [resolution, resolution]
+    a = spec.arch
+    outputs = [
+        {"name": OUTPUT_EMBEDDING, "dtype": "float32", "shape": ["batch", spec.embed_dim]},
+        {"name": OUTPUT_MASK, "dtype": "bool", "shape": ["batch", num_tokens - 1]},
+    ]
+    if attention_output:
+        outputs.append({"name": OUTPUT_CLS_ATTENTION, "dtype": "float32", "shape": ["batch", a.num_heads, num_tokens]})
+    itae = options.to_dict()
+    itae.update(group_code=options.group_code, strategy_code=options.strategy_code)
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "model": spec.name,
+        "family": spec.family,
+        "arch": dataclasses.asdict(a),
+        "embed_dim": spec.embed_dim,
+        "num_heads": a.num_heads,
+        "num_tokens": num_tokens,
+        "num_register_tokens": a.num_register_tokens,
+        "itae": itae,
+        "preprocessing": prep,
+        "pos_rule": pos_rule,
+        "precision": precision,
+        "opset": ONNX_OPSET,
+        "custom_domain": {"name": ITAE_DOMAIN, "version": ITAE_DOMAIN_VERSION},
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, resolution, resolution]}],
+        "outputs": outputs,
+        "weights": weights_info,
+        "package": "itae-export",
+        "package_version": __version__,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export_onnx(
+    spec_or_name: ModelSpec | str,
+    options: ITAEOptions | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    weights: str | None = None,
+    model=None,
+    weights_info: dict | None = None,
+    pos_rule: str | None = None,
+    resolution: int | None = None,
+    precision: str = "fp32",
+    attention_output: bool = False,
+    inline: bool = False,
+    validate: bool = True,
+    validate_images: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    _tamper: Callable | None = None,
+) -> ExportResult:
+    """Export ``spec_or_name`` with ITAE ``options`` to ``output`` (default: under exported/).
+
+    ``model`` lets callers pass an already-built VisionTransformer (tests, tiny specs);
+    otherwise the weights come from ``weights`` or the official source. Nothing is written
+    at ``output`` unless validation passes (or ``validate=False``).
+    """
+    import torch
+
+    spec = get_model_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+    options = options or ITAEOptions.for_model(spec)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    resolution = resolution or spec.preprocessing.resolution
+    p = spec.arch.patch_size
+    if resolution <= 0 or resolution % p:
+        raise InputError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
+    output = Path(output) if output else default_output_path(spec, options, resolution, precision)
+    if output.suffix != ".onnx":
+        raise InputError(f"--output: {output} must end with .onnx")
+
+    if model is None:
+        from itae_export.checkpoints import load_model
+
+        log(f"loading weights for {spec.name} ...")
+        model, loaded = load_model(spec, options, weights=weights, pos_rule=pos_rule)
+        weights_info = {"source": str(loaded.source), "format": loaded.format, "sha256": loaded.sha256}
+        pos_rule = loaded.pos_rule
+    else:
+        from itae_export.itae import inject_itae
+
+        inject_itae(model, options)
+        if pos_rule:
+            model.pos_rule = pos_rule
+        weights_info = weights_info or {"source": "in-memory model", "format": "torch", "sha256": None}
+    model = model.float().eval()
+    model.fix_resolution(resolution)
+    num_tokens = 1 + spec.arch.num_register_tokens + (resolution // p) ** 2
+
+    half = precision == "fp16"
+    log(f"exporting {spec.name} at {resolution}x{resolution} ({precision}, {options.slug()}) ...")
+    export_model = model
+    if half:
+        import copy
+
+        export_model = copy.deepcopy(model).half()
+        export_model.fix_resolution(resolution)
+    with torch.no_grad():
+        proto = _torch_export(export_model, resolution, attention_output, half)
+    if _tamper is not None:  # tests force a mismatch through here
+        _tamper(proto)
+
+    manifest = build_manifest(spec, options, resolution=resolution, precision=precision,
+                              attention_output=attention_output, pos_rule=model.pos_rule,
+                              weights_info=weights_info, num_tokens=num_tokens)
+    external = external_data if external_data is not None else _weights_nbytes(export_model) > EXTERNAL_DATA_THRESHOLD
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp"))
+    try:
+        tmp_path = tmpdir / output.name
+        _set_metadata(proto, manifest)
+        location = _save(proto, tmp_path, external)
+        manifest["external_data"] = location
+        inline_tmp = None
+        if inline:
+            import onnx.inliner
+
+            inline_tmp = tmpdir / (output.stem + ".inline.onnx")
+            inlined = onnx.inliner.inline_local_functions(onnx.load(str(tmp_path)))
+            _save(inlined, inline_tmp, external)
+            manifest["inline_copy"] = inline_tmp.name
+        if validate:
+            from itae_export.validate import validate_model
+
+            log("validating against PyTorch ...")
+            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, log=log)
+            manifest["validation"] = report
+            if not report["passed"]:
+                raise ToleranceError(f"validation failed: {report['failure']}", report)
+        else:
+            manifest["validation"] = {"skipped": True}
+        # store the final manifest in the graph too (the weights, if external, stay where they are)
+        import onnx
+
+        final = onnx.load(str(tmp_path), load_external_data=False)
+        _set_metadata(final, manifest)
+        onnx.save_model(final, str(tmp_path))
+        _publish(tmpdir, output, location, inline_tmp)
+        write_manifest_for(output, manifest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    inline_path = output.with_name(inline_tmp.name) if inline_tmp else None
+    return ExportResult(output, manifest, inline_path)
+
+
+def write_manifest_for(output: Path, manifest: dict) -> None:
+    atomic_write_json(manifest_path(output), manifest)
+
+
+def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path | None) -> None:
+    """Move the validated files into place: external data first, the graph last."""
+    stale = manifest_path(output)
+    if stale.exists():
+        stale.unlink()  # a manifest must never describe a different graph
+    if location:
+        os.replace(tmpdir / location, output.parent / location)
+    if inline_tmp is not None:
+        inline_data = inline_tmp.with_name(inline_tmp.name + ".data")
+        if inline_data.exists():
+            os.replace(inline_data, output.with_name(inline_data.name))
+        os.replace(inline_tmp, output.with_name(inline_tmp.name))
+    os.replace(tmpdir / output.name, output)
