@@ -1,0 +1,83 @@
+"""Options and error handling shared by the itae-* commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from itae_export.errors import ITAEError
+from itae_export.registry import GROUPS, POS_RULES, ROWS, SOURCES, STRATEGIES, list_models
+
+
+def model_choice() -> click.Choice:
+    return click.Choice(list_models(include_aliases=True), case_sensitive=False)
+
+
+def itae_flags(f):
+    """--theta --source --group --strategy --rows --lsa --no-itae (defaults: the spec's, per model)."""
+    decorators = [
+        click.option("--theta", type=str, default=None,
+                     help="Norm threshold (default: the model's, from the paper). 'auto' picks it from "
+                          "--calibration-images."),
+        click.option("--source", type=click.Choice(SOURCES), default=None, help="Projection whose norms find artifacts [query]."),
+        click.option("--group", type=click.Choice(GROUPS), default=None, help="Which side of theta is the artifact set [minority]."),
+        click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Substitute logit of artifact columns [min]."),
+        click.option("--rows", type=click.Choice(ROWS), default=None, help="Attention rows edited: the CLS row or all [cls]."),
+        click.option("--lsa/--no-lsa", default=None, help="Also mask the diagonal of the edited rows (Table A3) [off]."),
+        click.option("--no-itae", is_flag=True, default=False, help="Export the unpatched baseline through the same path."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def weight_flags(f):
+    decorators = [
+        click.option("--weights", type=click.Path(dir_okay=True), default=None,
+                     help="Local checkpoint (official .pth/.pt, Hugging Face dir or .safetensors, timm, open_clip, "
+                          "or an ONNX file with Hugging Face names). Default: download the official weights."),
+        click.option("--pos-rule", type=click.Choice(POS_RULES), default=None,
+                     help="Override the position-embedding interpolation rule (default: follows the weights' source)."),
+        click.option("--resolution", type=int, default=None, help="Input height and width, a multiple of the patch size [224]."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def parse_theta(value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        theta = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'auto'", param_hint="--theta") from None
+    if not (theta >= 0 and theta != float("inf")):
+        raise click.BadParameter(f"{value!r} must be a finite number >= 0", param_hint="--theta")
+    return theta
+
+
+def build_options(spec, theta, source, group, strategy, rows, lsa, no_itae):
+    from itae_export.registry import ITAEOptions
+
+    return ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
+                                 lsa=lsa, enabled=not no_itae)
+
+
+def report_errors(f):
+    """Library errors become one clear line and exit code 1; Ctrl-C exits 130 without a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except ITAEError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,130 @@
+"""itae-cluster: embed every image in a folder with an exported ITAE model and cluster them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from itae_export.errors import ITAEError
+from itae_export.registry import GROUPS, ROWS, SOURCES, STRATEGIES
+
+EPILOG = """\b
+Examples:
+  itae-cluster photos/ --k 10 --onnx exported/dinov2_vitb14_224_itae-t3.onnx
+  itae-cluster photos/ --k 10 --model vitb14            # exports it first if missing
+  itae-cluster imagenette/ --k 10 --model vits14_reg --labels-from-dirs --protocol paper
+
+Outputs in --out (default <folder>_itae/): assignments.csv, embeddings.npy, summary.json,
+skipped.csv, and cache/embeddings.sqlite, the resumable embedding store: re-running after an
+interruption embeds only the images that are missing or changed.
+"""
+
+
+def _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, weights, resolution, precision, log):
+    """The exported model for --model and the ITAE flags, exported first if it is not there yet."""
+    from itae_export.export import default_output_path, export_onnx
+    from itae_export.registry import ITAEOptions, get_model_spec
+
+    spec = get_model_spec(model)
+    options = ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
+                                    lsa=lsa, enabled=False if no_itae else None)
+    path = default_output_path(spec, options, resolution, precision)
+    if path.is_file():
+        log(f"Using {path}")
+        return path
+    log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
+    return export_onnx(spec, options, path, weights=weights, resolution=resolution, precision=precision, log=log).path
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--k", "k", type=int, required=True, help="Number of clusters (2 to the number of images).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="An exported model (.onnx with its .json manifest beside it).")
+@click.option("--model", help="A registry model name; uses (and if missing, exports) exported/<name>_<res>_<itae>.onnx.")
+@click.option("--theta", type=float, help="[--model] ITAE threshold (default: the model's).")
+@click.option("--source", type=click.Choice(SOURCES), help="[--model] Artifact source (default query).")
+@click.option("--group", type=click.Choice(GROUPS), help="[--model] Artifact group (default minority).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), help="[--model] Attenuation (default min).")
+@click.option("--rows", type=click.Choice(ROWS), help="[--model] Rows to edit (default cls).")
+@click.option("--lsa/--no-lsa", default=None, help="[--model] Diagonal mask (default off).")
+@click.option("--no-itae", is_flag=True, help="[--model] The unpatched baseline.")
+@click.option("--weights", help="[--model] Checkpoint file or source used when exporting.")
+@click.option("--resolution", type=int, help="[--model] Input resolution (default 224).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="[--model] Precision of the exported model.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: <folder>_itae/ beside the folder).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: CUDA when usable, otherwise CPU.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Decode workers (default: cores - 1, at most 4).")
+@click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
+              help="Decode in threads (PIL releases the GIL) or processes.")
+@click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime intra-op threads on CPU (default: ORT's choice, the physical cores).")
+@click.option("--seed", type=int, default=0, show_default=True, help="K-Means random state.")
+@click.option("--n-init", type=click.IntRange(min=1), default=10, show_default=True, help="K-Means restarts.")
+@click.option("--labels-from-dirs", is_flag=True,
+              help="Labels are parent folder names (ImageFolder): adds ACC, NMI and ARI.")
+@click.option("--protocol", type=click.Choice(["paper"]),
+              help="paper: also the paper's evaluation (20 sets x 25 K-Means runs, mean ± s.e.).")
+@click.option("--sets", "protocol_sets", type=click.IntRange(min=1), default=20, show_default=True,
+              help="[--protocol paper] Number of sets.")
+@click.option("--runs", "protocol_runs", type=click.IntRange(min=1), default=25, show_default=True,
+              help="[--protocol paper] K-Means runs per set.")
+@click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
+def cli(folder, k, onnx_path, model, theta, source, group, strategy, rows, lsa, no_itae, weights, resolution,
+        precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, labels_from_dirs,
+        protocol, protocol_sets, protocol_runs, report, quiet):
+    """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
+    with K-Means on the L2-normalised embeddings."""
+    from itae_export.cluster import format_summary, run_cluster_job
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=True)
+
+    if (onnx_path is None) == (model is None):
+        raise click.UsageError("give exactly one of --onnx PATH or --model NAME")
+    model_flags = {"--theta": theta, "--source": source, "--group": group, "--strategy": strategy, "--rows": rows,
+                   "--lsa/--no-lsa": lsa, "--no-itae": no_itae or None, "--weights": weights,
+                   "--resolution": resolution}
+    if onnx_path is not None:
+        used = [name for name, v in model_flags.items() if v is not None]
+        if used or precision != "fp32":
+            used += ["--precision"] if precision != "fp32" else []
+            raise click.UsageError(f"{', '.join(used)} only apply with --model; an --onnx model carries its own options")
+    try:
+        if model is not None:
+            onnx_path = _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, weights,
+                                       resolution, precision, log)
+        summary = run_cluster_job(
+            folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, batch_size=batch_size, workers=workers,
+            pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
+            protocol=protocol, protocol_sets=protocol_sets, protocol_runs=protocol_runs, progress=not quiet,
+            log=log,
+        )
+        if report:
+            from itae_export.report import write_report  # written by another module; imported only here
+
+            log(f"Report: {write_report(summary['out_dir'])}")
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "
+                   "to resume.", err=True)
+        sys.exit(130)
+    except ITAEError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
+
+
+def main() -> None:
+    cli(prog_name="itae-cluster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""itae-export: write an ITAE-patched encoder as ONNX, validated against PyTorch."""
+
+from __future__ import annotations
+
+import click
+
+from itae_export.cli._common import (
+    build_options, itae_flags, model_choice, parse_theta, report_errors, weight_flags,
+)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", "model_name", type=model_choice(), required=True, metavar="NAME",
+              help="Registry name or alias, e.g. dinov2_vitl14 or vitl14 (list: itae-models).")
+@itae_flags
+@weight_flags
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Output .onnx path [exported/<model>_<res>_<options>.onnx].")
+@click.option("--attention-output", is_flag=True, help="Add the output cls_attention [batch, heads, T].")
+@click.option("--inline", is_flag=True, help="Also write <name>.inline.onnx with the itae functions inlined.")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch before publishing.")
+@click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Also validate on the images of this folder.")
+@click.option("--calibration-images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Images for --theta auto.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
+@report_errors
+def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
+         output, attention_output, inline, validate, validate_images, calibration_images, external_data, quiet):
+    """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
+
+    \b
+    Example:
+      itae-export --model vitl14 --theta 3.0
+      itae-export --model vits14 --weights vit_s_focus.onnx --output exported/focus.onnx
+    """
+    from itae_export.export import export_onnx
+    from itae_export.registry import get_model_spec
+    from itae_export.validate import format_report
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    spec = get_model_spec(model_name)
+    theta = parse_theta(theta)
+    if theta == "auto":
+        from itae_export.theta_auto import calibrate_theta
+
+        if not calibration_images:
+            raise click.UsageError("--theta auto needs --calibration-images DIR")
+        theta = calibrate_theta(spec, calibration_images, weights=weights, pos_rule=pos_rule, source=source, log=log)
+    options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
+    result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution,
+                         precision=precision, attention_output=attention_output, inline=inline,
+                         validate=validate, validate_images=validate_images, external_data=external_data, log=log)
+    if not quiet:
+        click.echo(format_report(result.validation), err=True)
+        click.echo(f"manifest: {result.path.with_suffix('.json')}", err=True)
+        if result.inline_path:
+            click.echo(f"inlined copy: {result.inline_path}", err=True)
+    click.echo(str(result.path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""itae-validate: run an exported model's validation against PyTorch again."""
+
+from __future__ import annotations
+
+import click
+
+from itae_export.cli._common import report_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("onnx_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--weights", type=click.Path(exists=True), default=None,
+              help="The checkpoint it was exported from [the path recorded in the manifest].")
+@click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Also validate on the images of this folder.")
+@report_errors
+def main(onnx_path, weights, validate_images):
+    """Compare ONNX_PATH in ONNX Runtime with the PyTorch ITAE model it came from; exit 1 on mismatch."""
+    from itae_export.errors import ToleranceError
+    from itae_export.export import revalidate
+    from itae_export.validate import format_report
+
+    report = revalidate(onnx_path, weights=weights, images_dir=validate_images)
+    click.echo(format_report(report))
+    if not report["passed"]:
+        raise ToleranceError(f"{onnx_path}: {report['failure']}", report)
+
+
+if __name__ == "__main__":
+    main()
