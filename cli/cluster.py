@@ -110,8 +110,11 @@ def cli(folder, k, onnx_path, model, theta, source, group, strategy, rows, lsa, 
             log=log,
         )
         if report:
-            from itae_export.report import write_report  # written by another module; imported only here
-
+            try:
+                from itae_export.report import write_report  # imported only when asked for
+            except ImportError as e:
+                raise click.ClickException(f"--report: the report module is not available ({e}); "
+                                           "the other outputs are written") from None
             log(f"Report: {write_report(summary['out_dir'])}")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "

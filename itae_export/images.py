@@ -1,0 +1,220 @@
+"""Image folders: a safe recursive scan, a decoder for every PIL mode, and the manifest's preprocessing.
+
+The preprocessing is read from the exported model's manifest (``Preprocessing.to_dict()``), so
+there is no second copy of it to keep in sync with the exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from itae_export.errors import ITAEError, InputError
+
+# Lower-case suffixes; the scan compares case-insensitively.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
+)
+
+
+class ImageDecodeError(ITAEError):
+    """One image that cannot be used; ``reason`` is the short text written to skipped.csv."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across a process pool
+        return (type(self), (self.path, self.reason))
+
+
+def scan_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file under ``root``, recursively, sorted by relative path (POSIX order).
+
+    Hidden files and folders (a leading dot) are ignored. Symbolic links are followed, but each
+    real folder is entered once, so link loops end. Raises InputError for a missing root.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder" if root.exists() else f"{root}: no such folder")
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> None:
+        try:
+            st = d.stat()
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            return  # a symlink loop, or a second link to a folder already scanned
+        seen_dirs.add(key)
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():  # follows links
+                    walk(Path(e.path))
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in extensions:
+                    found.append(Path(e.path))
+            except OSError:
+                continue  # a dangling link or a file that vanished
+
+    walk(root)
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    return found
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _white_composite(img, note: list[str]):
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    note.append("alpha composited on white")
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def to_rgb(img, note: list[str] | None = None):
+    """Any PIL image as 8-bit RGB. Transparency is composited on white; 16-bit and 32-bit
+    integer data is scaled to 0-255 (65535 -> 255); float data in [0, 1] is scaled by 255,
+    other float data is clipped to 0-255. Appends what it did to ``note``."""
+    from PIL import Image
+
+    note = note if note is not None else []
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _white_composite(img, note)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img)
+        if a.dtype.byteorder == ">" or mode.endswith("B"):
+            a = a.astype(a.dtype.newbyteorder("="))
+        a = a.astype(np.float64)
+        if mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = np.clip(a, 0, 65535) / 257.0  # 16-bit range, as PNG and TIFF store it
+            note.append("16-bit scaled to 8-bit")
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+            note.append("float [0,1] scaled to 8-bit")
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    if mode == "CMYK":
+        note.append("CMYK converted to RGB")
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(path: str | os.PathLike):
+    """(RGB PIL image, notes): EXIF orientation applied, every mode converted to RGB.
+
+    Raises ImageDecodeError with a reason for a corrupt, truncated, oversized (PIL's
+    decompression-bomb limit) or non-image file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    note: list[str] = []
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageDecodeError(path, "empty file")
+    except OSError as e:
+        raise ImageDecodeError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                try:
+                    img = ImageOps.exif_transpose(img)
+                except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+                    note.append("EXIF orientation unreadable, ignored")
+                return to_rgb(img, note), note
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(path, f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image PIL can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower():
+            msg = f"truncated image ({msg})"
+        raise ImageDecodeError(path, f"cannot decode: {msg}") from None
+    except MemoryError:
+        raise ImageDecodeError(path, "out of memory while decoding") from None
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The manifest's ``preprocessing`` block, checked once."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = 1 / 255
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_manifest(cls, pre: dict) -> "PreprocessSpec":
+        if not isinstance(pre, dict):
+            raise InputError("manifest: 'preprocessing' is missing or not an object")
+        try:
+            res = pre["resolution"]
+            h, w = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
+            spec = cls(h, w, tuple(map(float, pre["mean"])), tuple(map(float, pre["std"])),
+                       float(pre.get("scale", 1 / 255)), pre.get("resize", "squash"),
+                       pre.get("interpolation", "bicubic"))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise InputError(f"manifest: bad 'preprocessing' block ({e!r})") from e
+        if spec.resize != "squash":
+            raise InputError(f"manifest: resize {spec.resize!r} is not supported (only 'squash')")
+        if spec.interpolation not in _RESAMPLE:
+            raise InputError(f"manifest: interpolation {spec.interpolation!r} is not one of {', '.join(_RESAMPLE)}")
+        if pre.get("channel_order", "RGB") != "RGB" or pre.get("layout", "NCHW") != "NCHW":
+            raise InputError("manifest: only RGB channel order and NCHW layout are supported")
+        if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+            raise InputError("manifest: mean and std must have 3 entries, std > 0")
+        return spec
+
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
+
+
+def preprocess(img, pre: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image -> float32 [3, H, W]: squash-resize, scale, normalise."""
+    if img.size != (pre.width, pre.height):
+        img = img.resize((pre.width, pre.height), resample=_RESAMPLE[pre.interpolation])
+    a = np.asarray(img, dtype=np.float32)  # [H, W, 3]
+    a *= np.float32(pre.scale)
+    a -= np.asarray(pre.mean, np.float32)
+    a /= np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def load_image(path: str | os.PathLike, preprocessing: PreprocessSpec | dict) -> np.ndarray:
+    """Decode and preprocess one image file to float32 [3, H, W]; raises ImageDecodeError."""
+    pre = preprocessing if isinstance(preprocessing, PreprocessSpec) else PreprocessSpec.from_manifest(preprocessing)
+    img, _ = decode_image(path)
+    try:
+        return preprocess(img, pre)
+    except (OSError, ValueError, MemoryError) as e:
+        raise ImageDecodeError(path, f"cannot resize: {e}") from None

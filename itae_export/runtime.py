@@ -1,0 +1,100 @@
+"""ONNX Runtime sessions for exported models: device choice, quiet CPU fallback, IOBinding on CUDA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from itae_export.errors import InputError
+from itae_export.manifest import INPUT_NAME, OUTPUT_EMBEDDING
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """(provider, why) for ``auto``, ``cuda`` or ``cpu``. ``cuda`` where CUDA is unusable is an InputError."""
+    from itae_export.runtime_probe import cuda_usable
+
+    if device not in DEVICES:
+        raise InputError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return CPU_EP, "asked for the CPU"
+    ok, why = cuda_usable()
+    if device == "cuda":
+        if not ok:
+            raise InputError(f"--device cuda: CUDA is not usable here ({why}); use --device cpu or auto")
+        return CUDA_EP, "asked for CUDA"
+    return (CUDA_EP, "a usable GPU was found") if ok else (CPU_EP, f"no usable CUDA: {why}")
+
+
+def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op_threads: int | None = None,
+                 spinning: bool | None = None):
+    """(session, provider) for an exported model. The provider is the one the session really got.
+
+    ORT's own log stays quiet (severity 3): a CUDA EP that fails to load on a CPU-only machine is
+    expected and reported by us in one line, not as a red ORT error. ``spinning=False`` stops idle
+    intra-op threads from busy-waiting, which leaves the cores to decode workers between runs.
+    """
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise InputError(f"--onnx: {onnx_path}: no such file")
+    provider, _ = resolve_device(device)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    providers = [CUDA_EP, CPU_EP] if provider == CUDA_EP else [CPU_EP]
+    try:
+        sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise InputError(f"{onnx_path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0][:300]})") from e
+    got = sess.get_providers()[0]
+    if provider == CUDA_EP and got != CUDA_EP:
+        if device == "cuda":
+            raise InputError(f"--device cuda: the session fell back to {got} (CUDA EP did not load)")
+    names = [i.name for i in sess.get_inputs()]
+    if INPUT_NAME not in names or OUTPUT_EMBEDDING not in [o.name for o in sess.get_outputs()]:
+        raise InputError(f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_EMBEDDING!r}, "
+                         f"found inputs {names}")
+    return sess, got
+
+
+class Embedder:
+    """Runs batches of preprocessed float32 [B, 3, H, W] pixels through a session, returning [B, D] float32.
+
+    On CUDA the input is copied to the GPU through IOBinding (cast to float16 first when the
+    model's input is float16) and only the embedding output is fetched.
+    """
+
+    def __init__(self, session, provider: str):
+        self.session = session
+        self.provider = provider
+        inp = next(i for i in session.get_inputs() if i.name == INPUT_NAME)
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(pixels, dtype=self.input_dtype)
+        if self.provider == CUDA_EP:
+            return self._run_cuda(x)
+        (emb,) = self.session.run([OUTPUT_EMBEDDING], {INPUT_NAME: x})
+        return np.asarray(emb, dtype=np.float32)
+
+    def _run_cuda(self, x: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        x_gpu = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+        binding.bind_ortvalue_input(INPUT_NAME, x_gpu)
+        binding.bind_output(OUTPUT_EMBEDDING, "cpu")
+        self.session.run_with_iobinding(binding)
+        (emb,) = binding.copy_outputs_to_cpu()
+        return np.asarray(emb, dtype=np.float32)
