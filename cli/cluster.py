@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from itae_export.cli._common import build_options, itae_flags, model_choice, parse_theta, weight_flags
 from itae_export.errors import ITAEError
-from itae_export.registry import GROUPS, ROWS, SOURCES, STRATEGIES
 
 EPILOG = """\b
 Examples:
@@ -22,20 +22,26 @@ interruption embeds only the images that are missing or changed.
 """
 
 
-def _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, weights, resolution, precision, log):
+def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
+                   resolution, precision, log):
     """The exported model for --model and the ITAE flags, exported first if it is not there yet."""
     from itae_export.export import default_output_path, export_onnx
-    from itae_export.registry import ITAEOptions, get_model_spec
+    from itae_export.registry import get_model_spec
 
     spec = get_model_spec(model)
-    options = ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
-                                    lsa=lsa, enabled=False if no_itae else None)
+    theta = parse_theta(theta)
+    if theta == "auto":
+        from itae_export.theta_auto import calibrate_theta  # calibrated on the folder being clustered
+
+        theta = calibrate_theta(spec, folder, weights=weights, pos_rule=pos_rule, source=source, log=log)
+    options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
     path = default_output_path(spec, options, resolution, precision)
     if path.is_file():
         log(f"Using {path}")
         return path
     log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
-    return export_onnx(spec, options, path, weights=weights, resolution=resolution, precision=precision, log=log).path
+    return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
+                       precision=precision, log=log).path
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -43,18 +49,11 @@ def _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, we
 @click.option("--k", "k", type=int, required=True, help="Number of clusters (2 to the number of images).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
               help="An exported model (.onnx with its .json manifest beside it).")
-@click.option("--model", help="A registry model name; uses (and if missing, exports) exported/<name>_<res>_<itae>.onnx.")
-@click.option("--theta", type=float, help="[--model] ITAE threshold (default: the model's).")
-@click.option("--source", type=click.Choice(SOURCES), help="[--model] Artifact source (default query).")
-@click.option("--group", type=click.Choice(GROUPS), help="[--model] Artifact group (default minority).")
-@click.option("--strategy", type=click.Choice(STRATEGIES), help="[--model] Attenuation (default min).")
-@click.option("--rows", type=click.Choice(ROWS), help="[--model] Rows to edit (default cls).")
-@click.option("--lsa/--no-lsa", default=None, help="[--model] Diagonal mask (default off).")
-@click.option("--no-itae", is_flag=True, help="[--model] The unpatched baseline.")
-@click.option("--weights", help="[--model] Checkpoint file or source used when exporting.")
-@click.option("--resolution", type=int, help="[--model] Input resolution (default 224).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="[--model] Precision of the exported model.")
+@click.option("--model", "model_name", type=model_choice(), metavar="NAME",
+              help="A registry model: uses exported/<name>_<res>_<itae>.onnx, exporting it first if missing. "
+                   "The ITAE and weight flags below apply only with --model.")
+@itae_flags
+@weight_flags
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: <folder>_itae/ beside the folder).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
@@ -78,9 +77,9 @@ def _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, we
               help="[--protocol paper] K-Means runs per set.")
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
-def cli(folder, k, onnx_path, model, theta, source, group, strategy, rows, lsa, no_itae, weights, resolution,
-        precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, labels_from_dirs,
-        protocol, protocol_sets, protocol_runs, report, quiet):
+def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
+         resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, labels_from_dirs,
+         protocol, protocol_sets, protocol_runs, report, quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
     with K-Means on the L2-normalised embeddings."""
     from itae_export.cluster import format_summary, run_cluster_job
@@ -89,20 +88,20 @@ def cli(folder, k, onnx_path, model, theta, source, group, strategy, rows, lsa, 
         if not quiet:
             click.echo(msg, err=True)
 
-    if (onnx_path is None) == (model is None):
+    if (onnx_path is None) == (model_name is None):
         raise click.UsageError("give exactly one of --onnx PATH or --model NAME")
     model_flags = {"--theta": theta, "--source": source, "--group": group, "--strategy": strategy, "--rows": rows,
                    "--lsa/--no-lsa": lsa, "--no-itae": no_itae or None, "--weights": weights,
-                   "--resolution": resolution}
+                   "--pos-rule": pos_rule, "--resolution": resolution}
     if onnx_path is not None:
         used = [name for name, v in model_flags.items() if v is not None]
         if used or precision != "fp32":
             used += ["--precision"] if precision != "fp32" else []
             raise click.UsageError(f"{', '.join(used)} only apply with --model; an --onnx model carries its own options")
     try:
-        if model is not None:
-            onnx_path = _resolve_model(model, theta, source, group, strategy, rows, lsa, no_itae, weights,
-                                       resolution, precision, log)
+        if model_name is not None:
+            onnx_path = _resolve_model(model_name, folder, theta, source, group, strategy, rows, lsa, no_itae,
+                                       weights, pos_rule, resolution, precision, log)
         summary = run_cluster_job(
             folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, batch_size=batch_size, workers=workers,
             pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
@@ -123,10 +122,6 @@ def cli(folder, k, onnx_path, model, theta, source, group, strategy, rows, lsa, 
     except ITAEError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))
-
-
-def main() -> None:
-    cli(prog_name="itae-cluster")
 
 
 if __name__ == "__main__":
