@@ -23,3 +23,33 @@ def tiny_spec(name: str = "dinov2_vits14", *, embed_dim: int = 64, depth: int = 
         proj_dim=32 if a.proj_dim else None,
     )
     return dataclasses.replace(spec, name=f"tiny_{spec.name}", arch=arch, aliases=())
+
+
+def random_model(spec: ModelSpec, seed: int = 0, layerscale: float = 1.0):
+    """A model of ``spec``'s architecture with random weights (no ITAE injected yet)."""
+    from itae_export.vit import build_model, init_random_
+
+    return init_random_(build_model(spec, None), seed=seed, layerscale=layerscale)
+
+
+def theta_for_varied_artifacts(model, spec: ModelSpec, quantile: float = 0.8, source: str = "query") -> float:
+    """A theta inside the projection-norm distribution of the validation inputs.
+
+    Random weights show no bimodality, so the default thetas would flag nothing; a quantile of
+    the actual norms makes the artifact set non-empty and different from image to image.
+    """
+    import copy
+
+    import numpy as np
+    import torch
+
+    from itae_export.itae import inject_itae
+    from itae_export.registry import ITAEOptions
+    from itae_export.validate import validation_inputs
+
+    probe = inject_itae(copy.deepcopy(model), ITAEOptions(theta=0.0, source=source))
+    probe.fix_resolution(spec.preprocessing.resolution)
+    x, _ = validation_inputs({"preprocessing": spec.preprocessing.to_dict()})
+    with torch.no_grad():
+        norms = probe.forward_features(torch.from_numpy(x))["norms"].numpy()
+    return float(np.quantile(norms, quantile))
