@@ -323,3 +323,48 @@ def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path 
             os.replace(inline_data, output.with_name(inline_data.name))
         os.replace(inline_tmp, output.with_name(inline_tmp.name))
     os.replace(tmpdir / output.name, output)
+
+
+def spec_from_manifest(manifest: dict) -> ModelSpec:
+    """The registry entry a manifest was exported from, with the architecture it records."""
+    from itae_export.registry import ArchConfig, Preprocessing
+
+    arch = ArchConfig(**manifest["arch"])
+    prep = manifest["preprocessing"]
+    try:
+        base = get_model_spec(manifest["model"])
+    except KeyError:  # tiny test specs and other unregistered architectures
+        base = get_model_spec({"dinov2": "dinov2_vits14", "clip": "clip_vitb16", "deit3": "deit3_base16"}[manifest["family"]])
+    return dataclasses.replace(
+        base, name=manifest["model"], arch=arch,
+        preprocessing=Preprocessing(tuple(prep["mean"]), tuple(prep["std"]), prep["resolution"][0],
+                                    prep.get("resize", "squash"), prep.get("interpolation", "bicubic")),
+    )
+
+
+def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, images_dir=None,
+               log: Callable[[str], None] = lambda m: None) -> dict:
+    """itae-validate: rebuild the PyTorch model from the manifest and compare again."""
+    from itae_export.checkpoints import load_model
+    from itae_export.errors import CheckpointError
+    from itae_export.manifest import read_manifest
+    from itae_export.validate import validate_model
+
+    manifest = read_manifest(onnx_path)
+    spec = spec_from_manifest(manifest)
+    itae = {k: v for k, v in manifest["itae"].items() if k in {f.name for f in dataclasses.fields(ITAEOptions)}}
+    options = ITAEOptions(**itae)
+    recorded = manifest.get("weights", {})
+    source = weights or recorded.get("source")
+    if not source or not Path(source).exists():
+        raise CheckpointError(
+            f"{onnx_path}: the weights it was exported from ({recorded.get('source') or 'unknown'}) are not on this "
+            "machine; pass --weights PATH"
+        )
+    model, loaded = load_model(spec, options, weights=source, pos_rule=manifest.get("pos_rule"))
+    if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
+        raise CheckpointError(f"{source}: sha256 {loaded.sha256[:12]}… differs from the exported weights' "
+                              f"{recorded['sha256'][:12]}…")
+    res = manifest["preprocessing"]["resolution"][0]
+    model.fix_resolution(res)
+    return validate_model(onnx_path, model.float().eval(), manifest, images_dir=images_dir, log=log)
