@@ -247,6 +247,7 @@ def export_onnx(
             model.pos_rule = pos_rule
         weights_info = weights_info or {"source": "in-memory model", "format": "torch", "sha256": None}
     model = model.float().eval()
+    spec = dataclasses.replace(spec, arch=model.cfg)  # a checkpoint may carry its own position grid
     model.fix_resolution(resolution)
     num_tokens = 1 + spec.arch.num_register_tokens + (resolution // p) ** 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,8 @@ from itae_export.onnx import FP16_MAX_MASK_MISMATCH, FP16_MIN_COSINE, FP16_REL_T
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def sample_photos() -> list[tuple[str, "object"]]:
+@functools.lru_cache(maxsize=1)
+def sample_photos() -> tuple[tuple[str, "object"], ...]:
     """(name, PIL image) of the photos scikit-learn and (if installed) scikit-image ship."""
     from PIL import Image
 
@@ -27,13 +29,13 @@ def sample_photos() -> list[tuple[str, "object"]]:
     try:
         import skimage.data as skd
     except ImportError:
-        return photos
+        return tuple(photos)
     for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera"):
         try:
             photos.append((f"skimage:{name}", Image.fromarray(getattr(skd, name)())))
         except Exception:  # noqa: BLE001 - a missing sample file is not a validation failure
             continue
-    return photos
+    return tuple(photos)
 
 
 def preprocess(img, prep: dict) -> np.ndarray:
