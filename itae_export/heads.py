@@ -1,0 +1,487 @@
+"""Clustering heads trained on frozen embeddings: TSP (linear, neighbour consistency) and TEMI.
+
+Both heads map an embedding [B, D] to cluster probabilities [B, k]; the returned
+``torch.nn.Module`` includes the L2 normalisation, so it can be exported after the encoder.
+
+* TSP (Sec. 3.2 and App. A of "Deep clustering with a ViT pretrained on a large dataset"): a
+  linear head initialised from K-Means centres, trained with a Gaussian-weighted neighbour
+  consistency loss over the K nearest neighbours minus lambda times the entropy of the mean
+  prediction.
+* TEMI (Adaloglou et al., BMVC 2023): H MLP heads, student/teacher with EMA, beta-PMI loss over
+  pairs (x, x') with x' drawn from the 50 nearest neighbours of x, each pair weighted by the
+  teacher ensemble's agreement.
+
+torch is imported inside the functions only, so ``import itae_export`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from itae_export.errors import InputError
+
+METHODS = ("tsp", "temi")
+
+# Sec. 4.1 of the TSP paper.
+TSP_DEFAULTS: dict[str, Any] = {
+    "n_neighbors": 20,     # K of eq. (4)
+    "sigma_rank": 3,       # sigma_i = half the distance to the 3rd nearest neighbour ([29] in the paper)
+    "entropy_weight": 3.0,  # lambda of eq. (5)
+    "lr": 1e-4,            # Adam
+    "batch_size": 256,
+    "epochs": 100,
+    "init": "kmeans",      # "kmeans" (App. A) or "random"
+    "kmeans_n_init": 10,
+}
+
+# The poster gives beta in (0.5, 1], 50 heads, 50-NN pairs and 3-layer MLP heads; the other
+# values follow the official TEMI code's defaults (DINO-style self-distillation).
+TEMI_DEFAULTS: dict[str, Any] = {
+    "n_heads": 50,
+    "n_neighbors": 50,
+    "beta": 0.6,
+    "hidden_dim": 512,
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 1e-4,             # AdamW
+    "weight_decay": 1e-4,
+    "student_temp": 0.1,
+    "teacher_temp": 0.1,
+    "teacher_momentum": 0.996,  # EMA of the teacher weights, cosine schedule to 1
+    "probs_momentum": 0.9,      # EMA of the teacher's cluster marginal q~_t(c)
+}
+
+
+@dataclass
+class HeadResult:
+    """What :func:`fit_head` returns. ``head`` maps embedding [B, D] -> probabilities [B, k]."""
+
+    labels_: np.ndarray
+    probs_: np.ndarray
+    head: Any
+    history: list[dict] = field(default_factory=list)
+    method: str = ""
+    hparams: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- neighbours
+
+
+def nearest_neighbors(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """K nearest neighbours of each row of L2-normalised ``x``, excluding the row itself.
+
+    Returns (distances [N, k] Euclidean, indices [N, k]), nearest first. Euclidean distance on
+    unit vectors orders like cosine (d^2 = 2 - 2 cos). Uses faiss when importable.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    if not 1 <= k < n:
+        raise InputError(f"need 1 <= n_neighbors < number of embeddings, got {k} with {n} embeddings")
+    try:
+        import faiss  # type: ignore
+
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(x)
+        d2, idx = index.search(x, k + 1)
+        dist = np.sqrt(np.maximum(d2, 0.0))
+    except ImportError:
+        from sklearn.neighbors import NearestNeighbors
+
+        dist, idx = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x)
+    # Drop the query itself; with duplicate points it need not sit in column 0.
+    own = idx == np.arange(n)[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(idx, dtype=bool)
+    keep[np.arange(n), drop] = False
+    return dist[keep].reshape(n, k).astype(np.float64), idx[keep].reshape(n, k)
+
+
+def tsp_neighbor_weights(dist: np.ndarray, sigma_rank: int = 3) -> np.ndarray:
+    """Eq. (4): P(j|i) proportional to exp(-d_ij^2 / (2 sigma_i^2)) over the K neighbours.
+
+    sigma_i is half the distance from i to its ``sigma_rank``-th nearest neighbour.
+    """
+    r = min(sigma_rank, dist.shape[1]) - 1
+    sigma = np.maximum(0.5 * dist[:, r:r + 1], 1e-8)
+    logits = -(dist ** 2) / (2 * sigma ** 2)
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def tsp_loss(p_anchor, p_neighbors, weights, entropy_weight: float):
+    """Eq. (5) on one batch; returns (total, consistency, entropy).
+
+    p_anchor [B, k], p_neighbors [B, K, k], weights [B, K] (rows of P(j|i), summing to 1).
+    consistency = -mean_i sum_j P(j|i) log <p_i, p_j>;  entropy = H(mean_i p_i) (natural log).
+    """
+    import torch
+
+    dots = torch.einsum("bc,bkc->bk", p_anchor, p_neighbors)
+    consistency = -(weights * torch.log(dots.clamp_min(1e-12))).sum(dim=1).mean()
+    marginal = p_anchor.mean(dim=0)
+    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+    return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def beta_pmi(p_student, p_teacher, marginal, beta: float):
+    """Per-pair TEMI loss L(x, x') = -log sum_c (q_s(c|x) q_t(c|x'))^beta / q~_t(c).
+
+    p_student, p_teacher [..., B, k]; marginal [..., 1, k]. Returns [..., B].
+    """
+    import torch
+
+    return -torch.log((((p_student * p_teacher) ** beta) / marginal).sum(dim=-1).clamp_min(1e-30))
+
+
+def temi_loss(s1, s2, t1, t2, marginal, beta: float):
+    """TEMI loss (eq. 5 of the poster), symmetrised over the pair as in the official code.
+
+    s1, s2: student probabilities of x and x' [H, B, k]; t1, t2: teacher probabilities [H, B, k];
+    marginal [H, 1, k]. The weight w(x, x') = mean_j sum_c t_j(c|x) t_j(c|x') is shared by all
+    heads (teacher ensemble) and carries no gradient. Returns (loss, per-head loss [H]).
+    """
+    weight = (t1 * t2).sum(dim=-1).mean(dim=0).detach()  # [B]
+    pair = 0.5 * beta_pmi(s1, t2, marginal, beta) + 0.5 * beta_pmi(s2, t1, marginal, beta)  # [H, B]
+    per_head = (weight * pair).mean(dim=1)
+    return per_head.mean(), per_head
+
+
+# ----------------------------------------------------------------------------- head modules
+
+
+def _modules():
+    """The head classes, built on first use so that torch is imported lazily."""
+    global _MODULES
+    if _MODULES is not None:
+        return _MODULES
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class LinearClusterHead(nn.Module):
+        """TSP head: softmax(W x / ||x|| + b)."""
+
+        def __init__(self, dim: int, k: int):
+            super().__init__()
+            self.linear = nn.Linear(dim, k)
+
+        def logits(self, x):
+            return self.linear(F.normalize(x, dim=-1))
+
+        def forward(self, x):
+            return torch.softmax(self.logits(x), dim=-1)
+
+    class MultiMLPHead(nn.Module):
+        """H independent 3-layer MLPs on x / ||x||, weights stacked for one batched matmul."""
+
+        def __init__(self, dim: int, k: int, n_heads: int, hidden: int):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.empty(n_heads, dim, hidden))
+            self.b1 = nn.Parameter(torch.zeros(n_heads, 1, hidden))
+            self.w2 = nn.Parameter(torch.empty(n_heads, hidden, hidden))
+            self.b2 = nn.Parameter(torch.zeros(n_heads, 1, hidden))
+            self.w3 = nn.Parameter(torch.empty(n_heads, hidden, k))
+            self.b3 = nn.Parameter(torch.zeros(n_heads, 1, k))
+            for w in (self.w1, self.w2, self.w3):
+                bound = 1.0 / math.sqrt(w.shape[1])
+                nn.init.uniform_(w, -bound, bound)
+
+        def forward(self, x):  # [B, D] -> logits [H, B, k]
+            h = F.normalize(x, dim=-1).unsqueeze(0)
+            h = F.gelu(torch.matmul(h, self.w1) + self.b1)
+            h = F.gelu(torch.matmul(h, self.w2) + self.b2)
+            return torch.matmul(h, self.w3) + self.b3
+
+    class MLPClusterHead(nn.Module):
+        """One TEMI head (the selected teacher head): softmax(MLP(x / ||x||) / temperature)."""
+
+        def __init__(self, dim: int, k: int, hidden: int, temperature: float):
+            super().__init__()
+            self.fc1 = nn.Linear(dim, hidden)
+            self.fc2 = nn.Linear(hidden, hidden)
+            self.fc3 = nn.Linear(hidden, k)
+            self.temperature = float(temperature)
+
+        def logits(self, x):
+            h = F.gelu(self.fc1(F.normalize(x, dim=-1)))
+            return self.fc3(F.gelu(self.fc2(h)))
+
+        def forward(self, x):
+            return torch.softmax(self.logits(x) / self.temperature, dim=-1)
+
+        @classmethod
+        def from_multi(cls, multi: "MultiMLPHead", i: int, temperature: float) -> "MLPClusterHead":
+            dim, hidden = multi.w1.shape[1:]
+            head = cls(dim, multi.w3.shape[2], hidden, temperature)
+            with torch.no_grad():
+                for fc, w, b in ((head.fc1, multi.w1, multi.b1), (head.fc2, multi.w2, multi.b2),
+                                 (head.fc3, multi.w3, multi.b3)):
+                    fc.weight.copy_(w[i].T)
+                    fc.bias.copy_(b[i, 0])
+            return head
+
+    _MODULES = {"LinearClusterHead": LinearClusterHead, "MultiMLPHead": MultiMLPHead,
+                "MLPClusterHead": MLPClusterHead}
+    return _MODULES
+
+
+_MODULES = None
+
+
+def __getattr__(name):  # LinearClusterHead etc. importable by name, still lazily
+    if name in ("LinearClusterHead", "MultiMLPHead", "MLPClusterHead"):
+        return _modules()[name]
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _Progress:
+    """tqdm to stderr (progress=True), nothing (False), or a callable(epoch, epochs, info)."""
+
+    def __init__(self, progress, total: int, desc: str):
+        self.fn = progress if callable(progress) else None
+        self.bar = None
+        self.total = total
+        if progress is True:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)
+
+    def update(self, epoch: int, info: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}")
+        if self.fn is not None:
+            self.fn(epoch, self.total, info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_inputs(embeddings, k: int, method: str) -> np.ndarray:
+    if method not in METHODS:
+        raise InputError(f"unknown clustering head {method!r}; choose one of {', '.join(METHODS)}")
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or len(x) == 0:
+        raise InputError(f"embeddings must be a non-empty [N, D] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError("embeddings contain NaN or infinite values")
+    if not 2 <= k <= len(x):
+        raise InputError(f"k must be between 2 and the number of embeddings ({len(x)}), got {k}")
+    return x.astype(np.float32)
+
+
+def _merge_hparams(defaults: dict, given: dict, method: str) -> dict:
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise InputError(f"unknown {method} hyperparameter(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(defaults)}")
+    return {**defaults, **given}
+
+
+def _predict(head, x, device: str, batch: int = 4096) -> np.ndarray:
+    import torch
+
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(head(torch.as_tensor(x[i:i + batch], device=device)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def fit_head(embeddings: np.ndarray, k: int, method: str = "tsp", *, seed: int = 0, device: str = "cpu",
+             progress: bool | Callable = True, **hparams) -> HeadResult:
+    """Train a TSP or TEMI clustering head on ``embeddings`` [N, D] for ``k`` clusters.
+
+    ``hparams`` override :data:`TSP_DEFAULTS` / :data:`TEMI_DEFAULTS`. Deterministic for a given
+    seed, device and thread count. ``progress``: tqdm to stderr, False, or callable(epoch, epochs, info).
+    """
+    x = _check_inputs(embeddings, k, method)
+    import torch
+
+    fit = _fit_tsp if method == "tsp" else _fit_temi
+    defaults = TSP_DEFAULTS if method == "tsp" else TEMI_DEFAULTS
+    hp = _merge_hparams(defaults, hparams, method)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        head, history = fit(x, k, seed=seed, device=device, progress=progress, **hp)
+    finally:
+        torch.random.set_rng_state(state)
+    head = head.cpu().eval()
+    probs = _predict(head, x, "cpu")
+    return HeadResult(labels_=probs.argmax(axis=1).astype(np.int64), probs_=probs, head=head,
+                      history=history, method=method, hparams=hp)
+
+
+def _batches(n: int, batch_size: int, gen) -> list:
+    import torch
+
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _fit_tsp(x: np.ndarray, k: int, *, seed, device, progress, n_neighbors, sigma_rank, entropy_weight,
+             lr, batch_size, epochs, init, kmeans_n_init):
+    import torch
+
+    from itae_export.metrics import l2_normalize
+
+    xn = l2_normalize(x).astype(np.float32)
+    dist, idx = nearest_neighbors(xn, n_neighbors)
+    weights = tsp_neighbor_weights(dist, sigma_rank)
+
+    head = _modules()["LinearClusterHead"](x.shape[1], k)
+    if init == "kmeans":
+        # App. A: phi_i = C_i / (||C_i|| sqrt(D)), bias 0.
+        from sklearn.cluster import KMeans
+
+        centres = KMeans(k, n_init=kmeans_n_init, random_state=seed).fit(xn).cluster_centers_
+        phi = centres / (np.linalg.norm(centres, axis=1, keepdims=True) * math.sqrt(x.shape[1]))
+        with torch.no_grad():
+            head.linear.weight.copy_(torch.as_tensor(phi, dtype=torch.float32))
+            head.linear.bias.zero_()
+    elif init != "random":
+        raise InputError(f"TSP init must be 'kmeans' or 'random', got {init!r}")
+    head.to(device)
+
+    X = torch.as_tensor(xn, device=device)
+    I = torch.as_tensor(idx, device=device)
+    W = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    bar = _Progress(progress, epochs, "TSP head")
+    for epoch in range(epochs):
+        head.train()
+        tot = cons = ent = 0.0
+        batches = _batches(len(x), batch_size, gen)
+        for b in batches:
+            b = b.to(device)
+            p = head(torch.cat([X[b], X[I[b]].reshape(-1, X.shape[1])]))
+            pa, pn = p[:len(b)], p[len(b):].reshape(len(b), n_neighbors, k)
+            loss, c, e = tsp_loss(pa, pn, W[b], entropy_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, cons, ent = tot + loss.item(), cons + c.item(), ent + e.item()
+        info = {"epoch": epoch + 1, "loss": tot / len(batches), "consistency": cons / len(batches),
+                "entropy": ent / len(batches)}
+        history.append(info)
+        bar.update(epoch + 1, info)
+    bar.close()
+    return head, history
+
+
+def _fit_temi(x: np.ndarray, k: int, *, seed, device, progress, n_heads, n_neighbors, beta, hidden_dim,
+              epochs, batch_size, lr, weight_decay, student_temp, teacher_temp, teacher_momentum,
+              probs_momentum):
+    import copy
+
+    import torch
+
+    from itae_export.metrics import l2_normalize
+
+    if not 0.5 < beta <= 1.0:
+        raise InputError(f"TEMI beta must be in (0.5, 1], got {beta}")
+    xn = l2_normalize(x).astype(np.float32)
+    _, idx = nearest_neighbors(xn, n_neighbors)
+
+    mods = _modules()
+    student = mods["MultiMLPHead"](x.shape[1], k, n_heads, hidden_dim).to(device)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    marginal = torch.full((n_heads, 1, k), 1.0 / k, device=device)
+
+    X = torch.as_tensor(xn, device=device)
+    I = torch.as_tensor(idx, device=device)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = math.ceil(len(x) / batch_size)
+    total_steps = max(1, epochs * n_batches)
+    step = 0
+    history = []
+    bar = _Progress(progress, epochs, "TEMI heads")
+    for epoch in range(epochs):
+        student.train()
+        tot = 0.0
+        head_loss = torch.zeros(n_heads)
+        for b in _batches(len(x), batch_size, gen):
+            pick = torch.randint(0, n_neighbors, (len(b),), generator=gen)
+            b = b.to(device)
+            b2 = I[b, pick.to(device)]
+            xb = torch.cat([X[b], X[b2]])
+            s = torch.softmax(student(xb) / student_temp, dim=-1)
+            with torch.no_grad():
+                t = torch.softmax(teacher(xb) / teacher_temp, dim=-1)
+            s1, s2 = s[:, :len(b)], s[:, len(b):]
+            t1, t2 = t[:, :len(b)], t[:, len(b):]
+            loss, per_head = temi_loss(s1, s2, t1, t2, marginal, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                m = 1 - (1 - teacher_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
+                for pt, ps in zip(teacher.parameters(), student.parameters()):
+                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+                marginal.mul_(probs_momentum).add_(t.mean(dim=1, keepdim=True), alpha=1 - probs_momentum)
+            step += 1
+            tot += loss.item()
+            head_loss += per_head.detach().cpu()
+        info = {"epoch": epoch + 1, "loss": tot / n_batches,
+                "head_losses": (head_loss / n_batches).tolist()}
+        history.append(info)
+        bar.update(epoch + 1, info)
+    bar.close()
+    # As the official code: keep the teacher head with the lowest loss over the last epoch.
+    best = int(np.argmin(history[-1]["head_losses"])) if history else 0
+    if history:
+        history[-1]["best_head"] = best
+    return mods["MLPClusterHead"].from_multi(teacher, best, teacher_temp), history
+
+
+# ----------------------------------------------------------------------------- estimator
+
+
+class ClusteringHead:
+    """scikit-learn-style wrapper of :func:`fit_head`: ``fit(X)`` returns self, sets ``labels_``."""
+
+    def __init__(self, method: str = "tsp", k: int = 10, random_state: int = 0, device: str = "cpu",
+                 progress: bool | Callable = False, **hparams):
+        self.method = method
+        self.k = k
+        self.random_state = random_state
+        self.device = device
+        self.progress = progress
+        self.hparams = hparams
+
+    def fit(self, X, y=None) -> "ClusteringHead":
+        r = fit_head(X, self.k, self.method, seed=self.random_state, device=self.device,
+                     progress=self.progress, **self.hparams)
+        self.labels_, self.probs_, self.head_, self.history_ = r.labels_, r.probs_, r.head, r.history
+        return self
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        return self.fit(X).labels_
+
+    def predict_proba(self, X) -> np.ndarray:
+        if not hasattr(self, "head_"):
+            raise InputError("ClusteringHead is not fitted; call fit(X) first")
+        return _predict(self.head_, np.asarray(X, dtype=np.float32), "cpu")
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
