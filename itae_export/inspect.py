@@ -1,0 +1,352 @@
+"""Look inside a model on real images: the last block's norm histogram (paper Fig. 2), a suggested
+theta, and CLS attention maps with and without ITAE (paper Fig. 4).
+
+The norms come from the PyTorch model (they do not depend on theta, and the exported graph does not
+output them). The attention maps come from the ``cls_attention`` output of two exported ONNX
+models (``attention_output=True``), one with ITAE and one without, run in ONNX Runtime on CPU: the
+picture shows what the exported model does. ``attention_backend="torch"`` takes them from the same
+PyTorch model instead (no export, much faster; same math, checked by the exporter's validation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from itae_export.errors import InputError
+from itae_export.manifest import atomic_write_json
+from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
+
+HIST_NAME = "norms_hist.png"
+ATTENTION_NAME = "attention.png"
+JSON_NAME = "inspect.json"
+INSPECT_SOURCES = ("query", "key", "value")
+ATTENTION_BACKENDS = ("onnx", "torch")
+
+
+@dataclass
+class NormSample:
+    """Last-block projection norms of the candidate tokens (registers first, then patches)."""
+
+    paths: list[str]  # relative to the folder
+    norms: np.ndarray  # [n_images, R + N] float32
+    num_register_tokens: int
+    grid: tuple[int, int]
+    source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class InspectModel:
+    model: object  # VisionTransformer with ITAE injected (enabled) at ``options``
+    spec: ModelSpec
+    options: ITAEOptions
+    weights: str  # description for the JSON and the titles
+
+
+def artifact_mask_np(norms: np.ndarray, theta: float, group: str = "minority") -> np.ndarray:
+    """Eq. 2-4 in numpy: the artifact mask of each image (rows of ``norms``), as the ITAE op computes it."""
+    below = norms <= theta
+    if group == "below":
+        return below
+    if group == "above":
+        return ~below
+    n_below = below.sum(1, keepdims=True)
+    n_above = below.shape[1] - n_below
+    minority = np.where(n_below <= n_above, below, ~below)
+    return minority & (n_below > 0) & (n_above > 0)
+
+
+def per_image_summary(mask: np.ndarray, num_register_tokens: int) -> dict:
+    """Artifact counts per image: mean, median, min, max, images with any, registers among them."""
+    counts = mask.sum(1)
+    R = num_register_tokens
+    return {
+        "mean": float(counts.mean()) if counts.size else 0.0,
+        "median": float(np.median(counts)) if counts.size else 0.0,
+        "min": int(counts.min()) if counts.size else 0,
+        "max": int(counts.max()) if counts.size else 0,
+        "images_with_artifacts": int((counts > 0).sum()),
+        "images": int(counts.size),
+        "register_tokens_flagged": int(mask[:, :R].sum()) if R else 0,
+        "patch_tokens_flagged": int(mask[:, R:].sum()),
+        "count_histogram": {int(c): int(n) for c, n in zip(*np.unique(counts, return_counts=True))},
+    }
+
+
+# ---------------------------------------------------------------- model and images
+
+
+def load_inspect_model(model: str | ModelSpec, *, weights: str | None = None, random_weights: bool = False,
+                       source: str = "query", theta: float | None = None, seed: int = 0) -> InspectModel:
+    """The PyTorch model with ITAE enabled (so that its forward returns the norms).
+
+    ``random_weights`` builds the architecture with random weights: for demos and tests only,
+    and only when asked for explicitly; otherwise :func:`itae_export.checkpoints.load_model` loads
+    ``weights`` (or the official checkpoint).
+    """
+    spec = get_model_spec(model) if isinstance(model, str) else model
+    if source not in INSPECT_SOURCES:
+        raise InputError(f"--source: {source!r} is not one of {', '.join(INSPECT_SOURCES)}")
+    options = ITAEOptions.for_model(spec, theta=theta, source=source)
+    if random_weights:
+        if weights is not None:
+            raise InputError("--random-weights and --weights exclude each other")
+        from itae_export.vit import build_model, init_random_
+
+        m = init_random_(build_model(spec, options), seed=seed)
+        desc = f"random weights (seed {seed})"
+    else:
+        from itae_export.checkpoints import load_model
+
+        m, loaded = load_model(spec, options, weights=weights)
+        desc = f"{loaded.source} ({loaded.format})"
+    return InspectModel(m.eval(), spec, options, desc)
+
+
+def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path, list[Path]]:
+    """Every image under ``folder``, or ``max_images`` of them evenly spaced over the sorted scan."""
+    from itae_export.images import scan_images
+
+    root = Path(folder)
+    paths = scan_images(root)
+    if not paths:
+        raise InputError(f"{folder}: no images found")
+    if max_images is not None:
+        if max_images < 1:
+            raise InputError(f"--max-images: {max_images} must be >= 1")
+        if len(paths) > max_images:
+            idx = np.linspace(0, len(paths) - 1, max_images).round().astype(int)
+            paths = [paths[i] for i in sorted(set(idx.tolist()))]
+    return root.resolve(), paths
+
+
+def _load_batch(paths: list[Path], root: Path, preprocessing: dict):
+    from itae_export.images import ImageDecodeError, load_image
+
+    ok, arrays, skipped = [], [], []
+    for p in paths:
+        rel = p.resolve().relative_to(root).as_posix()
+        try:
+            arrays.append(load_image(p, preprocessing))
+            ok.append(rel)
+        except ImageDecodeError as e:
+            skipped.append((rel, e.reason))
+    return ok, arrays, skipped
+
+
+def compute_norms(im: InspectModel, root: Path, paths: list[Path], *, batch_size: int = 8) -> NormSample:
+    """Run the PyTorch model over the images; keep the last block's projection norms."""
+    import torch
+
+    pre = im.spec.preprocessing.to_dict()
+    all_rel, chunks, skipped = [], [], []
+    for i in range(0, len(paths), batch_size):
+        rel, arrays, bad = _load_batch(paths[i: i + batch_size], root, pre)
+        skipped += bad
+        if not arrays:
+            continue
+        with torch.no_grad():
+            f = im.model.forward_features(torch.from_numpy(np.stack(arrays)))
+        chunks.append(f["norms"].float().numpy())
+        all_rel += rel
+    if not chunks:
+        raise InputError(f"{root}: none of the {len(paths)} images could be decoded")
+    res = im.spec.preprocessing.resolution
+    g = res // im.spec.arch.patch_size
+    return NormSample(all_rel, np.concatenate(chunks), im.spec.arch.num_register_tokens, (g, g),
+                      im.options.source, skipped)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+@dataclass
+class AttentionMaps:
+    """CLS attention of the last block, averaged over heads, for a few images."""
+
+    paths: list[str]
+    original: np.ndarray  # [n, T] (CLS column included)
+    itae: np.ndarray  # [n, T]
+    artifact_mask: np.ndarray  # [n, T-1] from the ITAE model
+    backend: str
+    images: list = field(default_factory=list)  # RGB uint8 arrays at the model resolution
+
+
+def _onnx_attention(im: InspectModel, x: np.ndarray, workdir: Path, log) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Export the model twice (ITAE and unpatched) with the cls_attention output and run both in ORT."""
+    import onnxruntime as ort
+
+    from itae_export.export import export_onnx
+
+    outs = {}
+    for tag, opts in (("itae", im.options), ("noitae", ITAEOptions.for_model(im.spec, theta=im.options.theta,
+                                                                             source=im.options.source, enabled=False))):
+        log(f"exporting the {'ITAE' if tag == 'itae' else 'unpatched'} model with the cls_attention output ...")
+        res = export_onnx(im.spec, opts, workdir / f"{tag}.onnx", model=copy.deepcopy(im.model),
+                          attention_output=True, validate=True)
+        sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        if "cls_attention" not in names:
+            raise InputError(f"{res.path}: the exported model has no cls_attention output ({names})")
+        emb, mask, att = sess.run(["embedding", "artifact_mask", "cls_attention"], {"pixel_values": x})
+        outs[tag] = (np.asarray(att, np.float32), np.asarray(mask, bool))
+    return outs["noitae"][0], outs["itae"][0], outs["itae"][1]
+
+
+def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
+    from itae_export.itae import inject_itae
+
+    model = copy.deepcopy(im.model)
+    with torch.no_grad():
+        f = model.forward_features(torch.from_numpy(x))
+        att_itae, mask = f["cls_attention"].float().numpy(), f["artifact_mask"].numpy()
+        inject_itae(model, ITAEOptions.for_model(im.spec, theta=im.options.theta, enabled=False))
+        att_orig = model.forward_features(torch.from_numpy(x))["cls_attention"].float().numpy()
+    return att_orig, att_itae, mask
+
+
+def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: str = "onnx",
+                   log: Callable[[str], None] = lambda m: None) -> AttentionMaps:
+    """CLS attention (mean over heads) of the original and the ITAE model for ``paths``."""
+    from PIL import Image
+
+    from itae_export.images import decode_image
+
+    if backend not in ATTENTION_BACKENDS:
+        raise InputError(f"--attention-backend: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    rel, arrays, _ = _load_batch(paths, root, im.spec.preprocessing.to_dict())
+    if not arrays:
+        raise InputError("no image for the attention maps could be decoded")
+    x = np.stack(arrays).astype(np.float32)
+    res = im.spec.preprocessing.resolution
+    rgb = []
+    for r in rel:
+        img, _ = decode_image(root / r)
+        rgb.append(np.asarray(img.resize((res, res), Image.BICUBIC)))
+    if backend == "onnx":
+        work = Path(tempfile.mkdtemp(prefix="itae-inspect-"))
+        try:
+            orig, itae, mask = _onnx_attention(im, x, work, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    else:
+        orig, itae, mask = _torch_attention(im, x)
+    return AttentionMaps(rel, orig.mean(1), itae.mean(1), mask, backend, rgb)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights: str | None = None,
+                   random_weights: bool = False, source: str = "query", theta: float | None = None,
+                   max_images: int | None = 64, out_dir: str | os.PathLike | None = None, attention: bool = False,
+                   attention_images: int = 4, attention_backend: str = "onnx", batch_size: int = 8, seed: int = 0,
+                   log: Callable[[str], None] = lambda m: None) -> dict:
+    """Norm histogram, suggested theta and (optionally) attention maps for the images of ``folder``.
+
+    Writes ``norms_hist.png``, ``inspect.json`` and, with ``attention``, ``attention.png`` into
+    ``out_dir`` (default ``<folder>_inspect/``); returns the JSON dictionary.
+    """
+    from itae_export.plots import plot_attention, plot_norm_histogram
+    from itae_export.theta import suggest_theta
+
+    root, paths = pick_images(folder, max_images)
+    out = Path(out_dir) if out_dir is not None else root.with_name(root.name + "_inspect")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} exists and is not a folder")
+    im = load_inspect_model(model, weights=weights, random_weights=random_weights, source=source, theta=theta,
+                            seed=seed)
+    log(f"{im.spec.name}: {im.weights}; {len(paths)} images")
+    sample = compute_norms(im, root, paths, batch_size=batch_size)
+    sug = suggest_theta(sample.norms)
+    cur = im.options.theta
+    flat = sample.norms.ravel()
+    result: dict = {
+        "model": im.spec.name,
+        "weights": im.weights,
+        "random_weights": bool(random_weights),
+        "source": source,
+        "folder": str(root),
+        "images": len(sample.paths),
+        "skipped": [{"path": p, "reason": r} for p, r in sample.skipped],
+        "tokens_per_image": int(sample.norms.shape[1]),
+        "num_register_tokens": sample.num_register_tokens,
+        "current_theta": cur,
+        "current_theta_note": im.spec.theta_note or None,
+        "suggested_theta": sug.theta,
+        "confidence": sug.confidence,
+        "bimodal": sug.bimodal,
+        "warning": sug.warning,
+        "method": sug.method,
+        "suggestion_stats": sug.stats,
+        "counts": {
+            "current": {"below": int((flat <= cur).sum()), "above": int((flat > cur).sum())},
+            "suggested": {"below": int((flat <= sug.theta).sum()), "above": int((flat > sug.theta).sum())},
+        },
+        "per_image_artifacts": {
+            "current": per_image_summary(artifact_mask_np(sample.norms, cur), sample.num_register_tokens),
+            "suggested": per_image_summary(artifact_mask_np(sample.norms, sug.theta), sample.num_register_tokens),
+        },
+        "files": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{im.spec.name} ({'random weights' if random_weights else Path(im.weights.split(' ')[0]).name}), "
+             f"{len(sample.paths)} images from {root.name}/")
+    plot_norm_histogram(sample, out / HIST_NAME, theta=cur, suggestion=sug, title=title)
+    result["files"]["histogram"] = HIST_NAME
+    if attention:
+        n_att = max(1, min(attention_images, len(sample.paths)))
+        idx = np.linspace(0, len(sample.paths) - 1, n_att).round().astype(int)
+        att_paths = [root / sample.paths[i] for i in sorted(set(idx.tolist()))]
+        maps = attention_maps(im, root, att_paths, backend=attention_backend, log=log)
+        plot_attention(maps, out / ATTENTION_NAME, num_register_tokens=sample.num_register_tokens, grid=sample.grid,
+                       title=f"{im.spec.name}: CLS attention of the last block, mean over heads "
+                             f"(theta {cur:g}, {maps.backend})")
+        R = sample.num_register_tokens
+        result["attention"] = {
+            "backend": maps.backend,
+            "source": ("cls_attention output of exported ONNX models (ITAE and --no-itae), ONNX Runtime CPU"
+                       if maps.backend == "onnx" else "cls_attention of the PyTorch model (ITAE and disabled)"),
+            "images": maps.paths,
+            "attention_on_artifacts": {
+                "original": [float(a[1:][m].sum()) for a, m in zip(maps.original, maps.artifact_mask)],
+                "itae": [float(a[1:][m].sum()) for a, m in zip(maps.itae, maps.artifact_mask)],
+            },
+            "attention_on_registers": {
+                "original": [float(a[1:1 + R].sum()) for a in maps.original],
+                "itae": [float(a[1:1 + R].sum()) for a in maps.itae],
+            },
+        }
+        result["files"]["attention"] = ATTENTION_NAME
+    atomic_write_json(out / JSON_NAME, result)
+    result["out_dir"] = str(out.resolve())
+    return result
+
+
+def format_result(result: dict) -> str:
+    """The lines the CLI prints on stderr."""
+    lines = [
+        f"{result['model']} ({result['weights']}), {result['images']} images, {result['source']} norms",
+        f"suggested theta {result['suggested_theta']:.3g} (confidence {result['confidence']:.2f}, "
+        f"{'bimodal' if result['bimodal'] else 'NOT bimodal'}); current theta {result['current_theta']:g}",
+    ]
+    c = result["per_image_artifacts"]["current"]
+    lines.append(f"artifacts per image at the current theta: mean {c['mean']:.2f}, max {c['max']}, "
+                 f"{c['images_with_artifacts']}/{c['images']} images with any")
+    lines.append("outputs: " + ", ".join(str(Path(result["out_dir"]) / f) for f in result["files"].values()))
+    return "\n".join(lines)
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2)

@@ -1,0 +1,277 @@
+"""report.html: one self-contained page over an itae-cluster output folder.
+
+It opens from disk with no server and no network (no CDN, no web fonts). It shows the run, the
+metrics when labels are known, the count of breakaway points (paper A1.5: silhouette < 0 on the
+true labels, cosine distance on L2-normalised embeddings), a 2-D map of the embeddings (t-SNE up
+to ``tsne_max_points`` points, PCA above; the page says which) and, per cluster, its size and a
+grid of thumbnails, nearest to the centroid first, each linking to its file.
+
+Thumbnails are small JPEG files in ``thumbs/`` beside the page (not base64 blobs), at most
+``max_thumbs_per_cluster`` per cluster, so the page stays fast with thousands of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from itae_export.errors import InputError
+from itae_export.manifest import atomic_write_bytes
+
+REPORT_NAME = "report.html"
+MAP_NAME = "map.png"
+THUMBS_DIR = "thumbs"
+MAP_METHODS = ("auto", "tsne", "pca")
+TSNE_MAX_POINTS = 2000
+THUMB_SIZE = 112
+
+
+def read_cluster_output(out_dir: str | os.PathLike) -> dict:
+    """summary.json, the rows of assignments.csv, embeddings.npy (same order) and skipped.csv."""
+    out = Path(out_dir)
+    need = ["summary.json", "assignments.csv", "embeddings.npy"]
+    missing = [n for n in need if not (out / n).is_file()]
+    if missing:
+        raise InputError(f"{out}: not an itae-cluster output folder (missing {', '.join(missing)})")
+    summary = json.loads((out / "summary.json").read_text())
+    with open(out / "assignments.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    emb = np.load(out / "embeddings.npy", allow_pickle=False)
+    if len(rows) != len(emb):
+        raise InputError(f"{out}: assignments.csv has {len(rows)} rows but embeddings.npy {len(emb)}")
+    skipped = []
+    if (out / "skipped.csv").is_file():
+        with open(out / "skipped.csv", newline="", encoding="utf-8") as f:
+            skipped = list(csv.DictReader(f))
+    return {"summary": summary, "rows": rows, "embeddings": emb, "skipped": skipped}
+
+
+def breakaway_points(embeddings: np.ndarray, labels) -> np.ndarray:
+    """A1.5: points whose silhouette on the true labels is below 0 (cosine, L2-normalised embeddings)."""
+    from sklearn.metrics import silhouette_samples
+
+    from itae_export.metrics import l2_normalize
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
+        return np.zeros(len(labels), dtype=bool)
+    return silhouette_samples(l2_normalize(embeddings), labels, metric="cosine") < 0
+
+
+def embedding_map(embeddings: np.ndarray, method: str = "auto", *, tsne_max_points: int = TSNE_MAX_POINTS,
+                  seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the L2-normalised embeddings and a sentence saying how they were made."""
+    from sklearn.decomposition import PCA
+
+    from itae_export.metrics import l2_normalize
+
+    if method not in MAP_METHODS:
+        raise InputError(f"map_method: {method!r} is not one of {', '.join(MAP_METHODS)}")
+    x = l2_normalize(embeddings)
+    n = len(x)
+    if n < 3:
+        return np.zeros((n, 2)), "too few points for a map"
+    use_tsne = method == "tsne" or (method == "auto" and n <= tsne_max_points)
+    if not use_tsne:
+        xy = PCA(2, random_state=seed).fit_transform(x)
+        why = f" ({n} points > {tsne_max_points}: t-SNE would be slow)" if method == "auto" else ""
+        return xy, f"PCA, first two components of the L2-normalised embeddings{why}"
+    from sklearn.manifold import TSNE
+
+    pre = PCA(min(50, x.shape[1], n), random_state=seed).fit_transform(x) if x.shape[1] > 50 else x
+    perplexity = float(min(30, max(2, (n - 1) / 3)))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(pre)
+    return xy, f"t-SNE (perplexity {perplexity:g}) of the L2-normalised embeddings, {n} points"
+
+
+def _write_atomic_fast(path: Path, data: bytes) -> None:
+    """Temporary file and rename, without fsync (thumbnails are cheap to redo; many small files)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _make_thumb(src: Path, dst: Path, size: int) -> bool:
+    import io
+
+    from PIL import Image, ImageOps
+
+    from itae_export.images import to_rgb
+
+    try:
+        with Image.open(src) as im:
+            im.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a reduced scale
+            im = ImageOps.exif_transpose(im)
+            im = to_rgb(im)
+            scale = size / max(im.size)
+            if scale < 1:
+                im.thumbnail((size, size), Image.BICUBIC)
+            else:  # small images (Fashion-MNIST's 28x28) are enlarged to fill the tile
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=82)
+        _write_atomic_fast(dst, buf.getvalue())
+        return True
+    except Exception:  # noqa: BLE001 - a thumbnail that fails is shown as a text tile
+        return False
+
+
+def _href(target: Path, base: Path) -> str:
+    try:
+        rel = os.path.relpath(target, base)
+        return quote(Path(rel).as_posix())
+    except ValueError:  # another drive (Windows)
+        return target.as_uri()
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.2em 2em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin-bottom:.2em} h2{font-size:1.1em;margin:.2em 0}
+table.kv td{padding:.1em .8em .1em 0;vertical-align:top} table.kv td:first-child{color:#666}
+.metrics td,.metrics th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}
+section.cluster{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em .8em;margin:.8em 0}
+.grid{display:flex;flex-wrap:wrap;gap:4px}
+.grid a{display:block;width:THUMBpx;height:THUMBpx;background:#eee;display:flex;align-items:center;justify-content:center;
+ overflow:hidden;font-size:10px;color:#a00;text-decoration:none}
+.grid img{max-width:THUMBpx;max-height:THUMBpx}
+.muted{color:#777;font-size:.9em} .toc a{margin-right:.6em} img.map{max-width:100%;border:1px solid #ddd;background:#fff}
+"""
+
+# Sets data-* attributes on <body> once every image has loaded or failed: the test reads them
+# from the DOM; people can ignore them. No network, no external script.
+CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var t = document.querySelectorAll('img.thumb'), ok = 0;
+  for (var i = 0; i < t.length; i++) { if (t[i].complete && t[i].naturalWidth > 0) ok++; }
+  var m = document.querySelector('img.map');
+  var b = document.body.dataset;
+  b.thumbsTotal = t.length; b.thumbsLoaded = ok;
+  b.mapLoaded = (m && m.complete && m.naturalWidth > 0) ? 'yes' : 'no';
+  b.clustersShown = document.querySelectorAll('section.cluster').length;
+  b.checked = 'yes';
+});
+"""
+
+
+def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24, map_method: str = "auto",
+                 tsne_max_points: int = TSNE_MAX_POINTS, thumb_size: int = THUMB_SIZE, seed: int = 0,
+                 workers: int = 4) -> Path:
+    """Write ``report.html`` (with ``map.png`` and ``thumbs/``) into an itae-cluster output folder."""
+    from itae_export.plots import plot_embedding_map
+
+    t0 = time.perf_counter()
+    out = Path(out_dir).resolve()
+    data = read_cluster_output(out)
+    summary, rows, emb = data["summary"], data["rows"], data["embeddings"]
+    if max_thumbs_per_cluster < 0:
+        raise InputError(f"max_thumbs_per_cluster: {max_thumbs_per_cluster} must be >= 0")
+    root = Path(summary.get("folder") or out)
+    clusters = np.asarray([int(r["cluster"]) for r in rows], dtype=np.int64)
+    dist = np.asarray([float(r["distance"]) for r in rows])
+    has_labels = bool(rows) and "label" in rows[0]
+    labels = np.asarray([r["label"] for r in rows]) if has_labels else None
+    sizes = summary.get("cluster_sizes")
+    k = len(sizes) if sizes is not None else int(clusters.max() + 1 if len(clusters) else 0)
+    sizes = sizes if sizes is not None else np.bincount(clusters, minlength=k).tolist()
+
+    # the map and the breakaway points
+    breakaway = breakaway_points(emb, labels) if has_labels and len(rows) > 2 else None
+    map_note = ""
+    if len(rows) >= 3:
+        xy, map_note = embedding_map(emb, map_method, tsne_max_points=tsne_max_points, seed=seed)
+        plot_embedding_map(xy, clusters, out / MAP_NAME, labels=labels, breakaway=breakaway)
+
+    # thumbnails, nearest to the centroid first
+    thumbs_dir = out / THUMBS_DIR
+    thumbs_dir.mkdir(exist_ok=True)
+    shown: dict[int, list[int]] = {}
+    for c in range(k):
+        idx = np.flatnonzero(clusters == c)
+        shown[c] = idx[np.argsort(dist[idx], kind="stable")][:max_thumbs_per_cluster].tolist()
+    jobs = []
+    for c, idx in shown.items():
+        for i in idx:
+            src = root / rows[i]["path"]
+            name = hashlib.sha1(rows[i]["path"].encode("utf-8")).hexdigest()[:16] + ".jpg"
+            jobs.append((i, src, thumbs_dir / name))
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        made = dict(zip((j[0] for j in jobs), ex.map(lambda j: _make_thumb(j[1], j[2], thumb_size), jobs)))
+    thumb_of = {i: dst for i, _, dst in jobs}
+
+    # the page
+    esc = html.escape
+    model = summary.get("model")
+    model_name = model.get("name") if isinstance(model, dict) else model
+    itae = summary.get("itae")
+    if isinstance(itae, dict):
+        shown_keys = ("enabled", "theta", "source", "group", "strategy", "rows", "lsa")
+        itae_txt = ", ".join(f"{a}={itae[a]}" for a in shown_keys if a in itae) or json.dumps(itae)
+    else:
+        itae_txt = str(itae) if itae else "-"
+    counts = summary.get("counts", {})
+    kv = [
+        ("folder", f'<a href="{esc(_href(root, out))}">{esc(str(root))}</a>'),
+        ("model", esc(str(model_name or "-"))),
+        ("ITAE", esc(itae_txt)),
+        ("images", esc(f"{len(rows)} clustered" + (f", {counts.get('skipped', len(data['skipped']))} skipped"
+                                                   if counts or data["skipped"] else ""))),
+        ("clusters", f'<span id="n-clusters">{k}</span> (K-Means on L2-normalised embeddings)'),
+    ]
+    if data["skipped"]:
+        kv[-2] = (kv[-2][0], kv[-2][1] + ' (<a href="skipped.csv">skipped.csv</a>)')
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>itae-cluster report: {esc(root.name)}</title>",
+             f"<style>{CSS.replace('THUMB', str(thumb_size))}</style></head><body>",
+             f'<h1>Clusters of {esc(root.name)}/</h1><table class="kv">',
+             *[f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in kv], "</table>"]
+    metrics = summary.get("metrics")
+    if metrics:
+        names = [m for m in ("acc", "nmi", "ari", "many_to_one_acc") if m in metrics]
+        parts.append('<h2>Metrics against the true labels</h2><table class="metrics"><tr>' +
+                     "".join(f"<th>{esc(m.upper().replace('_', ' '))}</th>" for m in names) + "</tr><tr>" +
+                     "".join(f"<td>{metrics[m]:.4f}</td>" for m in names) + "</tr></table>")
+        pp = summary.get("paper_protocol")
+        if isinstance(pp, dict) and all(isinstance(pp.get(m), dict) for m in ("acc", "nmi", "ari")):
+            parts.append('<p class="muted">Paper protocol: ' + ", ".join(
+                f"{m.upper()} {pp[m]['mean']:.4f} ± {pp[m]['se']:.4f}" for m in ("acc", "nmi", "ari")) + "</p>")
+    if breakaway is not None:
+        parts.append(f'<p>Breakaway points: <b id="n-breakaway">{int(breakaway.sum())}</b> of {len(rows)} '
+                     "(silhouette &lt; 0 on the true labels, cosine distance on L2-normalised embeddings; paper A1.5)</p>")
+    if map_note:
+        parts.append(f'<h2>Map of the embeddings</h2><p class="muted">{esc(map_note)}</p>'
+                     f'<img class="map" src="{MAP_NAME}" alt="2-D map of the embeddings">')
+    parts.append('<p class="toc">' + " ".join(f'<a href="#c{c}">{c} ({sizes[c]})</a>' for c in range(k)) + "</p>")
+    for c in range(k):
+        idx_all = np.flatnonzero(clusters == c)
+        comp = ""
+        if has_labels and idx_all.size:
+            vals, cnt = np.unique(labels[idx_all], return_counts=True)
+            order = np.argsort(-cnt, kind="stable")[:5]
+            comp = " · labels: " + ", ".join(f"{esc(str(vals[o]))} {cnt[o]}" for o in order)
+        parts.append(f'<section class="cluster" id="c{c}" data-cluster="{c}" data-size="{sizes[c]}">'
+                     f'<h2>Cluster {c}: {sizes[c]} images</h2><p class="muted">nearest to the centroid first'
+                     f"{'; showing ' + str(len(shown[c])) if len(shown[c]) < sizes[c] else ''}{comp}</p>"
+                     '<div class="grid">')
+        for i in shown[c]:
+            rel = rows[i]["path"]
+            title = esc(f"{rel} (distance {dist[i]:.4f}" + (f", label {labels[i]}" if has_labels else "") + ")")
+            href = esc(_href(root / rel, out))
+            if made.get(i):
+                parts.append(f'<a href="{href}" title="{title}"><img class="thumb" src="{THUMBS_DIR}/'
+                             f'{thumb_of[i].name}" alt="{esc(rel)}"></a>')
+            else:
+                parts.append(f'<a href="{href}" title="{title}">no preview</a>')
+        parts.append("</div></section>")
+    parts.append(f'<p class="muted">Written by itae-export in {time.perf_counter() - t0:.1f} s.</p>')
+    parts.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
+    path = out / REPORT_NAME
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path
