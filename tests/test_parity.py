@@ -45,8 +45,8 @@ def _cls(model, x=X) -> torch.Tensor:
         return model.forward_features(x)["embedding"]
 
 
-def _assert_rule_matters(path, spec, wrong_rule: str, ref_out: torch.Tensor) -> None:
-    model, _ = load_model(spec, None, weights=path, pos_rule=wrong_rule)
+def _assert_rule_matters(model, wrong_rule: str, ref_out: torch.Tensor) -> None:
+    model.pos_rule = wrong_rule  # the same loaded weights, the other interpolation
     err = R.rel_err(_cls(model), ref_out)
     assert err > 100 * TOL, f"rule {wrong_rule} should not match the reference (rel {err:.2g})"
 
@@ -68,7 +68,7 @@ def test_official_dinov2_vits14(tmp_path):
     grid = ref.pos_embed[:, 1:].reshape(1, 37, 37, -1).detach()
     d = (interpolate_pos_table(grid, 16, 16, "dinov2-offset") - interpolate_pos_table(grid, 16, 16, "bicubic")).abs().max()
     assert d > 1e-3 * grid.abs().max()
-    _assert_rule_matters(path, "dinov2_vits14", "bicubic", want["x_norm_clstoken"])
+    _assert_rule_matters(model, "bicubic", want["x_norm_clstoken"])
 
 
 def test_hf_dinov2_vits14(tmp_path):
@@ -84,7 +84,7 @@ def test_hf_dinov2_vits14(tmp_path):
     err = R.rel_err(got[:, 0], want[:, 0])
     print(f"transformers Dinov2Model ViT-S/14: rel {err:.3g}")
     assert err <= TOL and R.rel_err(got, want) <= TOL
-    _assert_rule_matters(path, "dinov2_vits14", "dinov2-offset", want[:, 0])
+    _assert_rule_matters(model, "dinov2-offset", want[:, 0])
 
 
 def test_hf_dinov2_with_registers_vits14(tmp_path):
@@ -97,7 +97,7 @@ def test_hf_dinov2_with_registers_vits14(tmp_path):
     err = R.rel_err(_cls(model), want)
     print(f"transformers Dinov2WithRegistersModel ViT-S/14: rel {err:.3g}")
     assert err <= TOL
-    _assert_rule_matters(path, "dinov2_vits14_reg", "bicubic", want)
+    _assert_rule_matters(model, "bicubic", want)
 
 
 def test_hf_dinov2_swiglu_giant_block(tmp_path):
@@ -125,7 +125,7 @@ def test_timm_dinov2_reg4_vits14(tmp_path):
     err = R.rel_err(_cls(model), want)
     print(f"timm vit_small_patch14_reg4_dinov2: rel {err:.3g}")
     assert err <= TOL
-    _assert_rule_matters(path, "dinov2_vits14_reg", "bicubic", want)
+    _assert_rule_matters(model, "bicubic", want)
 
 
 def test_timm_and_official_deit3_base16(tmp_path):
