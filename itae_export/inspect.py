@@ -181,7 +181,8 @@ class AttentionMaps:
     images: list = field(default_factory=list)  # RGB uint8 arrays at the model resolution
 
 
-def _onnx_attention(im: InspectModel, x: np.ndarray, workdir: Path, log) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _onnx_attention(im: InspectModel, x: np.ndarray, workdir: Path, log,
+                    validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Export the model twice (ITAE and unpatched) with the cls_attention output and run both in ORT."""
     import onnxruntime as ort
 
@@ -192,7 +193,7 @@ def _onnx_attention(im: InspectModel, x: np.ndarray, workdir: Path, log) -> tupl
                                                                              source=im.options.source, enabled=False))):
         log(f"exporting the {'ITAE' if tag == 'itae' else 'unpatched'} model with the cls_attention output ...")
         res = export_onnx(im.spec, opts, workdir / f"{tag}.onnx", model=copy.deepcopy(im.model),
-                          attention_output=True, validate=True)
+                          attention_output=True, validate=validate)
         sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         if "cls_attention" not in names:
@@ -216,9 +217,12 @@ def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.nd
     return att_orig, att_itae, mask
 
 
-def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: str = "onnx",
+def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: str = "onnx", validate: bool = True,
                    log: Callable[[str], None] = lambda m: None) -> AttentionMaps:
-    """CLS attention (mean over heads) of the original and the ITAE model for ``paths``."""
+    """CLS attention (mean over heads) of the original and the ITAE model for ``paths``.
+
+    ``validate``: the exporter checks each ONNX model against PyTorch before it is used (onnx backend).
+    """
     from PIL import Image
 
     from itae_export.images import decode_image
@@ -237,7 +241,7 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
     if backend == "onnx":
         work = Path(tempfile.mkdtemp(prefix="itae-inspect-"))
         try:
-            orig, itae, mask = _onnx_attention(im, x, work, log)
+            orig, itae, mask = _onnx_attention(im, x, work, log, validate)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     else:
