@@ -181,26 +181,33 @@ class AttentionMaps:
     images: list = field(default_factory=list)  # RGB uint8 arrays at the model resolution
 
 
-def _onnx_attention(im: InspectModel, x: np.ndarray, workdir: Path, log,
-                    validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Export the model twice (ITAE and unpatched) with the cls_attention output and run both in ORT."""
+def run_attention_onnx(onnx_path: str | os.PathLike, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cls_attention [B,H,T], artifact_mask [B,T-1]) of an exported model with the cls_attention output."""
     import onnxruntime as ort
 
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    if "cls_attention" not in names:
+        raise InputError(f"{onnx_path}: the exported model has no cls_attention output (export it with "
+                         f"attention_output=True); outputs: {names}")
+    mask, att = sess.run(["artifact_mask", "cls_attention"], {"pixel_values": x})
+    return np.asarray(att, np.float32), np.asarray(mask, bool)
+
+
+def export_attention_pair(im: InspectModel, out_dir: str | os.PathLike, *, validate: bool = True,
+                          log: Callable[[str], None] = lambda m: None) -> tuple[Path, Path]:
+    """Export the unpatched and the ITAE model, both with the cls_attention output: (original, itae) paths."""
     from itae_export.export import export_onnx
 
-    outs = {}
-    for tag, opts in (("itae", im.options), ("noitae", ITAEOptions.for_model(im.spec, theta=im.options.theta,
-                                                                             source=im.options.source, enabled=False))):
+    out_dir = Path(out_dir)
+    paths = []
+    no_itae = ITAEOptions.for_model(im.spec, theta=im.options.theta, source=im.options.source, enabled=False)
+    for tag, opts in (("noitae", no_itae), ("itae", im.options)):
         log(f"exporting the {'ITAE' if tag == 'itae' else 'unpatched'} model with the cls_attention output ...")
-        res = export_onnx(im.spec, opts, workdir / f"{tag}.onnx", model=copy.deepcopy(im.model),
-                          attention_output=True, validate=validate)
-        sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        if "cls_attention" not in names:
-            raise InputError(f"{res.path}: the exported model has no cls_attention output ({names})")
-        emb, mask, att = sess.run(["embedding", "artifact_mask", "cls_attention"], {"pixel_values": x})
-        outs[tag] = (np.asarray(att, np.float32), np.asarray(mask, bool))
-    return outs["noitae"][0], outs["itae"][0], outs["itae"][1]
+        res = export_onnx(im.spec, opts, out_dir / f"{im.spec.name}_{opts.slug()}_attention.onnx",
+                          model=copy.deepcopy(im.model), attention_output=True, validate=validate)
+        paths.append(res.path)
+    return paths[0], paths[1]
 
 
 def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,10 +225,12 @@ def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: str = "onnx", validate: bool = True,
+                   exported: tuple[str | os.PathLike, str | os.PathLike] | None = None,
                    log: Callable[[str], None] = lambda m: None) -> AttentionMaps:
     """CLS attention (mean over heads) of the original and the ITAE model for ``paths``.
 
-    ``validate``: the exporter checks each ONNX model against PyTorch before it is used (onnx backend).
+    onnx backend: ``exported`` names two models from :func:`export_attention_pair` (original, ITAE);
+    without it both are exported into a temporary folder, checked against PyTorch when ``validate``.
     """
     from PIL import Image
 
@@ -239,11 +248,16 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
         img, _ = decode_image(root / r)
         rgb.append(np.asarray(img.resize((res, res), Image.BICUBIC)))
     if backend == "onnx":
-        work = Path(tempfile.mkdtemp(prefix="itae-inspect-"))
+        work = None
         try:
-            orig, itae, mask = _onnx_attention(im, x, work, log, validate)
+            if exported is None:
+                work = Path(tempfile.mkdtemp(prefix="itae-inspect-"))
+                exported = export_attention_pair(im, work, validate=validate, log=log)
+            orig, _ = run_attention_onnx(exported[0], x)
+            itae, mask = run_attention_onnx(exported[1], x)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
     else:
         orig, itae, mask = _torch_attention(im, x)
     return AttentionMaps(rel, orig.mean(1), itae.mean(1), mask, backend, rgb)
