@@ -54,6 +54,8 @@ def embedding_session(threads: int = 2):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # On a shared machine a spinning thread pool burns the cores that the other thread needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -156,11 +158,15 @@ def main(argv=None) -> None:
     p.add_argument("--temi-epochs", type=int, default=None)
     p.add_argument("--temi-heads", type=int, default=None)
     p.add_argument("--knn", action="store_true", help="also report 10-NN accuracy (half/half split)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the heads (1 on a busy box)")
     args = p.parse_args(argv)
 
     emb, labels = embed(args.n, args.cache, threads=args.threads)
     if args.embed_only:
         return
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     hp = {}
     if args.tsp_epochs is not None:
         hp["tsp:epochs"] = args.tsp_epochs
@@ -176,6 +182,11 @@ def main(argv=None) -> None:
         print(f"10-NN weighted (T=0.07) accuracy, first half -> second half: {100 * acc:.1f} %")
         cons = neighbour_label_consistency(emb, labels, ks=(1, 5, 10, 20, 50))
         print("neighbour label consistency: " + ", ".join(f"K={k}: {100 * v:.1f} %" for k, v in cons.items()))
+        pixels = load_fashion_mnist()[0][:len(emb)].reshape(len(emb), -1).astype(np.float32)
+        acc = knn_accuracy(pixels[:half], labels[:half], pixels[half:], labels[half:], k=10)
+        cons = neighbour_label_consistency(pixels, labels, ks=(1, 10, 20))
+        print(f"for context, raw pixels: 10-NN accuracy {100 * acc:.1f} %, consistency "
+              + ", ".join(f"K={k}: {100 * v:.1f} %" for k, v in cons.items()))
     results = run_methods(emb, labels, args.k, args.seeds, args.methods, **hp)
     print_table(results, len(emb))
 
