@@ -49,6 +49,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
         if not calibration_images:
             raise click.UsageError("--theta auto needs --calibration-images DIR")
         theta = calibrate_theta(spec, calibration_images, weights=weights, pos_rule=pos_rule, source=source, log=log)
+    if theta is None and spec.theta_note and not no_itae:
+        click.echo(f"warning: {spec.name}: {spec.theta_note}", err=True)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution,
                          precision=precision, attention_output=attention_output, inline=inline,
