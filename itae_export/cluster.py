@@ -102,13 +102,18 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise InputError(f"--workers: {workers} must be >= 1")
-    root = Path(folder).resolve()
+    root = Path(os.path.abspath(folder))  # symlinks kept: an image's key is the path it was found at
     manifest = read_manifest(onnx_path)
     pre = PreprocessSpec.from_manifest(manifest.get("preprocessing"))
     if paths is None:
         paths = scan_images(root)
-    paths = [Path(p).resolve() for p in paths]
-    rel = [p.relative_to(root).as_posix() for p in paths]
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    rel = []
+    for p in paths:
+        try:
+            rel.append(p.relative_to(root).as_posix())
+        except ValueError:
+            raise InputError(f"{p}: not inside the folder {root}") from None
 
     own_store = store is not None and not isinstance(store, EmbeddingStore)
     if own_store:
