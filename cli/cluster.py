@@ -33,7 +33,7 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
     if theta == "auto":
         from itae_export.theta_auto import calibrate_theta  # calibrated on the folder being clustered
 
-        theta = calibrate_theta(spec, folder, weights=weights, pos_rule=pos_rule, source=source, log=log)
+        theta = calibrate_theta(spec, folder, weights=weights, source=source, log=log)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
     path = default_output_path(spec, options, resolution, precision)
     if path.is_file():
