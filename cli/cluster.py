@@ -97,7 +97,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         used = [name for name, v in model_flags.items() if v is not None]
         if used or precision != "fp32":
             used += ["--precision"] if precision != "fp32" else []
-            raise click.UsageError(f"{', '.join(used)} only apply with --model; an --onnx model carries its own options")
+            raise click.UsageError(f"{', '.join(used)}: only with --model; an --onnx model carries its own options")
     try:
         if model_name is not None:
             onnx_path = _resolve_model(model_name, folder, theta, source, group, strategy, rows, lsa, no_itae,

@@ -145,7 +145,7 @@ def test_subprocess_textile_jpegs(tiny_model, tmp_path):
     ("missing onnx", ["{root}", "--k", "3", "--onnx", "{tmp}/nope.onnx"], "nope.onnx: no such"),
     ("bad device", ["{root}", "--k", "3", "--onnx", "{model}", "--device", "gpu"], "'gpu' is not one of"),
     ("no model", ["{root}", "--k", "3"], "exactly one of --onnx PATH or --model NAME"),
-    ("flags with onnx", ["{root}", "--k", "3", "--onnx", "{model}", "--theta", "2"], "--theta only apply with --model"),
+    ("flags with onnx", ["{root}", "--k", "3", "--onnx", "{model}", "--theta", "2"], "--theta: only with --model"),
     ("protocol without labels", ["{root}", "--k", "3", "--onnx", "{model}", "--protocol", "paper"], "--labels-from-dirs"),
     ("missing folder", ["{tmp}/nowhere", "--k", "3", "--onnx", "{model}"], "no such folder"),
 ])
