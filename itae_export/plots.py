@@ -68,7 +68,7 @@ def plot_norm_histogram(sample: NormSample, path: str | os.PathLike, *, theta: f
     ax.set_ylabel("tokens (log scale)")
     n_img, n_tok = sample.norms.shape
     ax.set_title(title or f"{sample.source} norms: {n_img} images x {n_tok} tokens", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     return _save_fig(fig, Path(path), dpi)
 

@@ -95,6 +95,7 @@ def _check_png(path: Path, size: tuple[int, int]) -> None:
         assert im.format == "PNG" and im.size == size, (im.format, im.size)
 
 
+@pytest.mark.browser
 def test_report_in_headless_chromium(cluster_out, chromium, tmp_path):
     summary = json.loads((cluster_out / "summary.json").read_text())
     url = (cluster_out / "report.html").as_uri()
