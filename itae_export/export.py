@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -74,7 +75,7 @@ class _ExportWrapper:
 
             def forward(self, pixel_values):
                 x = pixel_values.half() if half else pixel_values
-                f = self.model.forward_features(x)
+                f = self.model.forward_features(x, cls_only=True)  # the outputs need only the CLS row
                 outs = (f["embedding"].float(), f["artifact_mask"])
                 if attention_output:
                     outs = outs + (f["cls_attention"].float(),)
@@ -90,8 +91,12 @@ def output_names(attention_output: bool) -> list[str]:
     return names
 
 
-def _torch_export(model, resolution: int, attention_output: bool, half: bool):
-    """torch.export -> ONNX ModelProto with ``itae`` nodes and their local functions."""
+def _torch_export(model, resolution: int, attention_output: bool, half: bool, path: Path, external: bool):
+    """torch.export -> ONNX at ``path`` with ``itae`` nodes; returns (graph proto without weights
+    loaded when external, external data file name or None). Saved through the IR so that models
+    over protobuf's 2 GiB limit (ViT-g/14) never become one in-memory proto."""
+    import onnx
+    import onnx_ir
     import torch
 
     from itae_export.onnx.functions import attach_functions, translation_table
@@ -99,7 +104,8 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool):
     wrapper = _ExportWrapper.make(model, attention_output, half)
     example = torch.randn(2, 3, resolution, resolution)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter narrates every step and warns about its own internals
         program = torch.onnx.export(
             wrapper,
             (example,),
@@ -111,9 +117,11 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool):
             custom_translation_table=translation_table(),
             verbose=False,
         )
-    proto = program.model_proto
+    location = path.name + ".data" if external else None
+    onnx_ir.save(program.model, str(path), external_data=location, size_threshold_bytes=1024)
+    proto = onnx.load(str(path), load_external_data=False)
     attach_functions(proto)
-    return proto
+    return proto, location
 
 
 def _set_metadata(proto, manifest: dict) -> None:
@@ -209,6 +217,9 @@ def export_onnx(
     validate: bool = True,
     validate_images: str | os.PathLike | None = None,
     external_data: bool | None = None,
+    optimize: bool = False,
+    quantize: str | None = None,
+    quantize_per_channel: bool = False,
     log: Callable[[str], None] = lambda msg: None,
     _tamper: Callable | None = None,
 ) -> ExportResult:
@@ -217,18 +228,26 @@ def export_onnx(
     ``model`` lets callers pass an already-built VisionTransformer (tests, tiny specs);
     otherwise the weights come from ``weights`` or the official source. Nothing is written
     at ``output`` unless validation passes (or ``validate=False``).
+    ``optimize``: LayerScale folded and ORT fusions (:mod:`itae_export.optimize`), validated before
+    and after the fusions. ``quantize="int8"``: dynamic int8 MatMuls, validated against the fp32
+    graph (cosine, mask agreement, K-Means ARI on real images; needs ``validate``).
     """
+    import onnx
     import torch
 
     spec = get_model_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     options = options or ITAEOptions.for_model(spec)
     if precision not in PRECISIONS:
         raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if quantize not in (None, "int8"):
+        raise InputError(f"--quantize: {quantize!r} is not int8")
+    if quantize and (precision != "fp32" or not validate):
+        raise InputError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
     resolution = resolution or spec.preprocessing.resolution
     p = spec.arch.patch_size
     if resolution <= 0 or resolution % p:
         raise InputError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
-    output = Path(output) if output else default_output_path(spec, options, resolution, precision)
+    output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize)
     if output.suffix != ".onnx":
         raise InputError(f"--output: {output} must end with .onnx")
 
@@ -254,16 +273,17 @@ def export_onnx(
     half = precision == "fp16"
     log(f"exporting {spec.name} at {resolution}x{resolution} ({precision}, {options.slug()}) ...")
     export_model = model
-    if half:
+    if half or optimize:
         import copy
 
-        export_model = copy.deepcopy(model).half()
-        export_model.fix_resolution(resolution)
-    with torch.no_grad():
-        proto = _torch_export(export_model, resolution, attention_output, half)
-    if _tamper is not None:  # tests force a mismatch through here
-        _tamper(proto)
+        export_model = copy.deepcopy(model)
+        if optimize:
+            from itae_export.optimize import fold_layerscale_
 
+            folded = fold_layerscale_(export_model)
+        if half:
+            export_model = export_model.half()
+        export_model.fix_resolution(resolution)
     manifest = build_manifest(spec, options, resolution=resolution, precision=precision,
                               attention_output=attention_output, pos_rule=model.pos_rule,
                               weights_info=weights_info, num_tokens=num_tokens)
@@ -272,30 +292,58 @@ def export_onnx(
     tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp"))
     try:
         tmp_path = tmpdir / output.name
-        _set_metadata(proto, manifest)
-        location = _save(proto, tmp_path, external)
+        with torch.no_grad():
+            proto, location = _torch_export(export_model, resolution, attention_output, half, tmp_path, external)
+        if _tamper is not None:  # tests force a mismatch through here
+            _tamper(proto)
         manifest["external_data"] = location
+        _set_metadata(proto, manifest)
+        onnx.save_model(proto, str(tmp_path))
+        if validate:
+            from itae_export.validate import validate_model
+
+            steps = {}
+            if optimize:
+                log("validating the exported graph (LayerScale folded) against PyTorch ...")
+                steps["exported"] = _validated(validate_model(tmp_path, model, manifest, images_dir=validate_images,
+                                                              log=log))
+        if optimize:
+            from itae_export.optimize import fuse_for_ort
+
+            log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
+            staged = _stage(tmpdir, tmp_path, location, "unfused")
+            fusions = fuse_for_ort(staged, tmp_path, external=external)
+            manifest["optimization"] = {"layerscale_folded": folded, "fusions": fusions,
+                                        "runtime": "ONNX Runtime only (com.microsoft ops)"}
+        if validate:
+            log("validating against PyTorch ...")
+            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, log=log)
+            manifest["validation"] = _validated(report)
+            if steps:
+                report["steps"] = {**steps, "fused": {k: report[k] for k in ("rel_max_abs_diff", "mask_mismatch", "passed")}}
+        else:
+            manifest["validation"] = {"skipped": True}
+        if quantize:
+            from itae_export.optimize import format_int8_report, quantize_int8, validate_int8
+
+            log("quantizing the MatMuls to int8 ...")
+            staged = _stage(tmpdir, tmp_path, location, "fp32")
+            info = quantize_int8(staged, tmp_path, per_channel=quantize_per_channel)
+            location = manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
+            log("validating int8 against the fp32 graph ...")
+            report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, log=log)
+            manifest["quantization"] = {"type": quantize, **info, "validation": report}
+            if not report["passed"]:
+                raise ToleranceError(f"int8 validation failed: {report['failure']}", report)
         inline_tmp = None
         if inline:
             import onnx.inliner
 
             inline_tmp = tmpdir / (output.stem + ".inline.onnx")
             inlined = onnx.inliner.inline_local_functions(onnx.load(str(tmp_path)))
-            _save(inlined, inline_tmp, external)
+            _save(inlined, inline_tmp, external and not quantize)
             manifest["inline_copy"] = inline_tmp.name
-        if validate:
-            from itae_export.validate import validate_model
-
-            log("validating against PyTorch ...")
-            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, log=log)
-            manifest["validation"] = report
-            if not report["passed"]:
-                raise ToleranceError(f"validation failed: {report['failure']}", report)
-        else:
-            manifest["validation"] = {"skipped": True}
         # store the final manifest in the graph too (the weights, if external, stay where they are)
-        import onnx
-
         final = onnx.load(str(tmp_path), load_external_data=False)
         _set_metadata(final, manifest)
         onnx.save_model(final, str(tmp_path))
@@ -305,6 +353,22 @@ def export_onnx(
         shutil.rmtree(tmpdir, ignore_errors=True)
     inline_path = output.with_name(inline_tmp.name) if inline_tmp else None
     return ExportResult(output, manifest, inline_path)
+
+
+def _validated(report: dict) -> dict:
+    if not report["passed"]:
+        raise ToleranceError(f"validation failed: {report['failure']}", report)
+    return report
+
+
+def _stage(tmpdir: Path, path: Path, location: str | None, name: str) -> Path:
+    """Move a graph (and its external data) into ``tmpdir/name/`` so the next step can write ``path``."""
+    stage = tmpdir / name
+    stage.mkdir()
+    os.replace(path, stage / path.name)
+    if location:
+        os.replace(path.with_name(location), stage / location)
+    return stage / path.name
 
 
 def write_manifest_for(output: Path, manifest: dict) -> None:

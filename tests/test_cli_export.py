@@ -95,11 +95,11 @@ def test_failing_validation_exits_nonzero_and_publishes_nothing(tiny_weights, tm
         import numpy as np
         import onnx
 
-        proto = real(*args, **kwargs)
+        proto, location = real(*args, **kwargs)
         init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
         arr = onnx.numpy_helper.to_array(init) * 1.05
         init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
-        return proto
+        return proto, location
 
     monkeypatch.setattr(export_mod, "_torch_export", corrupted)
     out = tmp_path / "m.onnx"
