@@ -12,9 +12,6 @@ import numpy as np
 from itae_export.manifest import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
 from itae_export.onnx import FP16_MAX_MASK_MISMATCH, FP16_MIN_COSINE, FP16_REL_TOL, FP32_REL_TOL
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
 @functools.lru_cache(maxsize=1)
 def sample_photos() -> tuple[tuple[str, "object"], ...]:
     """(name, PIL image) of the photos scikit-learn and (if installed) scikit-image ship."""
@@ -39,21 +36,15 @@ def sample_photos() -> tuple[tuple[str, "object"], ...]:
 
 
 def preprocess(img, prep: dict) -> np.ndarray:
-    """PIL image -> float32 [3, H, W] per the manifest's preprocessing (squash resize, bicubic)."""
-    from PIL import Image
+    """PIL image -> float32 [3, H, W] per the manifest, with the same code as itae-cluster."""
+    from itae_export.images import PreprocessSpec, preprocess as _preprocess, to_rgb
 
-    h, w = prep["resolution"]
-    img = img.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
-    x = np.asarray(img, dtype=np.float32) * np.float32(prep.get("scale", 1 / 255))
-    x = (x - np.asarray(prep["mean"], np.float32)) / np.asarray(prep["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return _preprocess(to_rgb(img), PreprocessSpec.from_manifest(prep))
 
 
 def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = None, n_random: int = 4,
                       seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Random tensors, the bundled sample photos, and optionally a folder of images."""
-    from PIL import Image
-
     prep = manifest["preprocessing"]
     h, w = prep["resolution"]
     rng = np.random.default_rng(seed)
@@ -64,16 +55,16 @@ def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = Non
         names.append(name)
     if images_dir is not None:
         from itae_export.errors import InputError
+        from itae_export.images import ImageDecodeError, load_image, scan_images
 
         root = Path(images_dir)
         if not root.is_dir():
             raise InputError(f"--validate-images: {root} is not a folder")
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in scan_images(root):
             try:
-                with Image.open(path) as img:
-                    xs.append(preprocess(img, prep))
+                xs.append(load_image(path, prep))
                 names.append(str(path))
-            except Exception:  # noqa: BLE001 - unreadable files are skipped, not fatal here
+            except ImageDecodeError:  # unreadable files are skipped here, as in itae-cluster
                 continue
     return np.stack(xs), names
 

@@ -206,3 +206,22 @@ def test_bad_resolution_and_precision_are_input_errors(tmp_path):
         export_onnx(spec, None, tmp_path / "a.onnx", model=random_model(spec), resolution=225)
     with pytest.raises(InputError, match="--precision"):
         export_onnx(spec, None, tmp_path / "a.onnx", model=random_model(spec), precision="int4")
+
+
+def test_validate_images_folder_adds_decodable_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.jpg")
+    Image.new("L", (50, 50), 128).save(folder / "sub" / "b.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    spec = tiny_spec("dinov2_vits14")
+    r = export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "m.onnx", model=random_model(spec),
+                    validate_images=folder)
+    inputs = r.validation["inputs"]
+    assert str(folder / "a.jpg") in inputs and str(folder / "sub" / "b.png") in inputs
+    assert not any("broken" in name for name in inputs)
+    with pytest.raises(InputError, match="--validate-images"):
+        export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "n.onnx", model=random_model(spec),
+                    validate_images=tmp_path / "missing")
