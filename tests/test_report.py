@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import datasets
+import imagefolders as datasets
 from itae_export.cli.cluster import main as cluster_cli
 from itae_export.report import write_report
 
