@@ -25,16 +25,24 @@ from itae_export.cli._common import (
               help="Images for --theta auto.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
+@click.option("--optimize", is_flag=True,
+              help="Fold LayerScale and fuse attention/LayerNorm/GELU for ONNX Runtime (com.microsoft ops; "
+                   "validated before and after).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Dynamic int8 MatMuls (ITAE norms stay float32), validated against fp32 on real images "
+                   "(--validate-images DIR, else Fashion-MNIST where installed).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors
 def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
-         output, attention_output, inline, validate, validate_images, calibration_images, external_data, quiet):
+         output, attention_output, inline, validate, validate_images, calibration_images, external_data, optimize,
+         quantize, quiet):
     """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
 
     \b
     Example:
       itae-export --model vitl14 --theta 3.0
       itae-export --model vits14 --weights vit_s_focus.onnx --output exported/focus.onnx
+      itae-export --model vitb14 --optimize --quantize int8 --validate-images photos/
     """
     from itae_export.export import export_onnx
     from itae_export.registry import get_model_spec
@@ -54,9 +62,14 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution,
                          precision=precision, attention_output=attention_output, inline=inline,
-                         validate=validate, validate_images=validate_images, external_data=external_data, log=log)
+                         validate=validate, validate_images=validate_images, external_data=external_data,
+                         optimize=optimize, quantize=quantize, log=log)
     if not quiet:
         click.echo(format_report(result.validation), err=True)
+        if "quantization" in result.manifest:
+            from itae_export.optimize import format_int8_report
+
+            click.echo(format_int8_report(result.manifest["quantization"]["validation"]), err=True)
         click.echo(f"manifest: {result.path.with_suffix('.json')}", err=True)
         if result.inline_path:
             click.echo(f"inlined copy: {result.inline_path}", err=True)

@@ -126,6 +126,8 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
 
 def _set_metadata(proto, manifest: dict) -> None:
     del proto.metadata_props[:]
+    for node in proto.graph.node:  # the exporter's per-node stack traces: build paths, most of the graph's bytes
+        del node.metadata_props[:]
     flat = {
         METADATA_KEY: json.dumps(manifest, sort_keys=True),
         "itae.model": manifest["model"],
@@ -220,6 +222,7 @@ def export_onnx(
     optimize: bool = False,
     quantize: str | None = None,
     quantize_per_channel: bool = False,
+    int8_images: int = 256,
     log: Callable[[str], None] = lambda msg: None,
     _tamper: Callable | None = None,
 ) -> ExportResult:
@@ -324,14 +327,15 @@ def export_onnx(
         else:
             manifest["validation"] = {"skipped": True}
         if quantize:
-            from itae_export.optimize import format_int8_report, quantize_int8, validate_int8
+            from itae_export.optimize import quantize_int8, validate_int8
 
             log("quantizing the MatMuls to int8 ...")
             staged = _stage(tmpdir, tmp_path, location, "fp32")
             info = quantize_int8(staged, tmp_path, per_channel=quantize_per_channel)
             location = manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
             log("validating int8 against the fp32 graph ...")
-            report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, log=log)
+            report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, n_images=int8_images,
+                                   log=log)
             manifest["quantization"] = {"type": quantize, **info, "validation": report}
             if not report["passed"]:
                 raise ToleranceError(f"int8 validation failed: {report['failure']}", report)

@@ -87,6 +87,8 @@ class Block(nn.Module):
         aux = None
         if isinstance(out, tuple):  # an injected ITAE attention also returns what it found
             out, aux = out
+        if attn_kwargs.get("cls_only"):  # the attention answered for the CLS token only
+            x = x[:, :1]
         x = x + self.ls1(out)
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x if aux is None else (x, aux)
@@ -188,8 +190,11 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
         return self.norm_pre(x)
 
-    def forward_features(self, pixel_values: torch.Tensor) -> dict:
+    def forward_features(self, pixel_values: torch.Tensor, cls_only: bool = False) -> dict:
+        """Every output; ``cls_only`` (needs ITAE injected) runs the last block's attention row,
+        projection and MLP for the CLS token only, and returns the CLS entries and ITAE's."""
         x = self.prepare_tokens(pixel_values)
+        cls_kw = {"cls_only": True} if cls_only else {}
         for blk in self.blocks[:-1]:
             x = blk(x)
         last = self.blocks[-1]
@@ -198,11 +203,13 @@ class VisionTransformer(nn.Module):
         if getattr(attn, "needs_unpatched_output", False):
             # source=output: the norms of the unpatched last block's output tokens
             x_plain, _ = last(x, bypass=True)
-            x, aux = last(x, artifact_mask=attn.mask_from_output(x_plain))
+            x, aux = last(x, artifact_mask=attn.mask_from_output(x_plain), **cls_kw)
         else:
-            out = last(x)
+            out = last(x, **cls_kw)
             x, aux = out if isinstance(out, tuple) else (out, {})
         x_norm = self.norm(x)
+        if cls_only:
+            return {"x_norm_clstoken": x_norm[:, 0], "embedding": self.head(x_norm[:, 0]), **aux}
         R = self.cfg.num_register_tokens
         return {
             "x_prenorm": x,
@@ -215,7 +222,8 @@ class VisionTransformer(nn.Module):
         }
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(pixel_values)["embedding"]
+        cls_only = hasattr(self.blocks[-1].attn, "options")  # the ITAE attention can skip the patch rows
+        return self.forward_features(pixel_values, cls_only=cls_only)["embedding"]
 
 
 def init_random_(model: VisionTransformer, seed: int = 0, layerscale: float = 1.0) -> VisionTransformer:

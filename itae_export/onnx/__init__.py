@@ -10,3 +10,5 @@ FP32_REL_TOL = 1e-4
 FP16_REL_TOL = 2e-2
 FP16_MIN_COSINE = 0.999
 FP16_MAX_MASK_MISMATCH = 0.005  # share of tokens whose artifact flag may flip near theta
+# int8 (--quantize int8): the K-Means assignments of real images, fp32 against int8, must agree
+INT8_MIN_ARI = 0.95

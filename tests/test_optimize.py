@@ -1,0 +1,162 @@
+"""--optimize and --quantize int8 on tiny models: folding, fusions with the itae functions kept,
+CLS-only last block, int8 exclusions, and the int8 guard (nothing published when it trips)."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from itae_export.errors import InputError, ToleranceError
+from itae_export.export import export_onnx
+from itae_export.manifest import manifest_path
+from itae_export.onnx import ITAE_DOMAIN
+from itae_export.optimize import fold_layerscale_, mask_source_matmuls
+from itae_export.registry import ITAEOptions
+from itae_export.testing import random_model, theta_for_varied_artifacts, tiny_spec
+from itae_export.validate import run_onnx, validation_inputs
+
+RES = 56  # 4x4 patches: fast, and the int8 check still sees real images
+
+
+def _spec(name="dinov2_vits14_reg"):
+    import dataclasses
+
+    spec = tiny_spec(name)
+    return dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, resolution=RES))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    spec = _spec()
+    model = random_model(spec, seed=3, layerscale=0.3)
+    with torch.no_grad():  # LayerScale values that differ per channel, as in trained DINOv2
+        for blk in model.blocks:
+            blk.ls1.gamma.uniform_(0.05, 1.0)
+            blk.ls2.gamma.uniform_(0.05, 1.0)
+    return spec, model, ITAEOptions(theta=theta_for_varied_artifacts(model, spec))
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny, tmp_path_factory):
+    spec, model, opts = tiny
+    out = tmp_path_factory.mktemp("opt") / "opt.onnx"
+    return export_onnx(spec, opts, out, model=copy.deepcopy(model), optimize=True, attention_output=True)
+
+
+def test_fold_layerscale_keeps_outputs(tiny):
+    spec, model, opts = tiny
+    from itae_export.itae import inject_itae
+
+    ref = inject_itae(copy.deepcopy(model), opts).fix_resolution(RES)
+    folded = copy.deepcopy(ref)
+    assert fold_layerscale_(folded) == 2 * spec.arch.depth
+    x = torch.from_numpy(validation_inputs({"preprocessing": spec.preprocessing.to_dict()})[0])
+    with torch.no_grad():
+        a, b = ref.forward_features(x), folded.forward_features(x)
+    scale = a["embedding"].abs().max()
+    assert ((a["embedding"] - b["embedding"]).abs().max() / scale) < 1e-5
+    assert torch.equal(a["artifact_mask"], b["artifact_mask"])
+
+
+def test_cls_only_equals_full_last_block(tiny):
+    spec, model, _ = tiny
+    from itae_export.itae import inject_itae
+
+    x = torch.from_numpy(validation_inputs({"preprocessing": spec.preprocessing.to_dict()})[0])
+    for opts in (ITAEOptions(theta=1.0), ITAEOptions(theta=1.0, rows="all", lsa=True, strategy="mean"),
+                 ITAEOptions(theta=1.0, source="output"), ITAEOptions(enabled=False)):
+        m = inject_itae(copy.deepcopy(model), opts).fix_resolution(RES)
+        with torch.no_grad():
+            full, cls = m.forward_features(x), m.forward_features(x, cls_only=True)
+        torch.testing.assert_close(cls["embedding"], full["embedding"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cls["cls_attention"], full["cls_attention"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(cls["artifact_mask"], full["artifact_mask"])
+
+
+def test_optimized_graph_keeps_itae_functions_and_validates(optimized):
+    r = optimized
+    proto = onnx.load(str(r.path))
+    ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    assert (ITAE_DOMAIN, "ArtifactMask") in ops and (ITAE_DOMAIN, "AttenuateLogits") in ops
+    assert {f.name for f in proto.functions} == {"ArtifactMask", "AttenuateLogits"}
+    assert ("com.microsoft", "MultiHeadAttention") in ops  # the unpatched block is fused
+    assert ("com.microsoft", "SkipLayerNormalization") in ops
+    assert not any(t.name.endswith("gamma") for t in proto.graph.initializer)  # LayerScale folded
+    v = r.validation
+    assert v["passed"] and v["rel_max_abs_diff"] <= 1e-4 and v["mask_mismatch"] == 0
+    assert v["steps"]["exported"]["passed"] and v["steps"]["fused"]["passed"]
+    assert r.manifest["optimization"]["layerscale_folded"] == 4
+    assert [o.name for o in proto.graph.output] == ["embedding", "artifact_mask", "cls_attention"]
+
+
+def test_optimized_cls_attention_matches_torch(tiny, optimized):
+    spec, model, opts = tiny
+    from itae_export.itae import inject_itae
+
+    m = inject_itae(copy.deepcopy(model), opts).fix_resolution(RES)
+    x, _ = validation_inputs(optimized.manifest)
+    got = run_onnx(optimized.path, x, batch_size=3)
+    with torch.no_grad():
+        ref = m.forward_features(torch.from_numpy(x))
+    np.testing.assert_allclose(got["cls_attention"], ref["cls_attention"].numpy(), atol=1e-5)
+    assert np.array_equal(got["artifact_mask"], ref["artifact_mask"].numpy())
+
+
+def test_int8_keeps_mask_source_fp32_and_reports(tiny, tmp_path, monkeypatch):
+    spec, model, opts = tiny
+    monkeypatch.setattr("itae_export.optimize.INT8_MIN_ARI", 0.0)  # tiny random nets cluster unstably
+    r = export_onnx(spec, opts, tmp_path / "q.onnx", model=copy.deepcopy(model), optimize=True, quantize="int8",
+                    int8_images=60)
+    q = r.manifest["quantization"]
+    assert q["kept_fp32"] and q["weight_matmuls"] > len(q["kept_fp32"])
+    proto = onnx.load(str(r.path))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    names = {n.name: n.op_type for n in proto.graph.node}
+    assert all(names.get(n) == "MatMul" for n in q["kept_fp32"])  # the mask source stayed a float MatMul
+    assert {f.name for f in proto.functions} == {"ArtifactMask", "AttenuateLogits"}
+    v = q["validation"]
+    assert v["passed"] and v["k"] == 10 and "Fashion-MNIST" in v["real_images"]
+    assert v["mean_cosine"] > 0.95 and v["mask_agreement"] > 0.9 and v["kmeans_ari"] is not None  # tiny random net
+    assert manifest_path(r.path).is_file()
+
+
+def test_int8_guard_fails_and_publishes_nothing(tiny, tmp_path, monkeypatch):
+    spec, model, opts = tiny
+    monkeypatch.setattr("itae_export.optimize.INT8_MIN_ARI", 1.01)  # no ARI can pass
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ToleranceError, match="ARI") as e:
+        export_onnx(spec, opts, out, model=copy.deepcopy(model), quantize="int8", int8_images=40)
+    assert e.value.report["passed"] is False and e.value.report["kmeans_ari"] is not None
+    assert list(tmp_path.iterdir()) == []  # no graph, no manifest, no temp dir left
+
+
+def test_mask_source_is_the_last_qkv(tiny, optimized):
+    proto = onnx.load(str(optimized.path))
+    found = mask_source_matmuls(proto)
+    assert len(found) == 1
+    node = next(n for n in proto.graph.node if n.name == found[0])
+    w = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    d = tiny[0].arch.embed_dim
+    assert list(w.dims) == [d, 3 * d]
+
+
+def test_quantize_needs_fp32_and_validation(tiny, tmp_path):
+    spec, model, opts = tiny
+    with pytest.raises(InputError):
+        export_onnx(spec, opts, tmp_path / "a.onnx", model=model, quantize="int8", precision="fp16")
+    with pytest.raises(InputError):
+        export_onnx(spec, opts, tmp_path / "a.onnx", model=model, quantize="int8", validate=False)
+    with pytest.raises(InputError):
+        export_onnx(spec, opts, tmp_path / "a.onnx", model=model, quantize="int4")
+
+
+def test_cli_optimize_quantize_flags_in_help():
+    from click.testing import CliRunner
+
+    from itae_export.cli.export import main
+
+    out = CliRunner().invoke(main, ["--help"]).output
+    assert "--optimize" in out and "--quantize [int8]" in out
