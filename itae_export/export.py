@@ -221,7 +221,7 @@ def export_onnx(
     external_data: bool | None = None,
     optimize: bool = False,
     quantize: str | None = None,
-    quantize_per_channel: bool = False,
+    quantize_per_channel: bool = True,
     int8_images: int = 256,
     log: Callable[[str], None] = lambda msg: None,
     _tamper: Callable | None = None,

@@ -116,10 +116,12 @@ def mask_source_matmuls(proto) -> list[str]:
     return sorted(set(found))
 
 
-def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False,
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = True,
                   keep_mask_source_fp32: bool = True, external: bool = False) -> dict:
     """Dynamic int8 quantization of the weight MatMuls of ``src`` (activation x activation
-    MatMuls stay float32); returns what was done, for the manifest."""
+    MatMuls stay float32); returns what was done, for the manifest. Per-channel weight scales by
+    default: with per-tensor scales the real DINOv2 ViT-S/14 fell to a min cosine of 0.19 to fp32
+    on Fashion-MNIST, per channel 0.95 (mean 0.996)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -212,12 +214,17 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
     finite = bool(np.isfinite(b).all())
     cos = (l2_normalize(a) * l2_normalize(b)).sum(1) if finite else np.array([np.nan])
     mask_agree = float((ref[OUTPUT_MASK] == got[OUTPUT_MASK]).mean())
-    ari = None
+    ari = ari_independent = None
     if finite:
+        # The guard's K-Means on the int8 embeddings starts from the fp32 centroids: it measures how
+        # far quantization moves the assignments, not K-Means' own run-to-run lottery (on 200
+        # Fashion-MNIST images two fp32 runs with other seeds agree with ARI 0.56-0.84 only).
         r = len(x_val)
-        la = KMeans(k, n_init=10, random_state=0).fit_predict(l2_normalize(a[r:]))
-        lb = KMeans(k, n_init=10, random_state=0).fit_predict(l2_normalize(b[r:]))
-        ari = float(adjusted_rand_score(la, lb))
+        ea, eb = l2_normalize(a[r:]), l2_normalize(b[r:])
+        km = KMeans(k, n_init=10, random_state=0).fit(ea)
+        lb = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(eb)
+        ari = float(adjusted_rand_score(km.labels_, lb))
+        ari_independent = float(adjusted_rand_score(km.labels_, KMeans(k, n_init=10, random_state=0).fit_predict(eb)))
     failure = None
     if not finite:
         failure = "the int8 embedding has NaN or inf"
@@ -228,6 +235,7 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
         "n_inputs": int(len(x)), "real_images": what, "k": k,
         "min_cosine": float(np.min(cos)), "mean_cosine": float(np.mean(cos)),
         "mask_agreement": mask_agree, "kmeans_ari": ari, "min_ari": min_ari,
+        "kmeans_ari_independent_runs": ari_independent,
         "passed": failure is None, "failure": failure,
     }
     log(format_int8_report(report))
