@@ -46,7 +46,8 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--k", "k", type=int, required=True, help="Number of clusters (2 to the number of images).")
+@click.option("--k", "k", type=str, required=True,
+              help="Number of clusters (2 to the number of images), or 'auto' to pick it (see --k-max, --k-criterion).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
               help="An exported model (.onnx with its .json manifest beside it).")
 @click.option("--model", "model_name", type=model_choice(), metavar="NAME",
@@ -75,19 +76,40 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
               help="[--protocol paper] Number of sets.")
 @click.option("--runs", "protocol_runs", type=click.IntRange(min=1), default=25, show_default=True,
               help="[--protocol paper] K-Means runs per set.")
+@click.option("--k-max", type=click.IntRange(min=2), default=20, show_default=True, help="[--k auto] Largest k tried.")
+@click.option("--k-criterion", type=click.Choice(["silhouette", "eigengap"]), default="silhouette", show_default=True,
+              help="[--k auto] silhouette: best mean cosine silhouette of K-Means; eigengap: largest gap of the "
+                   "k-NN graph Laplacian's eigenvalues. The curve goes to summary.json.")
+@click.option("--method", type=click.Choice(["kmeans", "tsp", "temi"]), default="kmeans", show_default=True,
+              help="kmeans, or a clustering head trained on the embeddings: tsp (TSP, linear head, neighbour "
+                   "consistency) or temi (TEMI, MLP heads with a PMI loss). See docs/heads.md.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI).")
+@click.option("--head-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="[--method tsp|temi] Write the trained head as ONNX here, and the encoder with the head "
+                   "appended as <name>.with_encoder.onnx (image -> embedding, cluster_probs, cluster).")
+@click.option("--knn-reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="[--labels-from-dirs] A labelled ImageFolder: adds 10-NN classification accuracy of FOLDER's "
+                   "images against it (cosine, weighted vote).")
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
          resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, labels_from_dirs,
-         protocol, protocol_sets, protocol_runs, report, quiet):
+         protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
+         quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
-    with K-Means on the L2-normalised embeddings."""
+    with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
     from itae_export.cluster import format_summary, run_cluster_job
 
     def log(msg: str) -> None:
         if not quiet:
             click.echo(msg, err=True)
 
+    if k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise click.BadParameter(f"{k!r} is not an integer or 'auto'", param_hint="--k") from None
     if (onnx_path is None) == (model_name is None):
         raise click.UsageError("give exactly one of --onnx PATH or --model NAME")
     model_flags = {"--theta": theta, "--source": source, "--group": group, "--strategy": strategy, "--rows": rows,
@@ -106,6 +128,8 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, batch_size=batch_size, workers=workers,
             pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
             protocol=protocol, protocol_sets=protocol_sets, protocol_runs=protocol_runs, progress=not quiet,
+            method=method, k_max=k_max, k_criterion=k_criterion,
+            head_params={"epochs": epochs} if epochs else None, head_out=head_out, knn_reference=knn_reference,
             log=log,
         )
         if report:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.errors import InputError
-from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, preprocess, scan_images
+from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, load_image, preprocess, scan_images
 from itae_export.manifest import atomic_write_bytes, atomic_write_json, read_manifest
 
 STORE_NAME = "cache/embeddings.sqlite"
@@ -276,10 +276,15 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
                     batch_size: int = 32, workers: int | None = None, pool: str = "thread", device: str = "auto",
                     intra_op_threads: int | None = None, use_labels: bool = False, protocol: str | None = None,
                     protocol_sets: int = 20, protocol_runs: int = 25, progress: bool = True,
+                    method: str = "kmeans", k_max: int = 20, k_criterion: str = "silhouette",
+                    head_params: dict | None = None, head_out: str | os.PathLike | None = None,
+                    knn_reference: str | os.PathLike | None = None,
                     log: Callable[[str], None] | None = None) -> dict:
     """Embed ``folder`` (resumably, cache in ``out_dir``), cluster it into ``k`` clusters and write
     assignments.csv, embeddings.npy, summary.json and skipped.csv atomically into ``out_dir``.
-    Returns the summary dictionary."""
+
+    ``k="auto"`` picks k in 2..k_max by ``k_criterion``; ``method`` is kmeans, tsp or temi (a head
+    trained on the embeddings, exported with ``head_out``). Returns the summary dictionary."""
     from itae_export.embed_store import EmbeddingStore
     from itae_export.runtime import open_session, resolve_device
 
@@ -289,7 +294,16 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     if not root.is_dir():
         raise InputError(f"{folder}: no such folder" if not root.exists() else f"{folder}: not a folder")
     root = root.resolve()
-    check_k(k)  # the type and lower bound, before any work
+    if method not in CLUSTER_METHODS:
+        raise InputError(f"--method: {method!r} is not one of {', '.join(CLUSTER_METHODS)}")
+    if head_out is not None and method == "kmeans":
+        raise InputError("--head-out needs --method tsp or temi (K-Means has no head to export)")
+    if knn_reference is not None and not use_labels:
+        raise InputError("--knn-reference scores against the true labels: add --labels-from-dirs")
+    if k == "auto":
+        check_k(k_max)
+    else:
+        check_k(k)  # the type and lower bound, before any work
     if protocol not in (None, "paper"):
         raise InputError(f"--protocol: {protocol!r} is not 'paper'")
     if protocol and not use_labels:
@@ -301,7 +315,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     t_scan = time.perf_counter() - t_start
     if not paths:
         raise InputError(f"{folder}: no images found (looked recursively for common image extensions)")
-    check_k(k, len(paths))
+    if k != "auto":
+        check_k(k, len(paths))
     rel_all = [p.relative_to(root).as_posix() for p in paths]
     if use_labels:
         labels_from_dirs(rel_all)  # fail now, not after embedding
@@ -321,10 +336,28 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     if n == 0:
         _write_skipped(out_dir, res)
         raise InputError(f"{folder}: none of the {res.n_found} images could be decoded (see {out_dir / 'skipped.csv'})")
+    k_auto = None
+    if k == "auto":
+        from itae_export.evaluation import choose_k
+
+        top = min(k_max, n - 1)
+        check_k(top, n - 1, "images that could be decoded, minus one")
+        k, curve = choose_k(res.embeddings, range(2, top + 1), criterion=k_criterion, seed=seed)
+        k_auto = {"criterion": k_criterion, "range": [2, top], "curve": {str(kk): v for kk, v in curve.items()},
+                  "chosen": k}
+        log(f"--k auto: k={k} ({k_criterion} over 2..{top})")
     check_k(k, n, "images that could be decoded")
 
     t0 = time.perf_counter()
-    assign, dist, inertia = kmeans_assign(res.embeddings, k, seed=seed, n_init=n_init)
+    head_result = None
+    if method == "kmeans":
+        assign, dist, inertia = kmeans_assign(res.embeddings, k, seed=seed, n_init=n_init)
+    else:
+        from itae_export.heads import fit_head
+
+        head_result = fit_head(res.embeddings, k, method, seed=seed, progress=progress, **(head_params or {}))
+        assign = np.asarray(head_result.labels_)
+        dist, inertia = centroid_distances(res.embeddings, assign)
     t_cluster = time.perf_counter() - t0
 
     summary: dict = {
@@ -342,6 +375,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         "counts": {"found": res.n_found, "embedded": n, "embedded_new": res.n_new, "reused": res.n_reused,
                    "skipped": len(res.skipped)},
         "conversions": res.conversions,
+        "method": method,
         "kmeans": {"k": k, "seed": seed, "n_init": n_init, "inertia": inertia,
                    "input": "L2-normalised embeddings", "distance": "euclidean, to the assigned centroid"},
         "cluster_sizes": np.bincount(assign, minlength=k).tolist(),
@@ -359,6 +393,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         scores["many_to_one_acc"] = many_to_one_accuracy(y, assign)
         summary["labels"] = {"source": "parent folder names", "n_classes": len(set(y))}
         summary["metrics"] = scores
+        _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_dir, batch_size, workers, pool, device,
+                          progress, session, log)
         header.append("label")
         cols.append(y)
         if protocol == "paper":
@@ -372,6 +408,14 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
             finally:
                 bar.close()
 
+    if k_auto is not None:
+        summary["k_auto"] = k_auto
+    if head_result is not None:
+        summary["head"] = {"method": method, "hparams": head_result.hparams,
+                           "clusters_used": int(len(np.unique(assign)))}
+        if head_out is not None:
+            summary["head"].update(_export_head(head_result, res, root, onnx_path, Path(head_out), manifest, log))
+
     # embeddings.npy first, assignments.csv next, summary.json last: summary marks a complete set
     atomic_write_bytes(out_dir / "embeddings.npy", _npy_bytes(res.embeddings))
     atomic_write_bytes(out_dir / "assignments.csv", _csv_bytes(header, zip(*cols)))
@@ -382,6 +426,65 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     summary["images_per_s"] = round(res.images_per_s, 3)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+CLUSTER_METHODS = ("kmeans", "tsp", "temi")
+
+
+def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, float]:
+    """Distance of each L2-normalised embedding to the mean of its cluster, and their squared sum."""
+    from itae_export.metrics import l2_normalize
+
+    x = l2_normalize(embeddings)
+    centroids = np.zeros((assign.max() + 1, x.shape[1]))
+    np.add.at(centroids, assign, x)
+    centroids /= np.maximum(np.bincount(assign, minlength=len(centroids)), 1)[:, None]
+    dist = np.linalg.norm(x - centroids[assign], axis=1)
+    return dist, float((dist**2).sum())
+
+
+def _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_dir, batch_size, workers, pool, device,
+                      progress, session, log) -> None:
+    """Scores beyond ACC/NMI/ARI: over-clustering, neighbour label consistency, k-NN accuracy."""
+    from itae_export.evaluation import knn_accuracy, neighbour_label_consistency, over_clustering_scores
+
+    if k > summary["labels"]["n_classes"]:  # Hungarian ACC cannot score over-clustering
+        summary["metrics"]["over_clustering"] = over_clustering_scores(y, assign)
+    n = len(y)
+    ks = tuple(kk for kk in (1, 5, 10, 20) if kk < n)
+    if ks:
+        summary["neighbour_label_consistency"] = {str(kk): v for kk, v in
+                                                  neighbour_label_consistency(res.embeddings, y, ks).items()}
+    if knn_reference is not None:
+        from itae_export.embed_store import EmbeddingStore
+
+        ref_root = Path(knn_reference).resolve()
+        with EmbeddingStore(out_dir / "cache" / "reference.sqlite") as store:
+            ref = embed_folder(ref_root, onnx_path, store=store, batch_size=batch_size, workers=workers, pool=pool,
+                               device=device, progress=progress, session=session, log=log)
+        if not ref.paths:
+            raise InputError(f"--knn-reference: no decodable images in {knn_reference}")
+        ref_y = labels_from_dirs(ref.paths)
+        summary["knn"] = {"reference": str(ref_root), "n_reference": len(ref.paths), "k": 10,
+                          "vote": "weighted, exp(cos / 0.07)",
+                          "accuracy": knn_accuracy(ref.embeddings, ref_y, res.embeddings, y, k=10)}
+
+
+def _export_head(head_result, res, root: Path, onnx_path, head_out: Path, manifest: dict, log) -> dict:
+    """The trained head as ONNX, and the encoder with the head appended, checked on real images."""
+    from itae_export.head_export import append_head, check_composed, export_head
+
+    if head_out.suffix != ".onnx":
+        raise InputError(f"--head-out: {head_out} must end with .onnx")
+    export_head(head_result.head, res.embeddings.shape[1], head_out,
+                metadata={"itae.head": head_result.method, "itae.encoder": manifest.get("model", "")})
+    composed = head_out.with_name(head_out.stem + ".with_encoder.onnx")
+    append_head(onnx_path, head_out, composed)
+    pre = manifest["preprocessing"]
+    sample = np.stack([load_image(root / p, pre) for p in res.paths[:16]])
+    check = check_composed(composed, head_result.head, sample)
+    log(f"Head: {head_out}; encoder + head: {composed}")
+    return {"onnx": str(head_out), "encoder_with_head": str(composed), "check": check}
 
 
 def _write_skipped(out_dir: Path, res: EmbedResult) -> None:
@@ -395,11 +498,19 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"Embedded {c['embedded']} images ({c['embedded_new']} new, {c['reused']} reused) "
         f"on {summary['execution_provider']}{speed}",
-        f"Clusters (k={summary['kmeans']['k']}): sizes {summary['cluster_sizes']}",
+        f"Clusters (k={summary['kmeans']['k']}{', chosen by ' + summary['k_auto']['criterion'] if 'k_auto' in summary else ''}"
+        f", {summary.get('method', 'kmeans')}): sizes {summary['cluster_sizes']}",
     ]
     if "metrics" in summary:
         m = summary["metrics"]
         lines.append(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)")
+    if "over_clustering" in summary.get("metrics", {}):
+        o = summary["metrics"]["over_clustering"]
+        lines.append(f"Over-clustering: many-to-one ACC {o['many_to_one_acc']:.4f}  AMI {o['ami']:.4f}")
+    if "knn" in summary:
+        lines.append(f"10-NN accuracy against {summary['knn']['reference']}: {summary['knn']['accuracy']:.4f}")
+    if "head" in summary and "encoder_with_head" in summary["head"]:
+        lines.append(f"Encoder with head: {summary['head']['encoder_with_head']}")
     if "paper_protocol" in summary:
         p = summary["paper_protocol"]
         lines.append("Paper protocol ({sets} sets x {runs} runs): ".format(**p["protocol"]) + "  ".join(

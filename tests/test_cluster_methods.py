@@ -1,0 +1,89 @@
+"""itae-cluster beyond K-Means: --k auto, TSP/TEMI heads exported and appended to the encoder,
+over-clustering and k-NN scores, on real Fashion-MNIST images with a tiny exported model."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import imagefolders
+from itae_export.cli.cluster import main as cluster_cli
+from itae_export.images import load_image
+from itae_export.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = imagefolders.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
+    base = tmp_path_factory.mktemp("fm")
+    imagefolders.fashion_folder(base / "query", per_class=12, classes=4)
+    imagefolders.fashion_folder(base / "reference", per_class=10, classes=4, seed=1)
+    return model, base
+
+
+def _run(args):
+    res = CliRunner().invoke(cluster_cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_tsp_head_exported_and_appended_gives_same_clusters(setup, tmp_path):
+    model, base = setup
+    head = tmp_path / "head.onnx"
+    _run([base / "query", "--onnx", model, "--k", 4, "--method", "tsp", "--epochs", 5, "--head-out", head,
+          "--labels-from-dirs", "--out", tmp_path / "out", "-q"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["method"] == "tsp" and summary["head"]["hparams"]["epochs"] == 5
+    assert summary["head"]["check"]["assignments_equal"] and summary["head"]["check"]["max_abs_err"] <= 1e-5
+    composed = tmp_path / "head.with_encoder.onnx"
+    assert head.is_file() and composed.is_file()
+    # the appended graph assigns real images exactly as the PyTorch head did in the job
+    rows = (tmp_path / "out" / "assignments.csv").read_text().splitlines()[1:]
+    paths = [r.split(",")[0] for r in rows]
+    clusters = [int(r.split(",")[1]) for r in rows]
+    pre = read_manifest(model)["preprocessing"]
+    x = np.stack([load_image(base / "query" / p, pre) for p in paths])
+    sess = ort.InferenceSession(str(composed), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    assert {"embedding", "artifact_mask", "cluster_probs", "cluster"} <= set(names)
+    got = dict(zip(names, sess.run(None, {"pixel_values": x})))
+    np.testing.assert_array_equal(got["cluster"], clusters)
+    np.testing.assert_allclose(got["cluster_probs"].sum(1), 1, atol=1e-5)
+
+
+def test_k_auto_over_clustering_neighbours_and_knn(setup, tmp_path):
+    model, base = setup
+    res = _run([base / "query", "--onnx", model, "--k", "auto", "--k-max", 8, "--labels-from-dirs",
+                "--knn-reference", base / "reference", "--out", tmp_path / "out", "-q"])
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    curve = {int(k): v for k, v in s["k_auto"]["curve"].items()}
+    assert sorted(curve) == list(range(2, 9)) and s["kmeans"]["k"] == max(curve, key=lambda k: (curve[k], -k))
+    assert len(s["cluster_sizes"]) == s["kmeans"]["k"]
+    assert set(s["neighbour_label_consistency"]) == {"1", "5", "10", "20"}
+    assert s["knn"]["n_reference"] == 40 and 0 <= s["knn"]["accuracy"] <= 1
+    if s["kmeans"]["k"] > 4:
+        assert "over_clustering" in s["metrics"]
+    assert "chosen by silhouette" in res.output
+
+
+def test_over_clustering_scores_when_k_exceeds_classes(setup, tmp_path):
+    model, base = setup
+    _run([base / "query", "--onnx", model, "--k", 8, "--labels-from-dirs", "--out", tmp_path / "out", "-q"])
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    o = s["metrics"]["over_clustering"]
+    assert o["many_to_one_acc"] >= s["metrics"]["acc"]  # many-to-one can only gain from extra clusters
+    assert -1 <= o["ami"] <= 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--k", "x"], "--k"),
+    (["--k", 4, "--head-out", "h.onnx"], "--head-out"),
+    (["--k", 4, "--knn-reference", "."], "--labels-from-dirs"),
+])
+def test_bad_method_flags(setup, tmp_path, args, msg):
+    model, base = setup
+    res = CliRunner().invoke(cluster_cli, [str(a) for a in [base / "query", "--onnx", model, *args,
+                                                            "--out", tmp_path / "o", "-q"]])
+    assert res.exit_code != 0 and msg in res.output
