@@ -65,7 +65,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
                          validate=validate, validate_images=validate_images, external_data=external_data,
                          optimize=optimize, quantize=quantize, log=log)
     if not quiet:
-        click.echo(format_report(result.validation), err=True)
+        if result.validation.get("skipped"):  # a validation that ran was already reported by the log
+            click.echo(format_report(result.validation), err=True)
         if "quantization" in result.manifest:
             from itae_export.optimize import format_int8_report
 
