@@ -8,6 +8,7 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -104,19 +105,25 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
     wrapper = _ExportWrapper.make(model, attention_output, half)
     example = torch.randn(2, 3, resolution, resolution)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter narrates every step and warns about its own internals
-        program = torch.onnx.export(
-            wrapper,
-            (example,),
-            dynamo=True,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=output_names(attention_output),
-            dynamic_shapes=({0: batch},),
-            custom_translation_table=translation_table(),
-            verbose=False,
-        )
+    quiet_logger = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping ..."
+    level = quiet_logger.level
+    quiet_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter narrates every step and warns about its own internals
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                opset_version=ONNX_OPSET,
+                input_names=[INPUT_NAME],
+                output_names=output_names(attention_output),
+                dynamic_shapes=({0: batch},),
+                custom_translation_table=translation_table(),
+                verbose=False,
+            )
+    finally:
+        quiet_logger.setLevel(level)
     location = path.name + ".data" if external else None
     onnx_ir.save(program.model, str(path), external_data=location, size_threshold_bytes=1024)
     proto = onnx.load(str(path), load_external_data=False)
@@ -420,6 +427,9 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
     from itae_export.validate import validate_model
 
     manifest = read_manifest(onnx_path)
+    if "quantization" in manifest:
+        raise InputError(f"{onnx_path}: an int8 graph is validated against its fp32 graph at export "
+                         "(manifest: quantization.validation); itae-validate re-runs fp32 and fp16 validations only")
     spec = spec_from_manifest(manifest)
     itae = {k: v for k, v in manifest["itae"].items() if k in {f.name for f in dataclasses.fields(ITAEOptions)}}
     options = ITAEOptions(**itae)
