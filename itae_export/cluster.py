@@ -53,8 +53,17 @@ def default_out_dir(folder: str | os.PathLike) -> Path:
     return folder.with_name(folder.name + "_itae")
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(provider: str | None = None) -> int:
+    """Decode threads: leave a core to ONNX Runtime on CPU; on a GPU, decoding is the bottleneck."""
+    cores = os.cpu_count() or 1
+    if provider == "CUDAExecutionProvider":
+        return max(1, min(16, cores - 1))
+    return max(1, min(4, cores - 1))
+
+
+def default_batch_size(provider: str | None = None) -> int:
+    """32 on CPU (no gain beyond); 128 on a GPU, where larger batches keep the device busy."""
+    return 128 if provider == "CUDAExecutionProvider" else 32
 
 
 def _load_one(path: str, pre: PreprocessSpec):
@@ -82,7 +91,7 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, paths: list[Path] | None = None,
-                 store=None, batch_size: int = 32, workers: int | None = None, pool: str = "thread",
+                 store=None, batch_size: int | None = None, workers: int | None = None, pool: str = "thread",
                  device: str = "auto", intra_op_threads: int | None = None, progress: bool = True,
                  session=None, log: Callable[[str], None] | None = None) -> EmbedResult:
     """Embed every image under ``folder`` (or the given ``paths``) with an exported model.
@@ -95,12 +104,11 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     from itae_export.embed_store import EmbeddingStore, file_key, model_fingerprint
     from itae_export.runtime import Embedder, open_session
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size: {batch_size} must be >= 1")
     if pool not in POOLS:
         raise InputError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
-    workers = default_workers() if workers is None else workers
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise InputError(f"--workers: {workers} must be >= 1")
     root = Path(os.path.abspath(folder))  # symlinks kept: an image's key is the path it was found at
     manifest = read_manifest(onnx_path)
@@ -122,6 +130,8 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         sess, provider = session if session is not None else open_session(
             onnx_path, device, intra_op_threads=intra_op_threads, spinning=False)
         embed = Embedder(sess, provider)
+        batch_size = batch_size or default_batch_size(provider)
+        workers = workers or default_workers(provider)
         model_id = model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()
@@ -273,7 +283,7 @@ def check_k(k, n: int | None = None, what: str = "images") -> None:
 
 def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: int,
                     out_dir: str | os.PathLike | None = None, *, seed: int = 0, n_init: int = 10,
-                    batch_size: int = 32, workers: int | None = None, pool: str = "thread", device: str = "auto",
+                    batch_size: int | None = None, workers: int | None = None, pool: str = "thread", device: str = "auto",
                     intra_op_threads: int | None = None, use_labels: bool = False, protocol: str | None = None,
                     protocol_sets: int = 20, protocol_runs: int = 25, progress: bool = True,
                     method: str = "kmeans", k_max: int = 20, k_criterion: str = "silhouette",
@@ -379,8 +389,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         "kmeans": {"k": k, "seed": seed, "n_init": n_init, "inertia": inertia,
                    "input": "L2-normalised embeddings", "distance": "euclidean, to the assigned centroid"},
         "cluster_sizes": np.bincount(assign, minlength=k).tolist(),
-        "batch_size": batch_size,
-        "workers": workers if workers is not None else default_workers(),
+        "batch_size": batch_size or default_batch_size(res.provider),
+        "workers": workers or default_workers(res.provider),
         "pool": pool,
     }
     header = ["path", "cluster", "distance"]

@@ -80,6 +80,7 @@ class Embedder:
         self.provider = provider
         inp = next(i for i in session.get_inputs() if i.name == INPUT_NAME)
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self._x_gpu = self._binding = None  # reused across batches of the same shape
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(pixels, dtype=self.input_dtype)
@@ -91,10 +92,13 @@ class Embedder:
     def _run_cuda(self, x: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
-        x_gpu = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-        binding.bind_ortvalue_input(INPUT_NAME, x_gpu)
-        binding.bind_output(OUTPUT_EMBEDDING, "cpu")
-        self.session.run_with_iobinding(binding)
-        (emb,) = binding.copy_outputs_to_cpu()
+        if self._x_gpu is None or list(self._x_gpu.shape()) != list(x.shape):
+            # one device buffer and binding per batch shape (the last, short batch gets its own)
+            self._x_gpu = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), x.dtype, "cuda", 0)
+            self._binding = self.session.io_binding()
+            self._binding.bind_ortvalue_input(INPUT_NAME, self._x_gpu)
+            self._binding.bind_output(OUTPUT_EMBEDDING, "cpu")
+        self._x_gpu.update_inplace(x)
+        self.session.run_with_iobinding(self._binding)
+        (emb,) = self._binding.copy_outputs_to_cpu()
         return np.asarray(emb, dtype=np.float32)
