@@ -81,10 +81,8 @@ def remove_itae(model: nn.Module) -> nn.Module:
 
     last = model.blocks[-1]
     if isinstance(last.attn, ITAEAttention):
-        plain = Attention.__new__(Attention)
-        nn.Module.__init__(plain)
-        plain.num_heads = last.attn.num_heads
-        plain.qkv, plain.proj = last.attn.qkv, last.attn.proj
+        plain = Attention(last.attn.qkv.in_features, last.attn.num_heads)
+        plain.qkv, plain.proj = last.attn.qkv, last.attn.proj  # the same modules, not copies
         last.attn = plain
     return model
 
