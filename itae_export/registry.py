@@ -240,15 +240,13 @@ def list_models(include_aliases: bool = False) -> list[str]:
 
 
 def resolve_name(name: str) -> str:
-    key = name.strip().lower().replace("-", "_") if name.strip().lower() not in _ALIASES else name.strip().lower()
-    if name in _REGISTRY:
-        return name
-    if name in _ALIASES:
-        return _ALIASES[name]
-    if key in _REGISTRY:
-        return key
-    if key in _ALIASES:
-        return _ALIASES[key]
+    """Canonical name of a model name or alias; case and '-' vs '_' do not matter."""
+    plain = name.strip().lower()
+    for key in (name, plain, plain.replace("-", "_")):
+        if key in _REGISTRY:
+            return key
+        if key in _ALIASES:
+            return _ALIASES[key]
     raise UnknownModelError(
         f"unknown model {name!r}; known models: {', '.join(list_models())} (aliases: {', '.join(sorted(_ALIASES))})"
     )
