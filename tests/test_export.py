@@ -225,3 +225,15 @@ def test_validate_images_folder_adds_decodable_images(tmp_path):
     with pytest.raises(InputError, match="--validate-images"):
         export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "n.onnx", model=random_model(spec),
                     validate_images=tmp_path / "missing")
+
+
+def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path, monkeypatch):
+    import itae_export.export as export_mod
+
+    spec = tiny_spec("dinov2_vits14")
+    model = random_model(spec)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", nbytes - 1)  # as ViT-g/14's 4.4 GB is above 1.8 GB
+    r = export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "big.onnx", model=model)
+    assert r.manifest["external_data"] == "big.onnx.data" and (tmp_path / "big.onnx.data").is_file()
+    assert read_manifest(r.path)["validation"]["passed"]
