@@ -31,7 +31,14 @@ def _idx(path: Path) -> np.ndarray:
 
 
 def fashion_mnist(split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, 28, 28], labels uint8 [n]) from Debian's dataset-fashion-mnist."""
+    """(images uint8 [n, 28, 28], labels uint8 [n]) from Debian's dataset-fashion-mnist.
+
+    Skips the calling test (with a reason) when the package is not installed.
+    """
+    if not (FASHION_MNIST / f"{split}-images-idx3-ubyte.gz").is_file():
+        import pytest
+
+        pytest.skip(f"{FASHION_MNIST} is missing: apt-get install dataset-fashion-mnist")
     return _idx(FASHION_MNIST / f"{split}-images-idx3-ubyte.gz"), _idx(FASHION_MNIST / f"{split}-labels-idx1-ubyte.gz")
 
 
