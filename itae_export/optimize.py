@@ -19,7 +19,6 @@ saved model is only valid on the machine that wrote it.
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,6 @@ import numpy as np
 from itae_export.onnx import INT8_MIN_ARI, ITAE_DOMAIN
 
 QUANTIZE_CHOICES = ("int8",)
-FASHION_MNIST_DIR = Path(os.environ.get("ITAE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -143,14 +141,6 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
             "kept_fp32": excluded, "mask_source_fp32": bool(excluded)}
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 256) -> tuple[np.ndarray, int, str]:
     """(pixels [n, 3, H, W], k, description) of real images for the int8 ARI check.
 
@@ -181,11 +171,12 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
             raise InputError(f"--validate-images: {root} has {len(xs)} readable images; the int8 check needs "
                              f"at least {2 * k}")
         return np.stack(xs), k, f"{len(xs)} images of {root}"
-    images = FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"
-    if not images.is_file():
+    from itae_export import fashion_mnist
+
+    if not fashion_mnist.available():
         raise InputError("--quantize int8 checks the clustering on real images: pass --validate-images DIR "
-                         f"(no Fashion-MNIST at {FASHION_MNIST_DIR}; set ITAE_FASHION_MNIST)")
-    x, y = _idx(images), _idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+                         f"(no Fashion-MNIST at {fashion_mnist.ROOT}; set ITAE_FASHION_MNIST)")
+    x, y = fashion_mnist.load()
     per_class = max(1, n // 10)
     pick = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
     xs = [preprocess(Image.fromarray(x[i]).convert("RGB"), prep) for i in pick]

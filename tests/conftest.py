@@ -15,3 +15,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """One tiny exported DINOv2 model (56x56 input) shared by the itae-cluster and report tests."""
+    import imagefolders
+
+    return imagefolders.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)

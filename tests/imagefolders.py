@@ -3,14 +3,14 @@ plus the messy files a real folder holds (truncated JPEG, text named .png, CMYK,
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+from itae_export import fashion_mnist as _fmnist
+
+FASHION_CLASSES = _fmnist.CLASSES
 
 
 def textile_root() -> Path | None:
@@ -22,24 +22,16 @@ def textile_root() -> Path | None:
     return root if root.is_dir() else None
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [n, 28, 28], labels uint8 [n]) from Debian's dataset-fashion-mnist.
 
     Skips the calling test (with a reason) when the package is not installed.
     """
-    if not (FASHION_MNIST / f"{split}-images-idx3-ubyte.gz").is_file():
+    if not _fmnist.available(split):
         import pytest
 
-        pytest.skip(f"{FASHION_MNIST} is missing: apt-get install dataset-fashion-mnist")
-    return _idx(FASHION_MNIST / f"{split}-images-idx3-ubyte.gz"), _idx(FASHION_MNIST / f"{split}-labels-idx1-ubyte.gz")
+        pytest.skip(f"{_fmnist.ROOT} is missing: apt-get install dataset-fashion-mnist")
+    return _fmnist.load(split)
 
 
 def fashion_folder(root: str | Path, per_class: int = 30, classes: int = 10, fmt: str = "png", seed: int = 0) -> dict[str, str]:

@@ -19,11 +19,6 @@ from itae_export.runtime_probe import cuda_usable
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
-
-
-@pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     root = tmp_path_factory.mktemp("fashion") / "photos"
     labels = datasets.fashion_folder(root, per_class=30)

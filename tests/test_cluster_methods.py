@@ -15,8 +15,8 @@ from itae_export.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model = imagefolders.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
+def setup(tmp_path_factory, tiny_model):
+    model = tiny_model
     base = tmp_path_factory.mktemp("fm")
     imagefolders.fashion_folder(base / "query", per_class=12, classes=4)
     imagefolders.fashion_folder(base / "reference", per_class=10, classes=4, seed=1)

@@ -17,11 +17,6 @@ from itae_export.cluster import STORE_NAME, run_cluster_job
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume") / "photos"
     datasets.fashion_folder(root, per_class=40)  # 400 images

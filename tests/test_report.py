@@ -67,13 +67,13 @@ def body_data(dom: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster_out(tmp_path_factory):
+def cluster_out(tmp_path_factory, tiny_model):
     """A real itae-cluster run (tiny exported model) with --report, on a labelled Fashion-MNIST folder."""
     base = tmp_path_factory.mktemp("report")
     root = base / "photos"
     datasets.fashion_folder(root, per_class=8, classes=6)
     (root / "sandal" / "broken.jpg").write_bytes(b"not a jpeg")  # one skipped file
-    model = datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
+    model = tiny_model
     out = base / "out"
     res = CliRunner().invoke(cluster_cli, [str(root), "--k", "6", "--onnx", str(model), "--out", str(out),
                                            "--labels-from-dirs", "--report", "--quiet", "--workers", "1"],
