@@ -5,26 +5,40 @@ from __future__ import annotations
 from typing import Callable
 
 from itae_export.errors import InputError
-from itae_export.registry import ModelSpec
+from itae_export.registry import ITAEOptions, ModelSpec
 
 
-def calibrate_theta(spec: ModelSpec, images_dir, *, weights: str | None = None, source: str | None = None,
-                    max_images: int = 64, log: Callable[[str], None] = lambda m: None) -> float:
+def calibrate_theta(spec: ModelSpec, images_dir, *, model=None, weights: str | None = None,
+                    pos_rule: str | None = None, source: str | None = None, max_images: int = 64,
+                    log: Callable[[str], None] = lambda m: None) -> float:
     """The suggested theta of :func:`itae_export.theta.suggest_theta` over up to ``max_images`` images.
 
+    ``model``: an already loaded VisionTransformer, so that an export that follows reuses it; ITAE
+    is (re-)injected into it for ``source``. Without it the checkpoint is loaded from ``weights``
+    (or the official source) with ``pos_rule``.
     Refuses (InputError) when the norms show no bimodality: a threshold picked from one mode
     would flag arbitrary tokens.
     """
-    from itae_export.inspect import compute_norms, load_inspect_model, pick_images
+    from itae_export.inspect import InspectModel, compute_norms, pick_images
+    from itae_export.itae import inject_itae
     from itae_export.theta import suggest_theta
 
-    im = load_inspect_model(spec, weights=weights, source=source or "query")
+    src = source or "query"
+    options = ITAEOptions.for_model(spec, source=src)
+    if model is None:
+        from itae_export.checkpoints import load_model
+
+        model, loaded = load_model(spec, options, weights=weights, pos_rule=pos_rule)
+        desc = f"{loaded.source} ({loaded.format})"
+    else:
+        inject_itae(model, options)
+        desc = "the loaded model"
     root, paths = pick_images(images_dir, max_images)
-    sample = compute_norms(im, root, paths)
+    sample = compute_norms(InspectModel(model.eval(), spec, options, desc), root, paths)
     sug = suggest_theta(sample.norms)
     if not sug.bimodal:
         raise InputError(
-            f"--theta auto: the {source or 'query'} norms of {len(sample.paths)} images in {images_dir} show no "
+            f"--theta auto: the {src} norms of {len(sample.paths)} images in {images_dir} show no "
             f"bimodality; pass --theta explicitly (the model's default is {spec.theta:g})"
         )
     log(f"--theta auto: {sug.theta:.4g} (confidence {sug.confidence:.2f}, {sug.method}) from {len(sample.paths)} images")

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -64,6 +65,58 @@ def test_bad_theta(theta):
 def test_theta_auto_needs_calibration_images():
     res = _invoke(export_cli, ["--model", "vits14", "--theta", "auto"])
     assert res.exit_code == 2 and "--calibration-images" in res.output
+
+
+def _noise_images(folder, n=6):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_theta_auto_reads_the_checkpoint_once_and_exports_the_calibrated_theta(tiny_weights, tmp_path, monkeypatch):
+    import json
+
+    import itae_export.theta as theta_mod
+
+    loads, seen = [], []
+    real_load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+
+    def fake_suggest(norms):  # the tiny random model's norms are not bimodal: fix the suggestion
+        seen.append(np.asarray(norms).shape)
+        return theta_mod.ThetaSuggestion(theta=1.25, confidence=0.9, method="test", bimodal=True)
+
+    monkeypatch.setattr(theta_mod, "suggest_theta", fake_suggest)
+    images = _noise_images(tmp_path / "calib")
+    out = tmp_path / "m.onnx"
+    res = _invoke(export_cli, ["--model", "vits14", "--weights", str(tiny_weights), "--theta", "auto",
+                               "--calibration-images", str(images), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "--theta auto: 1.25" in res.stderr and "validation PASSED" in res.stderr
+    assert len(loads) == 1, "the checkpoint is read once for the calibration and the export"
+    assert seen and seen[0][0] == 6  # the norms of every calibration image
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["itae"]["theta"] == 1.25
+    assert manifest["weights"]["sha256"] == checkpoints.sha256_file(tiny_weights)
+
+
+def test_theta_auto_refuses_unimodal_norms(tiny_weights, tmp_path, monkeypatch):
+    import itae_export.theta as theta_mod
+
+    monkeypatch.setattr(theta_mod, "suggest_theta", lambda norms: theta_mod.ThetaSuggestion(
+        theta=1.0, confidence=0.1, method="test", bimodal=False))
+    images = _noise_images(tmp_path / "calib")
+    out = tmp_path / "m.onnx"
+    res = _invoke(export_cli, ["--model", "vits14", "--weights", str(tiny_weights), "--theta", "auto",
+                               "--calibration-images", str(images), "-o", str(out)])
+    assert res.exit_code == 1
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "bimodality" in errors[0] and str(images) in errors[0]
+    assert not out.exists()
 
 
 def test_missing_weights_file(tmp_path):
