@@ -115,11 +115,16 @@ def mask_source_matmuls(proto) -> list[str]:
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = True,
-                  keep_mask_source_fp32: bool = True, external: bool = False) -> dict:
+                  keep_mask_source_fp32: bool = True, external: bool = False,
+                  weight_type: str = "int8", reduce_range: bool = False) -> dict:
     """Dynamic int8 quantization of the weight MatMuls of ``src`` (activation x activation
     MatMuls stay float32); returns what was done, for the manifest. Per-channel weight scales by
     default: with per-tensor scales the real DINOv2 ViT-S/14 fell to a min cosine of 0.19 to fp32
-    on Fashion-MNIST, per channel 0.95 (mean 0.996)."""
+    on Fashion-MNIST, per channel 0.95 (mean 0.996).
+
+    ``weight_type`` "uint8" (u8u8 kernels) and ``reduce_range`` (7-bit weights) avoid the int16
+    saturation of the u8s8 AVX2 kernels on CPUs without VNNI; both are slower or coarser there
+    (``bench/bench_int8.py`` measures them), so the default stays int8 weights, full range."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -132,10 +137,15 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     excluded = mask_source_matmuls(proto) if keep_mask_source_fp32 else []
     weight_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMul"
                          and n.input[1] in {t.name for t in proto.graph.initializer})
+    qtypes = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if weight_type not in qtypes:
+        raise ValueError(f"weight_type: {weight_type!r} is not one of {', '.join(qtypes)}")
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=external,
-                     extra_options={"MatMulConstBOnly": True})
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 (symmetric)",
+                     weight_type=qtypes[weight_type], reduce_range=reduce_range, nodes_to_exclude=excluded,
+                     use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+    weights = "int8 (symmetric)" if weight_type == "int8" else "uint8 (asymmetric)"
+    return {"method": "onnxruntime.quantization.quantize_dynamic",
+            "weights": weights + (", 7-bit range" if reduce_range else ""),
             "activations": "uint8, dynamic per tensor", "per_channel": per_channel,
             "ops": ["MatMul with constant weights"], "weight_matmuls": weight_matmuls,
             "kept_fp32": excluded, "mask_source_fp32": bool(excluded)}

@@ -143,6 +143,33 @@ def test_mask_source_is_the_last_qkv(tiny, optimized):
     assert list(w.dims) == [d, 3 * d]
 
 
+@pytest.mark.parametrize("kw, wtype", [({}, onnx.TensorProto.INT8), ({"reduce_range": True}, onnx.TensorProto.INT8),
+                                      ({"weight_type": "uint8"}, onnx.TensorProto.UINT8)])
+def test_int8_weight_variants(optimized, tmp_path, kw, wtype):
+    """The variants bench_int8.py compares: int8 weights (full or 7-bit range) or uint8 weights."""
+    from onnx import numpy_helper
+
+    from itae_export.optimize import quantize_int8
+
+    src = tmp_path / "src.onnx"
+    src.write_bytes(optimized.path.read_bytes())
+    info = quantize_int8(src, tmp_path / "q.onnx", **kw)
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    quantized = [t for t in proto.graph.initializer if t.name.endswith("_quantized")]
+    assert len(quantized) == info["weight_matmuls"] - len(info["kept_fp32"]) > 0
+    assert {t.data_type for t in quantized} == {wtype}
+    if wtype == onnx.TensorProto.INT8:  # symmetric: [-127, 127], or [-64, 63] with the 7-bit range
+        top = max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max()) for t in quantized)
+        assert top <= 64 if kw.get("reduce_range") else top > 64
+    x, _ = validation_inputs(optimized.manifest, None)
+    ref = run_onnx(optimized.path, x)["embedding"]
+    got = run_onnx(tmp_path / "q.onnx", x)["embedding"]
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.9
+    with pytest.raises(ValueError, match="weight_type"):
+        quantize_int8(src, tmp_path / "bad.onnx", weight_type="int4")
+
+
 def test_quantize_needs_fp32_and_validation(tiny, tmp_path):
     spec, model, opts = tiny
     with pytest.raises(InputError):
