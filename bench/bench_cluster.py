@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["textile", "fashion"], default="textile")
     ap.add_argument("--n", type=int, default=320, help="images in the job (fixed costs amortise over them)")
     ap.add_argument("--bare-n", type=int, default=128, help="images per bare-inference timing")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: itae-cluster's CPU default")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--pool", choices=["thread", "process"], default="thread")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
@@ -82,10 +82,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
-    from itae_export.cluster import default_workers, run_cluster_job
+    from itae_export.cluster import default_batch_size, default_workers, run_cluster_job
     from itae_export.images import PreprocessSpec, load_image, scan_images
     from itae_export.manifest import read_manifest
 
+    args.batch_size = args.batch_size or default_batch_size("CPUExecutionProvider")
     onnx_path = ensure_model(args.onnx or Path("exported") / f"bench_{args.model}_random.onnx", args.model)
     tmp = Path(tempfile.mkdtemp(prefix="itae-bench-"))
     try:

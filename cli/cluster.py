@@ -60,7 +60,7 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when usable, otherwise CPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per inference batch (default: 32 on CPU, 128 on CUDA).")
+              help="Images per inference batch (default: 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decode workers (default: cores - 1, at most 4 on CPU and 16 on CUDA).")
 @click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
