@@ -345,7 +345,9 @@ def export_onnx(
                                    log=log)
             manifest["quantization"] = {"type": quantize, **info, "validation": report}
             if not report["passed"]:
-                raise ToleranceError(f"int8 validation failed: {report['failure']}", report)
+                raise ToleranceError(f"int8 validation failed: {report['failure']}; nothing was written. The float32 "
+                                     "graph passed: export it without --quantize int8 (see docs/performance.md, int8)",
+                                     report)
         inline_tmp = None
         if inline:
             import onnx.inliner

@@ -130,6 +130,7 @@ def test_int8_guard_fails_and_publishes_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(ToleranceError, match="ARI") as e:
         export_onnx(spec, opts, out, model=copy.deepcopy(model), quantize="int8", int8_images=40)
     assert e.value.report["passed"] is False and e.value.report["kmeans_ari"] is not None
+    assert "without --quantize int8" in str(e.value)  # the way out is named
     assert list(tmp_path.iterdir()) == []  # no graph, no manifest, no temp dir left
 
 
