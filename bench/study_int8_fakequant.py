@@ -119,15 +119,12 @@ def embed(model, x):
 
 
 def compare(ref, got, k: int = 10) -> dict:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
+    from itae_export.optimize import kmeans_ari
 
     (a, ma), (b, mb) = ref, got
     cos = (a * b).sum(1)
-    km = KMeans(k, n_init=10, random_state=0).fit(a)
-    lb = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(b)
     return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "mask": float((ma == mb).mean()),
-            "ari": float(adjusted_rand_score(km.labels_, lb))}
+            "ari": kmeans_ari(a, b, k)[0]}
 
 
 def fashion_pixels(spec, first: int, per_class: int):

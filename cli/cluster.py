@@ -30,10 +30,11 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
 
     spec = get_model_spec(model)
     theta = parse_theta(theta)
+    loaded = {}  # with --theta auto: the model loaded for the calibration, reused by an export
     if theta == "auto":
-        from itae_export.theta_auto import calibrate_theta  # calibrated on the folder being clustered
+        from itae_export.theta_auto import load_and_calibrate  # calibrated on the folder being clustered
 
-        theta = calibrate_theta(spec, folder, weights=weights, source=source, log=log)
+        theta, loaded = load_and_calibrate(spec, folder, weights=weights, pos_rule=pos_rule, source=source, log=log)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
     path = default_output_path(spec, options, resolution, precision)
     if path.is_file():
@@ -41,7 +42,7 @@ def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_
         return path
     log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
     return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
-                       precision=precision, log=log).path
+                       precision=precision, log=log, **loaded).path
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

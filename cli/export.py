@@ -51,24 +51,18 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     spec = get_model_spec(model_name)
     theta = parse_theta(theta)
-    loaded_kw = {}
+    loaded = {}  # with --theta auto: the model loaded for the calibration, reused by the export
     if theta == "auto":
-        from itae_export.checkpoints import load_model
-        from itae_export.theta_auto import calibrate_theta
+        from itae_export.theta_auto import load_and_calibrate
 
         if not calibration_images:
             raise click.UsageError("--theta auto needs --calibration-images DIR")
-        log(f"loading weights for {spec.name} ...")
-        model, loaded = load_model(spec, None, weights=weights, pos_rule=pos_rule)
-        theta = calibrate_theta(spec, calibration_images, model=model, source=source, log=log)
-        # the export reuses the loaded model: the checkpoint is read once
-        loaded_kw = {"model": model, "pos_rule": loaded.pos_rule,
-                     "weights_info": {"source": str(loaded.source), "format": loaded.format, "sha256": loaded.sha256}}
+        theta, loaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
+                                           source=source, log=log)
     if theta is None and spec.theta_note and not no_itae:
         click.echo(f"warning: {spec.name}: {spec.theta_note}", err=True)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
-    result = export_onnx(spec, options, output, weights=weights, resolution=resolution,
-                         **({"pos_rule": pos_rule} | loaded_kw),
+    result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **loaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,
                          optimize=optimize, quantize=quantize, log=log)

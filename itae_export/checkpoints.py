@@ -57,14 +57,17 @@ def _short_list(names, limit: int = _MAX_LISTED) -> str:
 
 @dataclass
 class LoadedWeights:
-    """What :func:`load_model` loaded: our state dict and where it came from."""
+    """Where the weights :func:`load_model` loaded came from (the tensors live in the model only)."""
 
-    state_dict: dict
     format: str
     pos_rule: str
     source: str  # the file or directory, or the URL it was downloaded from
     sha256: str
     path: str = ""  # the local file or directory that was read
+
+    def info(self) -> dict:
+        """The manifest's ``weights`` entry."""
+        return {"source": str(self.source), "format": self.format, "sha256": self.sha256}
 
 
 # ------------------------------------------------------------------ reading files
@@ -660,4 +663,4 @@ def load_model(
     model = build_model(spec, itae, pos_rule=rule)
     load_state_dict_strict(model, sd, str(path))
     model.eval()
-    return model, LoadedWeights(state_dict=sd, format=fmt, pos_rule=rule, source=source, sha256=sha256_file(path), path=str(path))
+    return model, LoadedWeights(format=fmt, pos_rule=rule, source=source, sha256=sha256_file(path), path=str(path))

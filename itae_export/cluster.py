@@ -40,6 +40,8 @@ class EmbedResult:
     provider: str
     model_id: str
     embed_seconds: float
+    batch_size: int  # as resolved (the defaults depend on the provider)
+    workers: int
     conversions: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -97,13 +99,14 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, paths: list[Path] | None = None,
                  store=None, batch_size: int | None = None, workers: int | None = None, pool: str = "thread",
                  device: str = "auto", intra_op_threads: int | None = None, progress: bool = True,
-                 session=None, log: Callable[[str], None] | None = None) -> EmbedResult:
+                 session=None, model_id: str | None = None, log: Callable[[str], None] | None = None) -> EmbedResult:
     """Embed every image under ``folder`` (or the given ``paths``) with an exported model.
 
     Rows found in ``store`` (an EmbeddingStore or a path to one) for this model and the same file
     size and mtime are reused; new rows are committed to it one batch at a time, so an
     interrupted run loses at most one batch. Bad images are skipped with a reason, never fatal.
-    ``session`` is an optional ``(session, provider)`` from :func:`itae_export.runtime.open_session`.
+    ``session`` is an optional ``(session, provider)`` from :func:`itae_export.runtime.open_session`;
+    ``model_id`` the model's :func:`~itae_export.embed_store.model_fingerprint` when already known.
     """
     from itae_export.embed_store import EmbeddingStore, file_key, model_fingerprint
     from itae_export.runtime import Embedder, open_session
@@ -136,7 +139,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         embed = Embedder(sess, provider)
         batch_size = batch_size or default_batch_size(provider)
         workers = workers or default_workers(provider)
-        model_id = model_fingerprint(onnx_path, cache=store)
+        model_id = model_id or model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()
         skipped: dict[str, str] = {}
@@ -170,7 +173,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         root=root, paths=good, embeddings=emb,
         skipped=[(r, skipped[r]) for r in rel if r in skipped],
         n_found=len(rel), n_new=len(new_vecs), n_reused=n_reused, provider=provider, model_id=model_id,
-        embed_seconds=embed_seconds, conversions=dict(conversions),
+        embed_seconds=embed_seconds, batch_size=batch_size, workers=workers, conversions=dict(conversions),
     )
 
 
@@ -356,7 +359,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
 
         top = min(k_max, n - 1)
         check_k(top, n - 1, "images that could be decoded, minus one")
-        k, curve = choose_k(res.embeddings, range(2, top + 1), criterion=k_criterion, seed=seed)
+        with _kmeans_threads(n):
+            k, curve = choose_k(res.embeddings, range(2, top + 1), criterion=k_criterion, seed=seed)
         k_auto = {"criterion": k_criterion, "range": [2, top], "curve": {str(kk): v for kk, v in curve.items()},
                   "chosen": k}
         log(f"--k auto: k={k} ({k_criterion} over 2..{top})")
@@ -393,8 +397,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         "kmeans": {"k": k, "seed": seed, "n_init": n_init, "inertia": inertia,
                    "input": "L2-normalised embeddings", "distance": "euclidean, to the assigned centroid"},
         "cluster_sizes": np.bincount(assign, minlength=k).tolist(),
-        "batch_size": batch_size or default_batch_size(res.provider),
-        "workers": workers or default_workers(res.provider),
+        "batch_size": res.batch_size,
+        "workers": res.workers,
         "pool": pool,
     }
     header = ["path", "cluster", "distance"]
@@ -475,7 +479,7 @@ def _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_
         ref_root = Path(knn_reference).resolve()
         with EmbeddingStore(out_dir / "cache" / "reference.sqlite") as store:
             ref = embed_folder(ref_root, onnx_path, store=store, batch_size=batch_size, workers=workers, pool=pool,
-                               device=device, progress=progress, session=session, log=log)
+                               device=device, progress=progress, session=session, model_id=res.model_id, log=log)
         if not ref.paths:
             raise InputError(f"--knn-reference: no decodable images in {knn_reference}")
         ref_y = labels_from_dirs(ref.paths)

@@ -105,10 +105,6 @@ class EmbeddingStore:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def count(self, model_id: str | None = None) -> int:
-        if model_id is None:
-            return self.db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
 
     def lookup(self, model_id: str, keys: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
         """The stored vectors of those ``{path: (size, mtime_ns)}`` whose size and mtime still match."""

@@ -24,8 +24,8 @@ from itae_export.manifest import (
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
     MANIFEST_SCHEMA,
-    atomic_write_json,
     manifest_path,
+    write_manifest,
 )
 from itae_export.onnx import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
 from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
@@ -266,7 +266,7 @@ def export_onnx(
 
         log(f"loading weights for {spec.name} ...")
         model, loaded = load_model(spec, options, weights=weights, pos_rule=pos_rule)
-        weights_info = {"source": str(loaded.source), "format": loaded.format, "sha256": loaded.sha256}
+        weights_info = loaded.info()
         pos_rule = loaded.pos_rule
     else:
         from itae_export.itae import inject_itae
@@ -310,13 +310,14 @@ def export_onnx(
         _set_metadata(proto, manifest)
         onnx.save_model(proto, str(tmp_path))
         if validate:
-            from itae_export.validate import validate_model
+            from itae_export.validate import torch_reference, validate_model
 
             steps = {}
+            reference = torch_reference(model, manifest, validate_images)  # the same before and after fusing
             if optimize:
                 log("validating the exported graph (LayerScale folded) against PyTorch ...")
                 steps["exported"] = _validated(validate_model(tmp_path, model, manifest, images_dir=validate_images,
-                                                              log=log))
+                                                              reference=reference, log=log))
         if optimize:
             from itae_export.optimize import fuse_for_ort
 
@@ -327,7 +328,8 @@ def export_onnx(
                                         "runtime": "ONNX Runtime only (com.microsoft ops)"}
         if validate:
             log("validating against PyTorch ...")
-            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, log=log)
+            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, reference=reference,
+                                    log=log)
             manifest["validation"] = _validated(report)
             if steps:
                 report["steps"] = {**steps, "fused": {k: report[k] for k in ("rel_max_abs_diff", "mask_mismatch", "passed")}}
@@ -361,7 +363,7 @@ def export_onnx(
         _set_metadata(final, manifest)
         onnx.save_model(final, str(tmp_path))
         _publish(tmpdir, output, location, inline_tmp)
-        write_manifest_for(output, manifest)
+        write_manifest(output, manifest)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     inline_path = output.with_name(inline_tmp.name) if inline_tmp else None
@@ -382,10 +384,6 @@ def _stage(tmpdir: Path, path: Path, location: str | None, name: str) -> Path:
     if location:
         os.replace(path.with_name(location), stage / location)
     return stage / path.name
-
-
-def write_manifest_for(output: Path, manifest: dict) -> None:
-    atomic_write_json(manifest_path(output), manifest)
 
 
 def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path | None) -> None:

@@ -20,14 +20,13 @@ saved model is only valid on the machine that wrote it.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from itae_export.onnx import INT8_MIN_ARI, ITAE_DOMAIN
-
-QUANTIZE_CHOICES = ("int8",)
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -128,21 +127,29 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    proto = onnx.load(str(src), load_external_data=False)
-    unnamed = [n for n in proto.graph.node if not n.name]
-    if unnamed:  # nodes_to_exclude needs names
-        for i, n in enumerate(unnamed):
-            n.name = f"_unnamed_{n.op_type}_{i}"
-        onnx.save_model(proto, str(src))
-    excluded = mask_source_matmuls(proto) if keep_mask_source_fp32 else []
-    weight_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMul"
-                         and n.input[1] in {t.name for t in proto.graph.initializer})
     qtypes = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     if weight_type not in qtypes:
         raise ValueError(f"weight_type: {weight_type!r} is not one of {', '.join(qtypes)}")
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                     weight_type=qtypes[weight_type], reduce_range=reduce_range, nodes_to_exclude=excluded,
-                     use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+    src = Path(src)
+    proto = onnx.load(str(src), load_external_data=False)
+    unnamed = [n for n in proto.graph.node if not n.name]
+    named_copy = None
+    if unnamed:  # nodes_to_exclude needs names: a named copy beside src (its external data resolves the same)
+        for i, n in enumerate(unnamed):
+            n.name = f"_unnamed_{n.op_type}_{i}"
+        fd, named_copy = tempfile.mkstemp(dir=src.parent, prefix=f".{src.stem}.named.", suffix=".onnx")
+        os.close(fd)
+        onnx.save_model(proto, named_copy)
+    excluded = mask_source_matmuls(proto) if keep_mask_source_fp32 else []
+    initializers = {t.name for t in proto.graph.initializer}
+    weight_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in initializers)
+    try:
+        quantize_dynamic(named_copy or str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                         weight_type=qtypes[weight_type], reduce_range=reduce_range, nodes_to_exclude=excluded,
+                         use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+    finally:
+        if named_copy:
+            os.unlink(named_copy)
     weights = "int8 (symmetric)" if weight_type == "int8" else "uint8 (asymmetric)"
     return {"method": "onnxruntime.quantization.quantize_dynamic",
             "weights": weights + (", 7-bit range" if reduce_range else ""),
@@ -193,13 +200,26 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
     return np.stack(xs), 10, f"{len(xs)} Fashion-MNIST test images ({per_class} per class)"
 
 
+def kmeans_ari(ref: np.ndarray, got: np.ndarray, k: int) -> tuple[float, float]:
+    """(warm-started, independent) ARI between K-Means on ``ref`` and on ``got`` (rows L2-normalised).
+
+    Warm-started: K-Means on ``got`` starts from the centroids of ``ref``, so it measures how far
+    the change moves the assignments, not K-Means' own run-to-run lottery (on 200 Fashion-MNIST
+    images two fp32 runs with other seeds agree with ARI 0.56-0.84 only). Independent: a fresh
+    K-Means on ``got`` with the same seed."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    km = KMeans(k, n_init=10, random_state=0).fit(ref)
+    warm = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(got)
+    independent = KMeans(k, n_init=10, random_state=0).fit_predict(got)
+    return float(adjusted_rand_score(km.labels_, warm)), float(adjusted_rand_score(km.labels_, independent))
+
+
 def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_images: int = 256,
                   min_ari: float | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
     """Compare the int8 graph with the (already validated) fp32 graph; the report's ``passed``
     is False when the K-Means assignments of real images agree with ARI < ``min_ari``."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
     from itae_export.manifest import OUTPUT_EMBEDDING, OUTPUT_MASK
     from itae_export.metrics import l2_normalize
     from itae_export.validate import run_onnx, validation_inputs
@@ -216,16 +236,9 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
     cos = (l2_normalize(a) * l2_normalize(b)).sum(1) if finite else np.array([np.nan])
     mask_agree = float((ref[OUTPUT_MASK] == got[OUTPUT_MASK]).mean())
     ari = ari_independent = None
-    if finite:
-        # The guard's K-Means on the int8 embeddings starts from the fp32 centroids: it measures how
-        # far quantization moves the assignments, not K-Means' own run-to-run lottery (on 200
-        # Fashion-MNIST images two fp32 runs with other seeds agree with ARI 0.56-0.84 only).
+    if finite:  # the guard's ARI is the warm-started one (see kmeans_ari)
         r = len(x_val)
-        ea, eb = l2_normalize(a[r:]), l2_normalize(b[r:])
-        km = KMeans(k, n_init=10, random_state=0).fit(ea)
-        lb = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(eb)
-        ari = float(adjusted_rand_score(km.labels_, lb))
-        ari_independent = float(adjusted_rand_score(km.labels_, KMeans(k, n_init=10, random_state=0).fit_predict(eb)))
+        ari, ari_independent = kmeans_ari(l2_normalize(a[r:]), l2_normalize(b[r:]), k)
     failure = None
     if not finite:
         failure = "the int8 embedding has NaN or inf"

@@ -8,14 +8,11 @@ from itae_export.errors import InputError
 from itae_export.registry import ITAEOptions, ModelSpec
 
 
-def calibrate_theta(spec: ModelSpec, images_dir, *, model=None, weights: str | None = None,
-                    pos_rule: str | None = None, source: str | None = None, max_images: int = 64,
+def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = None, max_images: int = 64,
                     log: Callable[[str], None] = lambda m: None) -> float:
     """The suggested theta of :func:`itae_export.theta.suggest_theta` over up to ``max_images`` images.
 
-    ``model``: an already loaded VisionTransformer, so that an export that follows reuses it; ITAE
-    is (re-)injected into it for ``source``. Without it the checkpoint is loaded from ``weights``
-    (or the official source) with ``pos_rule``.
+    ``model``: the loaded VisionTransformer; ITAE is (re-)injected into it for ``source``.
     Refuses (InputError) when the norms show no bimodality: a threshold picked from one mode
     would flag arbitrary tokens.
     """
@@ -25,16 +22,9 @@ def calibrate_theta(spec: ModelSpec, images_dir, *, model=None, weights: str | N
 
     src = source or "query"
     options = ITAEOptions.for_model(spec, source=src)
-    if model is None:
-        from itae_export.checkpoints import load_model
-
-        model, loaded = load_model(spec, options, weights=weights, pos_rule=pos_rule)
-        desc = f"{loaded.source} ({loaded.format})"
-    else:
-        inject_itae(model, options)
-        desc = "the loaded model"
+    inject_itae(model, options)
     root, paths = pick_images(images_dir, max_images)
-    sample = compute_norms(InspectModel(model.eval(), spec, options, desc), root, paths)
+    sample = compute_norms(InspectModel(model.eval(), spec, options, "the loaded model"), root, paths)
     sug = suggest_theta(sample.norms)
     if not sug.bimodal:
         raise InputError(
@@ -43,3 +33,15 @@ def calibrate_theta(spec: ModelSpec, images_dir, *, model=None, weights: str | N
         )
     log(f"--theta auto: {sug.theta:.4g} (confidence {sug.confidence:.2f}, {sug.method}) from {len(sample.paths)} images")
     return float(sug.theta)
+
+
+def load_and_calibrate(spec: ModelSpec, images_dir, *, weights: str | None = None, pos_rule: str | None = None,
+                       source: str | None = None, log: Callable[[str], None] = lambda m: None) -> tuple[float, dict]:
+    """(theta, keyword arguments for :func:`itae_export.export.export_onnx`): the checkpoint is read
+    once, for the calibration and for the export that follows."""
+    from itae_export.checkpoints import load_model
+
+    log(f"loading weights for {spec.name} ...")
+    model, loaded = load_model(spec, None, weights=weights, pos_rule=pos_rule)
+    theta = calibrate_theta(spec, images_dir, model, source=source, log=log)
+    return theta, {"model": model, "weights_info": loaded.info()}

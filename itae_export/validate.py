@@ -133,13 +133,18 @@ def compare(ref_emb, ref_mask, got_emb, got_mask, precision: str = "fp32") -> di
     return report
 
 
-def run_onnx(path: str | os.PathLike, x: np.ndarray, batch_size: int = 8, providers=None) -> dict[str, np.ndarray]:
-    """All outputs of the graph over ``x``, in batches (plain InferenceSession, no custom-op library)."""
+def onnx_session(path: str | os.PathLike, providers=None):
+    """A plain InferenceSession (no custom-op library), ORT's log quiet."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 8, providers=None) -> dict[str, np.ndarray]:
+    """All outputs of the graph (a path, or a session from :func:`onnx_session`) over ``x``, in batches."""
+    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session, providers)
     names = [o.name for o in sess.get_outputs()]
     chunks: dict[str, list] = {n: [] for n in names}
     for i in range(0, len(x), batch_size):
@@ -160,15 +165,22 @@ def run_torch(model, x: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray
     return {OUTPUT_EMBEDDING: np.concatenate(embs), OUTPUT_MASK: np.concatenate(masks)}
 
 
-def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Callable[[str], None] = lambda m: None,
-                   batch_sizes: tuple[int, ...] = (1, 3)) -> dict:
-    """Compare ONNX Runtime with the PyTorch ITAE model; the report also says which inputs were used."""
+def torch_reference(model, manifest: dict, images_dir=None) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """(inputs, their names, the PyTorch outputs): what :func:`validate_model` compares against."""
     x, names = validation_inputs(manifest, images_dir)
-    ref = run_torch(model, x)
+    return x, names, run_torch(model, x)
+
+
+def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Callable[[str], None] = lambda m: None,
+                   batch_sizes: tuple[int, ...] = (1, 3), reference=None) -> dict:
+    """Compare ONNX Runtime with the PyTorch ITAE model; the report also says which inputs were used.
+    ``reference``: a :func:`torch_reference` already computed for this model and manifest."""
+    x, names, ref = reference or torch_reference(model, manifest, images_dir)
+    sess = onnx_session(onnx_path)
     report = None
     per_batch = {}
     for bs in batch_sizes:
-        got = run_onnx(onnx_path, x, batch_size=bs)
+        got = run_onnx(sess, x, batch_size=bs)
         r = compare(ref[OUTPUT_EMBEDDING], ref[OUTPUT_MASK], got[OUTPUT_EMBEDDING], got[OUTPUT_MASK], manifest["precision"])
         per_batch[str(bs)] = {k: r[k] for k in ("max_abs_diff", "min_cosine", "mask_mismatch", "passed")}
         if report is None or not r["passed"]:

@@ -32,7 +32,7 @@ def tiny_weights(monkeypatch, tmp_path):
 
         m = build_model(spec, itae, pos_rule=pos_rule or spec.pos_rule)
         m.load_state_dict(torch.load(path, weights_only=True), strict=True)
-        return m.eval(), LoadedWeights(state_dict={}, format="dinov2-hub", pos_rule=m.pos_rule, source=str(path),
+        return m.eval(), LoadedWeights(format="dinov2-hub", pos_rule=m.pos_rule, source=str(path),
                                        sha256=checkpoints.sha256_file(path), path=str(path))
 
     monkeypatch.setattr(checkpoints, "load_model", fake_load_model)

@@ -19,7 +19,6 @@ itae = onnxscript.values.Opset(ITAE_DOMAIN, ITAE_DOMAIN_VERSION)
 
 _NEG_INF = np.array(-np.inf, dtype=np.float32)
 _INT64_MAX = np.array([np.iinfo(np.int64).max], dtype=np.int64)
-_FLOAT, _INT64, _BOOL = 1, 7, 9  # TensorProto data types
 
 
 @onnxscript.script(itae, default_opset=op)
