@@ -33,9 +33,9 @@ def ensure_model(path: Path, name: str) -> Path:
     """The real-size architecture with random weights, exported once (weights do not change speed)."""
     if path.is_file():
         return path
-    from itae_export.export import export_onnx
+    from itae_export.model.vit import build_model, init_random_
+    from itae_export.onnx.export import export_onnx
     from itae_export.registry import ITAEOptions, get_model_spec
-    from itae_export.vit import build_model, init_random_
 
     spec = get_model_spec(name)
     print(f"exporting {spec.name} with random weights to {path} ...", file=sys.stderr)
@@ -82,9 +82,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
-    from itae_export.cluster import default_batch_size, default_workers, run_cluster_job
+    from itae_export.cluster.job import default_batch_size, default_workers, run_cluster_job
     from itae_export.images import PreprocessSpec, load_image, scan_images
-    from itae_export.manifest import read_manifest
+    from itae_export.onnx.manifest import read_manifest
 
     args.batch_size = args.batch_size or default_batch_size("CPUExecutionProvider")
     onnx_path = ensure_model(args.onnx or Path("exported") / f"bench_{args.model}_random.onnx", args.model)

@@ -33,7 +33,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    format_table, interleaved, machine_info, median, physical_cores, sgemm_call, spread, vit_flops,
+    format_table,
+    interleaved,
+    machine_info,
+    median,
+    physical_cores,
+    sgemm_call,
+    spread,
+    vit_flops,
 )
 
 VARIANTS = ("torch", "ort_itae", "ort_noitae", "opt_itae", "opt_noitae", "int8_itae")
@@ -62,13 +69,13 @@ def build(name: str, weights: str | None):
     spec = get_model_spec(name)
     options = ITAEOptions.for_model(spec)
     if weights:
-        from itae_export.checkpoints import load_model
+        from itae_export.weights.checkpoints import load_model
 
         model, _ = load_model(spec, options, weights=weights)
         what = f"checkpoint {Path(weights).name}"
     else:
-        from itae_export.itae import inject_itae
-        from itae_export.vit import build_model, init_random_
+        from itae_export.model.itae import inject_itae
+        from itae_export.model.vit import build_model, init_random_
 
         model = inject_itae(init_random_(build_model(spec), seed=0), options)
         what = "random (seed 0)"
@@ -113,8 +120,8 @@ def cached_export(spec, options, model, cache: Path, tag: str, variant: str, log
     now (with ``export_onnx`` keyword arguments ``kw``) unless a validated one is there."""
     import copy
 
-    from itae_export.export import export_onnx
-    from itae_export.manifest import read_manifest
+    from itae_export.onnx.export import export_onnx
+    from itae_export.onnx.manifest import read_manifest
 
     path = cache / f"{spec.name}_{tag}_{variant}.onnx"
     if path.is_file():
@@ -129,7 +136,7 @@ def cached_export(spec, options, model, cache: Path, tag: str, variant: str, log
 
 
 def scratch_int8(fp32_path: Path) -> Path:
-    from itae_export.optimize import quantize_int8
+    from itae_export.onnx.optimize import quantize_int8
 
     out = Path(tempfile.mkdtemp(prefix="itae-int8-")) / "int8.onnx"
     quantize_int8(fp32_path, out)

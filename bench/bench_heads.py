@@ -106,8 +106,8 @@ def run_methods(emb: np.ndarray, labels: np.ndarray, k: int, seeds: list[int], m
                 **hparams) -> dict[str, list[dict]]:
     from sklearn.cluster import KMeans
 
-    from itae_export.heads import fit_head
-    from itae_export.metrics import clustering_scores, l2_normalize
+    from itae_export.cluster.heads import fit_head
+    from itae_export.cluster.metrics import clustering_scores, l2_normalize
 
     x = l2_normalize(emb)
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     if args.temi_heads is not None:
         hp["temi:n_heads"] = args.temi_heads
     if args.knn:
-        from itae_export.evaluation import knn_accuracy, neighbour_label_consistency
+        from itae_export.cluster.evaluation import knn_accuracy, neighbour_label_consistency
 
         half = len(emb) // 2
         acc = knn_accuracy(emb[:half], labels[:half], emb[half:], labels[half:], k=10)

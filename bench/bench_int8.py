@@ -10,7 +10,7 @@ One run prints, side by side:
 3. **Profile.** ORT's per-operator times of the float32 and shipped int8 graphs: the GEMM
    speed-up inside the model, the time int8 does not touch (attention, LayerNorm, GELU, ...), and
    the bound that leaves: float32 total / non-GEMM time is the speed-up with infinitely fast GEMMs.
-4. **Accuracy** (``--accuracy``): :func:`itae_export.optimize.validate_int8` for every variant on
+4. **Accuracy** (``--accuracy``): :func:`itae_export.onnx.optimize.validate_int8` for every variant on
    real images (Fashion-MNIST; the textile images of conformal-clip-data when installed), and the
    same for a ``--no-itae`` pair, which separates ITAE's mask flips from the rest.
 
@@ -56,7 +56,7 @@ def export_fp32(spec, options, model, cache: Path, tag: str, log) -> Path:
 
 
 def quantized(fp32: Path, workdir: Path, names=tuple(VARIANTS)) -> dict[str, Path]:
-    from itae_export.optimize import quantize_int8
+    from itae_export.onnx.optimize import quantize_int8
 
     out = {}
     for name in names:
@@ -80,7 +80,7 @@ def gemm_graph(m: int, k: int, n: int, path: Path, rng) -> None:
 
 
 def bench_gemms(arch, batch: int, args, workdir: Path, log) -> list[dict]:
-    from itae_export.optimize import quantize_int8
+    from itae_export.onnx.optimize import quantize_int8
 
     tokens = 1 + arch.num_register_tokens + (224 // arch.patch_size) ** 2
     m, d, f = batch * tokens, arch.embed_dim, arch.mlp_hidden
@@ -123,7 +123,7 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str,
 
 
 def accuracy(fp32: Path, int8: dict[str, Path], manifest: dict, images: str | None, n: int) -> dict[str, dict]:
-    from itae_export.optimize import validate_int8
+    from itae_export.onnx.optimize import validate_int8
 
     return {v: validate_int8(fp32, p, manifest, images_dir=images, n_images=n) for v, p in int8.items()}
 
@@ -159,7 +159,7 @@ def main() -> None:
 
     gemm_rows = bench_gemms(spec.arch, args.batch, args, work, log)
 
-    from itae_export.manifest import read_manifest
+    from itae_export.onnx.manifest import read_manifest
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
     paths = {"fp32": fp32, **int8}

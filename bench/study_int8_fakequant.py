@@ -4,7 +4,7 @@ Simulates ``--quantize int8`` in PyTorch (per-output-channel symmetric int8 weig
 asymmetric uint8 activations per tensor, the last block's qkv in float32 as shipped) and variants
 of it, and compares each with the float32 model on real Fashion-MNIST images: cosine of the
 embeddings, artifact-mask agreement, and the K-Means ARI warm-started from the float32 centroids
-(the measure of :func:`itae_export.optimize.validate_int8`). Fake quantization is faster to vary
+(the measure of :func:`itae_export.onnx.optimize.validate_int8`). Fake quantization is faster to vary
 than ONNX graphs; ``bench/bench_int8.py`` measures the shipped ONNX variants themselves.
 
     .venv/bin/python bench/study_int8_fakequant.py            # about 10 minutes on 2 cores
@@ -119,7 +119,7 @@ def embed(model, x):
 
 
 def compare(ref, got, k: int = 10) -> dict:
-    from itae_export.optimize import kmeans_ari
+    from itae_export.onnx.optimize import kmeans_ari
 
     (a, ma), (b, mb) = ref, got
     cos = (a * b).sum(1)
@@ -132,7 +132,7 @@ def fashion_pixels(spec, first: int, per_class: int):
     from PIL import Image
 
     from itae_export import fashion_mnist
-    from itae_export.validate import preprocess
+    from itae_export.onnx.validate import preprocess
 
     x, y = fashion_mnist.load()
     pick = np.concatenate([np.flatnonzero(y == c)[first:first + per_class] for c in range(10)])
@@ -169,7 +169,7 @@ def main() -> None:
     for name, make in runs.items():
         print(f"{name} ...", file=sys.stderr, flush=True)
         rows.append({"change": name, **compare(ref, embed(make(), x))})
-    from itae_export.itae import inject_itae
+    from itae_export.model.itae import inject_itae
 
     plain = inject_itae(copy.deepcopy(model), dataclasses.replace(options, theta=1e9))  # no token above theta
     ref_plain, got_plain = embed(plain, x), embed(fake_quantize(plain, every), x)

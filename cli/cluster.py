@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import click
-
 from itae_export.cli._common import build_options, itae_flags, model_choice, parse_theta, weight_flags
+
 from itae_export.errors import ITAEError
 
 EPILOG = """\b
@@ -25,14 +25,14 @@ interruption embeds only the images that are missing or changed.
 def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
                    resolution, precision, log):
     """The exported model for --model and the ITAE flags, exported first if it is not there yet."""
-    from itae_export.export import default_output_path, export_onnx
+    from itae_export.onnx.export import default_output_path, export_onnx
     from itae_export.registry import get_model_spec
 
     spec = get_model_spec(model)
     theta = parse_theta(theta)
     loaded = {}  # with --theta auto: the model loaded for the calibration, reused by an export
     if theta == "auto":
-        from itae_export.theta_auto import load_and_calibrate  # calibrated on the folder being clustered
+        from itae_export.calibrate.auto import load_and_calibrate  # calibrated on the folder being clustered
 
         theta, loaded = load_and_calibrate(spec, folder, weights=weights, pos_rule=pos_rule, source=source, log=log)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
@@ -101,7 +101,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
          quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
     with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
-    from itae_export.cluster import format_summary, run_cluster_job
+    from itae_export.cluster.job import format_summary, run_cluster_job
 
     def log(msg: str) -> None:
         if not quiet:
@@ -136,7 +136,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         )
         if report:
             try:
-                from itae_export.report import write_report  # imported only when asked for
+                from itae_export.cluster.report import write_report  # imported only when asked for
             except ImportError as e:
                 raise click.ClickException(f"--report: the report module is not available ({e}); "
                                            "the other outputs are written") from None

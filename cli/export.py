@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import click
-
 from itae_export.cli._common import (
-    build_options, itae_flags, model_choice, parse_theta, report_errors, weight_flags,
+    build_options,
+    itae_flags,
+    model_choice,
+    parse_theta,
+    report_errors,
+    weight_flags,
 )
 
 
@@ -44,16 +48,16 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
       itae-export --model vits14 --weights vit_s_focus.onnx --output exported/focus.onnx
       itae-export --model vitb14 --optimize --quantize int8 --validate-images photos/
     """
-    from itae_export.export import export_onnx
+    from itae_export.onnx.export import export_onnx
+    from itae_export.onnx.validate import format_report
     from itae_export.registry import get_model_spec
-    from itae_export.validate import format_report
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     spec = get_model_spec(model_name)
     theta = parse_theta(theta)
     loaded = {}  # with --theta auto: the model loaded for the calibration, reused by the export
     if theta == "auto":
-        from itae_export.theta_auto import load_and_calibrate
+        from itae_export.calibrate.auto import load_and_calibrate
 
         if not calibration_images:
             raise click.UsageError("--theta auto needs --calibration-images DIR")
@@ -70,7 +74,7 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log
             click.echo(format_report(result.validation), err=True)
         if "quantization" in result.manifest:
-            from itae_export.optimize import format_int8_report
+            from itae_export.onnx.optimize import format_int8_report
 
             click.echo(format_int8_report(result.manifest["quantization"]["validation"]), err=True)
         click.echo(f"manifest: {result.path.with_suffix('.json')}", err=True)

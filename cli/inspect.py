@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from itae_export.cli._common import model_choice, report_errors
 
 EPILOG = """\b
@@ -51,7 +50,7 @@ def main(folder, model_name, weights, random_weights, source, theta, max_images,
          attention_images, attention_backend, batch_size, seed, quiet):
     """Histogram of the last block's projection norms over the images in FOLDER, with a suggested
     theta from the valley of the (bimodal) distribution; optionally the CLS attention maps."""
-    from itae_export.inspect import dumps, format_result, inspect_folder
+    from itae_export.calibrate.inspection import dumps, format_result, inspect_folder
 
     def log(msg: str) -> None:
         if not quiet:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from itae_export.cli._common import report_errors
 
 
@@ -17,8 +16,8 @@ from itae_export.cli._common import report_errors
 def main(onnx_path, weights, validate_images):
     """Compare ONNX_PATH in ONNX Runtime with the PyTorch ITAE model it came from; exit 1 on mismatch."""
     from itae_export.errors import ToleranceError
-    from itae_export.export import revalidate
-    from itae_export.validate import format_report
+    from itae_export.onnx.export import revalidate
+    from itae_export.onnx.validate import format_report
 
     report = revalidate(onnx_path, weights=weights, images_dir=validate_images)
     click.echo(format_report(report))

@@ -7,8 +7,8 @@ function that needs them is called.
 from itae_export.errors import (
     CheckpointError,
     DownloadError,
-    ITAEError,
     InputError,
+    ITAEError,
     ToleranceError,
     UnknownModelError,
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itae_export.errors import ITAEError, InputError
+from itae_export.errors import InputError, ITAEError
 
 # Lower-case suffixes; the scan compares case-insensitively.
 IMAGE_EXTENSIONS = frozenset(

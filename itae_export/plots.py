@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from itae_export.files import atomic_write_bytes
+
 if TYPE_CHECKING:
-    from itae_export.inspect import AttentionMaps, NormSample
+    from itae_export.calibrate.inspection import AttentionMaps, NormSample
 
 
 def _mpl():
@@ -30,7 +31,6 @@ def _mpl():
 
 def _save_fig(fig, path: Path, dpi: int) -> Path:
     """PNG through memory, then an atomic rename (never a half-written picture)."""
-    from itae_export.manifest import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

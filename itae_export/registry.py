@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from itae_export.errors import InputError, UnknownModelError
 
@@ -26,7 +26,7 @@ POS_RULES = ("none", "dinov2-offset", "bicubic", "bicubic-aa")
 
 @dataclass(frozen=True)
 class ArchConfig:
-    """Hyper-parameters of the one ViT implementation (itae_export.vit.VisionTransformer)."""
+    """Hyper-parameters of the one ViT implementation (itae_export.model.vit.VisionTransformer)."""
 
     patch_size: int
     embed_dim: int

@@ -1,24 +1,58 @@
-"""ONNX Runtime sessions for exported models: device choice, quiet CPU fallback, IOBinding on CUDA."""
+"""The one way to run an exported model: device choice (is CUDA really usable?), ONNX Runtime
+sessions with a quiet CPU fallback, IOBinding on CUDA."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from itae_export.errors import InputError
-from itae_export.manifest import INPUT_NAME, OUTPUT_EMBEDDING
+from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> tuple[bool, str]:
+    """(usable, reason). onnxruntime-gpu lists CUDAExecutionProvider even without a GPU or the
+    CUDA libraries, so the provider list alone proves nothing: look for a driver first, then
+    open a tiny session and check which provider it really got."""
+    if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
+        return False, "no NVIDIA driver or device on this machine"
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover
+        return False, f"onnxruntime is not importable ({e})"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this ONNX Runtime build has no CUDAExecutionProvider"
+    try:
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 8
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # the CUDA EP's load failure is expected here, not an error to show
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if "CUDAExecutionProvider" not in sess.get_providers():
+            return False, "the CUDA provider did not load (CUDA/cuDNN libraries missing?)"
+        return True, "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+        return False, f"a CUDA session could not be created ({type(e).__name__})"
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """(provider, why) for ``auto``, ``cuda`` or ``cpu``. ``cuda`` where CUDA is unusable is an InputError."""
-    from itae_export.runtime_probe import cuda_usable
-
     if device not in DEVICES:
         raise InputError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
     if device == "cpu":

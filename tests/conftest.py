@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 def pytest_collection_modifyitems(config, items):
     # CUDA tests skip cleanly where ONNX Runtime cannot run a CUDA session (CI never has a GPU).
-    from itae_export.runtime_probe import cuda_usable
+    from itae_export.runtime import cuda_usable
 
     usable, why = cuda_usable()
     if not usable:

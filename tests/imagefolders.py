@@ -147,10 +147,11 @@ def tiny_onnx(cache_dir: str | Path, name: str = "dinov2_vits14", resolution: in
     key = (name, resolution, seed, precision)
     if key in _MODEL_CACHE and _MODEL_CACHE[key].is_file():
         return _MODEL_CACHE[key]
-    from itae_export.export import export_onnx
+    from tiny import tiny_spec
+
+    from itae_export.model.vit import build_model, init_random_
+    from itae_export.onnx.export import export_onnx
     from itae_export.registry import ITAEOptions
-    from itae_export.testing import tiny_spec
-    from itae_export.vit import build_model, init_random_
 
     spec = tiny_spec(name)
     model = init_random_(build_model(spec), seed=seed)

@@ -13,11 +13,15 @@ import urllib.error
 import zipfile
 
 import pytest
-import torch
-
 import refimpl as R
-from itae_export import hub
-from itae_export.checkpoints import (
+import torch
+from tiny import tiny_spec
+
+from itae_export.errors import CheckpointError, DownloadError
+from itae_export.model.vit import VisionTransformer, build_model, init_random_
+from itae_export.registry import ITAEOptions, get_model_spec
+from itae_export.weights import hub
+from itae_export.weights.checkpoints import (
     check_architecture,
     convert_state_dict,
     default_pos_rule,
@@ -26,10 +30,6 @@ from itae_export.checkpoints import (
     read_checkpoint,
     sha256_file,
 )
-from itae_export.errors import CheckpointError, DownloadError
-from itae_export.registry import ITAEOptions, get_model_spec
-from itae_export.testing import tiny_spec
-from itae_export.vit import VisionTransformer, build_model, init_random_
 
 TOL = 1e-5
 X = R.images(2)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-import itae_export.checkpoints as checkpoints
-import itae_export.export as export_mod
-from itae_export.checkpoints import LoadedWeights
 from itae_export.cli import export as export_cli
 from itae_export.cli import validate as validate_cli
-from itae_export.testing import random_model, tiny_spec
+from tiny import random_model, tiny_spec
+
+import itae_export.onnx.export as export_mod
+import itae_export.weights.checkpoints as checkpoints
+from itae_export.weights.checkpoints import LoadedWeights
 
 
 def _invoke(cmd, args):
@@ -28,7 +28,7 @@ def tiny_weights(monkeypatch, tmp_path):
     torch.save(random_model(spec, seed=3).state_dict(), path)
 
     def fake_load_model(spec_or_name, itae=None, weights=None, pos_rule=None, download=True):
-        from itae_export.vit import build_model
+        from itae_export.model.vit import build_model
 
         m = build_model(spec, itae, pos_rule=pos_rule or spec.pos_rule)
         m.load_state_dict(torch.load(path, weights_only=True), strict=True)
@@ -80,7 +80,7 @@ def _noise_images(folder, n=6):
 def test_theta_auto_reads_the_checkpoint_once_and_exports_the_calibrated_theta(tiny_weights, tmp_path, monkeypatch):
     import json
 
-    import itae_export.theta as theta_mod
+    import itae_export.calibrate.theta as theta_mod
 
     loads, seen = [], []
     real_load = checkpoints.load_model
@@ -90,7 +90,7 @@ def test_theta_auto_reads_the_checkpoint_once_and_exports_the_calibrated_theta(t
         seen.append(np.asarray(norms).shape)
         return theta_mod.ThetaSuggestion(theta=1.25, confidence=0.9, method="test", bimodal=True)
 
-    monkeypatch.setattr(theta_mod, "suggest_theta", fake_suggest)
+    monkeypatch.setattr("itae_export.calibrate.auto.suggest_theta", fake_suggest)
     images = _noise_images(tmp_path / "calib")
     out = tmp_path / "m.onnx"
     res = _invoke(export_cli, ["--model", "vits14", "--weights", str(tiny_weights), "--theta", "auto",
@@ -105,9 +105,9 @@ def test_theta_auto_reads_the_checkpoint_once_and_exports_the_calibrated_theta(t
 
 
 def test_theta_auto_refuses_unimodal_norms(tiny_weights, tmp_path, monkeypatch):
-    import itae_export.theta as theta_mod
+    import itae_export.calibrate.theta as theta_mod
 
-    monkeypatch.setattr(theta_mod, "suggest_theta", lambda norms: theta_mod.ThetaSuggestion(
+    monkeypatch.setattr("itae_export.calibrate.auto.suggest_theta", lambda norms: theta_mod.ThetaSuggestion(
         theta=1.0, confidence=0.1, method="test", bimodal=False))
     images = _noise_images(tmp_path / "calib")
     out = tmp_path / "m.onnx"

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefolders as datasets
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from itae_export.cli.cluster import main as cluster_cli
 from PIL import Image
 
-import imagefolders as datasets
-from itae_export.cli.cluster import main as cluster_cli
-from itae_export.runtime_probe import cuda_usable
+from itae_export.runtime import cuda_usable
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_labels_need_class_folders(tiny_model, tmp_path):
 
 
 def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path, monkeypatch):
-    import itae_export.export as export_mod
+    import itae_export.onnx.export as export_mod
     from itae_export.registry import ITAEOptions, get_model_spec
 
     monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
@@ -207,7 +207,7 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_matches_cpu(fashion, precision, tmp_path_factory):
-    from itae_export.cluster import embed_folder
+    from itae_export.cluster.job import embed_folder
 
     model = datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56, precision=precision)
     root = fashion[0]

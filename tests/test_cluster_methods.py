@@ -3,15 +3,15 @@ over-clustering and k-NN scores, on real Fashion-MNIST images with a tiny export
 
 import json
 
+import imagefolders
 import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-
-import imagefolders
 from itae_export.cli.cluster import main as cluster_cli
+
 from itae_export.images import load_image
-from itae_export.manifest import read_manifest
+from itae_export.onnx.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

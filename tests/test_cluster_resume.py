@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 
+import imagefolders as datasets
 import numpy as np
 import pytest
 
-import imagefolders as datasets
-from itae_export.cluster import STORE_NAME, run_cluster_job
+from itae_export.cluster.job import STORE_NAME, run_cluster_job
 
 
 @pytest.fixture(scope="module")

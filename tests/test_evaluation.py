@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from itae_export.errors import InputError
-from itae_export.evaluation import (
+from itae_export.cluster.evaluation import (
     choose_k,
     knn_accuracy,
     knn_predict,
     neighbour_label_consistency,
     over_clustering_scores,
 )
+from itae_export.errors import InputError
 
 
 def unit(deg):

@@ -1,21 +1,20 @@
 """itae-export end to end: the graph, its functions, its manifest, its validation."""
 
 import json
-import os
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny import random_model, theta_for_varied_artifacts, tiny_spec
 
 from itae_export.errors import InputError, ToleranceError
-from itae_export.export import default_output_path, export_onnx
-from itae_export.manifest import METADATA_KEY, read_manifest
-from itae_export.onnx import ITAE_DOMAIN
+from itae_export.onnx.contract import ITAE_DOMAIN, METADATA_KEY
+from itae_export.onnx.export import default_output_path, export_onnx
+from itae_export.onnx.manifest import read_manifest
+from itae_export.onnx.validate import run_onnx, validation_inputs
 from itae_export.registry import ITAEOptions
-from itae_export.testing import random_model, theta_for_varied_artifacts, tiny_spec
-from itae_export.validate import run_onnx, validation_inputs
 
 
 def _session(path):
@@ -228,7 +227,7 @@ def test_validate_images_folder_adds_decodable_images(tmp_path):
 
 
 def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path, monkeypatch):
-    import itae_export.export as export_mod
+    import itae_export.onnx.export as export_mod
 
     spec = tiny_spec("dinov2_vits14")
     model = random_model(spec)

@@ -4,15 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import refimpl
-from itae_export.checkpoints import load_model
+from click.testing import CliRunner
 from itae_export.cli import export as export_cli
 from itae_export.cli import validate as validate_cli
-from itae_export.export import export_onnx
+from tiny import theta_for_varied_artifacts
+
+from itae_export.onnx.export import export_onnx
 from itae_export.registry import ITAEOptions, get_model_spec
-from itae_export.testing import theta_for_varied_artifacts
+from itae_export.weights.checkpoints import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_cli_exports_vits14_from_official_hub_checkpoint(tmp_path):
 
 
 def test_exports_vits14_reg_from_hub_layout(tmp_path):
-    from itae_export.testing import random_model
+    from tiny import random_model
 
     spec = get_model_spec("dinov2_vits14_reg")
     sd = random_model(spec, seed=6).state_dict()  # official names incl. register_tokens and mask_token

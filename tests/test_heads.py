@@ -7,8 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from itae_export.errors import InputError, ToleranceError  # noqa: E402
-from itae_export.heads import (  # noqa: E402
+from itae_export.cluster.heads import (  # noqa: E402
     ClusteringHead,
     beta_pmi,
     fit_head,
@@ -17,7 +16,8 @@ from itae_export.heads import (  # noqa: E402
     tsp_loss,
     tsp_neighbor_weights,
 )
-from itae_export.metrics import cluster_accuracy  # noqa: E402
+from itae_export.cluster.metrics import cluster_accuracy  # noqa: E402
+from itae_export.errors import InputError, ToleranceError  # noqa: E402
 
 
 def blobs(n_per=60, k=4, dim=12, spread=0.15, seed=0):
@@ -260,7 +260,7 @@ def _stand_in_encoder(path, dim=12):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """One TSP and one TEMI head, trained briefly on 12-d blobs, exported and appended."""
-    from itae_export.head_export import append_head, export_head
+    from itae_export.cluster.head_export import append_head, export_head
 
     tmp = tmp_path_factory.mktemp("heads")
     x, _ = blobs(dim=12)
@@ -277,7 +277,7 @@ def exported(tmp_path_factory):
 def test_head_onnx_matches_torch(exported, method):
     import onnxruntime as ort
 
-    from itae_export.head_export import check_head_onnx
+    from itae_export.cluster.head_export import check_head_onnx
 
     head, hpath, _, _ = exported[method]
     x, _ = blobs(dim=12, seed=5)
@@ -295,7 +295,7 @@ def test_append_head_composes_with_custom_domain_encoder(exported, method):
     import onnx
     import onnxruntime as ort
 
-    from itae_export.head_export import check_composed
+    from itae_export.cluster.head_export import check_composed
 
     head, _, full, enc = exported[method]
     model = onnx.load(str(full))
@@ -322,7 +322,7 @@ def test_append_head_composes_with_custom_domain_encoder(exported, method):
 def test_append_head_refuses_encoder_without_embedding_and_double_append(exported, tmp_path):
     import onnx
 
-    from itae_export.head_export import append_head
+    from itae_export.cluster.head_export import append_head
 
     _, hpath, full, enc = exported["tsp"]
     with pytest.raises(InputError, match="already has output"):
@@ -336,7 +336,7 @@ def test_append_head_refuses_encoder_without_embedding_and_double_append(exporte
 
 
 def test_check_composed_catches_a_different_head(exported):
-    from itae_export.head_export import check_composed
+    from itae_export.cluster.head_export import check_composed
 
     _, _, full, _ = exported["tsp"]
     other = exported["temi"][0]

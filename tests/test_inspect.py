@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import imagefolders as datasets
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-
-import imagefolders as datasets
 from itae_export.cli.inspect import main as inspect_cli
-from itae_export.testing import tiny_spec
+from PIL import Image
+from tiny import tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_cli_writes_histogram_and_json(textiles, tmp_path, monkeypatch):
     from itae_export.plots import HIST_SIZE
 
     # the CLI resolves registry names; swap in the tiny architecture of the same family
-    monkeypatch.setattr("itae_export.inspect.get_model_spec", lambda name: small_spec(name, 112))
+    monkeypatch.setattr("itae_export.calibrate.inspection.get_model_spec", lambda name: small_spec(name, 112))
     out = tmp_path / "out"
     res = CliRunner().invoke(inspect_cli, [str(textiles), "--model", "vits14_reg", "--random-weights",
                                            "--max-images", "6", "--theta", "1.7", "--out", str(out)],
@@ -67,7 +66,7 @@ def test_cli_writes_histogram_and_json(textiles, tmp_path, monkeypatch):
 
 def test_norms_are_the_last_block_projection_norms(textiles):
     """Independent: hook the last block's qkv, split q, k, v, norm over heads / sqrt(d)."""
-    from itae_export.inspect import compute_norms, load_inspect_model, pick_images
+    from itae_export.calibrate.inspection import compute_norms, load_inspect_model, pick_images
 
     spec = small_spec("dinov2_vits14_reg", 112)
     root, paths = pick_images(textiles, 4)
@@ -86,7 +85,7 @@ def test_norms_are_the_last_block_projection_norms(textiles):
 
 
 def test_attention_maps_from_exported_models_match_pytorch(textiles, tmp_path):
-    from itae_export.inspect import attention_maps, compute_norms, load_inspect_model, pick_images
+    from itae_export.calibrate.inspection import attention_maps, compute_norms, load_inspect_model, pick_images
     from itae_export.plots import ATT_PANEL, plot_attention
 
     spec = small_spec("dinov2_vits14", 56, depth=1)  # one block: the export is the slow part
@@ -115,8 +114,8 @@ def test_random_weights_and_weights_exclude_each_other(textiles, tmp_path):
 
 
 def test_artifact_mask_np_matches_the_torch_op():
-    from itae_export.inspect import artifact_mask_np
-    from itae_export.ops import artifact_mask as op
+    from itae_export.calibrate.inspection import artifact_mask_np
+    from itae_export.model.ops import artifact_mask as op
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(5, 30, 8)).astype(np.float32))

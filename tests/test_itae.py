@@ -17,13 +17,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import remove_itae, tiny_spec
 
-import itae_export.ops  # noqa: F401  (registers torch.ops.itae.*)
-from itae_export import ops
-from itae_export.itae import ITAEAttention, inject_itae, remove_itae
+import itae_export.model.ops  # noqa: F401  (registers torch.ops.itae.*)
+from itae_export.model import ops
+from itae_export.model.itae import ITAEAttention, inject_itae
+from itae_export.model.vit import build_model, init_random_
 from itae_export.registry import GROUPS, STRATEGIES, ITAEOptions
-from itae_export.testing import tiny_spec
-from itae_export.vit import build_model, init_random_
 
 INF = float("inf")
 GRID = 4  # patch grid side of the tiny test models (no position interpolation)

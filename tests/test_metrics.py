@@ -1,13 +1,13 @@
-"""itae_export.metrics against cases computed by hand."""
+"""itae_export.cluster.metrics against cases computed by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from itae_export.metrics import (
-    clustering_scores,
+from itae_export.cluster.metrics import (
     cluster_accuracy,
+    clustering_scores,
     contingency,
     l2_normalize,
     many_to_one_accuracy,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import random_model, theta_for_varied_artifacts, tiny_spec
 
-from itae_export.export import export_onnx
+from itae_export.onnx.export import export_onnx
+from itae_export.onnx.validate import run_onnx, validation_inputs
 from itae_export.registry import ITAEOptions
-from itae_export.testing import random_model, theta_for_varied_artifacts, tiny_spec
-from itae_export.validate import run_onnx, validation_inputs
 
 pytestmark = pytest.mark.node
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"

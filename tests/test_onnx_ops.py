@@ -9,8 +9,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import itae_export.ops  # noqa: F401
-from itae_export.onnx import ITAE_DOMAIN, ONNX_OPSET
+import itae_export.model.ops  # noqa: F401
+from itae_export.onnx.contract import ITAE_DOMAIN, ONNX_OPSET
 from itae_export.onnx.functions import function_protos
 
 

@@ -7,15 +7,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny import random_model, theta_for_varied_artifacts, tiny_spec
 
 from itae_export.errors import InputError, ToleranceError
-from itae_export.export import export_onnx
-from itae_export.manifest import manifest_path
-from itae_export.onnx import ITAE_DOMAIN
-from itae_export.optimize import fold_layerscale_, mask_source_matmuls
+from itae_export.onnx.contract import ITAE_DOMAIN
+from itae_export.onnx.export import export_onnx
+from itae_export.onnx.manifest import manifest_path
+from itae_export.onnx.optimize import fold_layerscale_, mask_source_matmuls
+from itae_export.onnx.validate import run_onnx, validation_inputs
 from itae_export.registry import ITAEOptions
-from itae_export.testing import random_model, theta_for_varied_artifacts, tiny_spec
-from itae_export.validate import run_onnx, validation_inputs
 
 RES = 56  # 4x4 patches: fast, and the int8 check still sees real images
 
@@ -47,7 +47,7 @@ def optimized(tiny, tmp_path_factory):
 
 def test_fold_layerscale_keeps_outputs(tiny):
     spec, model, opts = tiny
-    from itae_export.itae import inject_itae
+    from itae_export.model.itae import inject_itae
 
     ref = inject_itae(copy.deepcopy(model), opts).fix_resolution(RES)
     folded = copy.deepcopy(ref)
@@ -62,7 +62,7 @@ def test_fold_layerscale_keeps_outputs(tiny):
 
 def test_cls_only_equals_full_last_block(tiny):
     spec, model, _ = tiny
-    from itae_export.itae import inject_itae
+    from itae_export.model.itae import inject_itae
 
     x = torch.from_numpy(validation_inputs({"preprocessing": spec.preprocessing.to_dict()})[0])
     for opts in (ITAEOptions(theta=1.0), ITAEOptions(theta=1.0, rows="all", lsa=True, strategy="mean"),
@@ -93,7 +93,7 @@ def test_optimized_graph_keeps_itae_functions_and_validates(optimized):
 
 def test_optimized_cls_attention_matches_torch(tiny, optimized):
     spec, model, opts = tiny
-    from itae_export.itae import inject_itae
+    from itae_export.model.itae import inject_itae
 
     m = inject_itae(copy.deepcopy(model), opts).fix_resolution(RES)
     x, _ = validation_inputs(optimized.manifest)
@@ -106,7 +106,7 @@ def test_optimized_cls_attention_matches_torch(tiny, optimized):
 
 def test_int8_keeps_mask_source_fp32_and_reports(tiny, tmp_path, monkeypatch):
     spec, model, opts = tiny
-    monkeypatch.setattr("itae_export.optimize.INT8_MIN_ARI", 0.0)  # tiny random nets cluster unstably
+    monkeypatch.setattr("itae_export.onnx.optimize.INT8_MIN_ARI", 0.0)  # tiny random nets cluster unstably
     r = export_onnx(spec, opts, tmp_path / "q.onnx", model=copy.deepcopy(model), optimize=True, quantize="int8",
                     int8_images=60)
     q = r.manifest["quantization"]
@@ -125,7 +125,7 @@ def test_int8_keeps_mask_source_fp32_and_reports(tiny, tmp_path, monkeypatch):
 
 def test_int8_guard_fails_and_publishes_nothing(tiny, tmp_path, monkeypatch):
     spec, model, opts = tiny
-    monkeypatch.setattr("itae_export.optimize.INT8_MIN_ARI", 1.01)  # no ARI can pass
+    monkeypatch.setattr("itae_export.onnx.optimize.INT8_MIN_ARI", 1.01)  # no ARI can pass
     out = tmp_path / "q.onnx"
     with pytest.raises(ToleranceError, match="ARI") as e:
         export_onnx(spec, opts, out, model=copy.deepcopy(model), quantize="int8", int8_images=40)
@@ -150,7 +150,7 @@ def test_int8_weight_variants(optimized, tmp_path, kw, wtype):
     """The variants bench_int8.py compares: int8 weights (full or 7-bit range) or uint8 weights."""
     from onnx import numpy_helper
 
-    from itae_export.optimize import quantize_int8
+    from itae_export.onnx.optimize import quantize_int8
 
     src = tmp_path / "src.onnx"
     src.write_bytes(optimized.path.read_bytes())
@@ -183,7 +183,6 @@ def test_quantize_needs_fp32_and_validation(tiny, tmp_path):
 
 def test_cli_optimize_quantize_flags_in_help():
     from click.testing import CliRunner
-
     from itae_export.cli.export import main
 
     out = CliRunner().invoke(main, ["--help"]).output

@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
-
 import refimpl as R
-from itae_export.checkpoints import load_model
+import torch
+from tiny import tiny_spec
+
+from itae_export.model.vit import interpolate_pos_table
 from itae_export.registry import get_model_spec
-from itae_export.testing import tiny_spec
-from itae_export.vit import interpolate_pos_table
+from itae_export.weights.checkpoints import load_model
 
 TOL = 1e-5
 _deit = get_model_spec("deit3_base16")

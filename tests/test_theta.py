@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from itae_export.theta import suggest_theta
+from itae_export.calibrate.theta import suggest_theta
 
 
 def planted(seed=0, n_bulk=2000, n_art=50, bulk=(1.5, 0.2), art=(5.0, 0.5)):

@@ -13,7 +13,7 @@ import onnxscript
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-from itae_export.onnx import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
+from itae_export.onnx.contract import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
 
 itae = onnxscript.values.Opset(ITAE_DOMAIN, ITAE_DOMAIN_VERSION)
 
@@ -25,7 +25,7 @@ _INT64_MAX = np.array([np.iinfo(np.int64).max], dtype=np.int64)
 def ArtifactMask(X, theta: float, scale: float, group: int):
     """mask[b,t-1] for non-CLS token t from norm = ||X[b,t,:] * scale||_2 (float32) vs theta.
 
-    PyTorch: ``itae_export.ops.artifact_mask``. group 0 = minority of (<= theta, > theta),
+    PyTorch: ``itae_export.model.ops.artifact_mask``. group 0 = minority of (<= theta, > theta),
     ties to <= theta, no artifacts if a side is empty; 1 = below (<= theta); 2 = above.
     """
     axis1 = op.Constant(value_ints=[1])
@@ -53,7 +53,7 @@ def ArtifactMask(X, theta: float, scale: float, group: int):
 def AttenuateLogits(S, M, strategy: int, all_rows: int, lsa: int):
     """S'[b,h,i,k] for edited rows i and artifact columns k (M[b,k-1] true); other entries kept.
 
-    PyTorch: ``itae_export.ops.attenuate_logits``. Rows: 0 only, or all when all_rows=1.
+    PyTorch: ``itae_export.model.ops.attenuate_logits``. Rows: 0 only, or all when all_rows=1.
     lsa=1 sets the edited rows' diagonal to -inf first. strategy 0 = min over columns 1..T-1,
     1 = -inf, 2 = mean over columns 1..T-1.
     """
@@ -116,7 +116,6 @@ def translation_table() -> dict:
     """torch custom op -> a translation that emits one node of the ``itae`` domain."""
     import torch
 
-    import itae_export.ops  # noqa: F401  (registers torch.ops.itae.*)
 
     return {
         torch.ops.itae.artifact_mask.default: _translate_artifact_mask,

@@ -24,7 +24,6 @@ zero mask token so that ``strict=True`` still holds for every other name.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -36,13 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from itae_export import files
 from itae_export.errors import CheckpointError
+from itae_export.files import sha256_of_files
+from itae_export.model.vit import build_model
 from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec, list_models
+from itae_export.weights import hub
+from itae_export.weights.onnx_weights import hf_state_dict_from_onnx
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from itae_export.vit import VisionTransformer
+    from itae_export.model.vit import VisionTransformer
 
 FORMATS = ("dinov2-hub", "timm", "deit-official", "hf-dinov2", "hf-clip", "openai-clip", "open-clip")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".ckpt")
@@ -55,37 +59,11 @@ def _short_list(names, limit: int = _MAX_LISTED) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-@dataclass
-class LoadedWeights:
-    """Where the weights :func:`load_model` loaded came from (the tensors live in the model only)."""
-
-    format: str
-    pos_rule: str
-    source: str  # the file or directory, or the URL it was downloaded from
-    sha256: str
-    path: str = ""  # the local file or directory that was read
-
-    def info(self) -> dict:
-        """The manifest's ``weights`` entry."""
-        return {"source": str(self.source), "format": self.format, "sha256": self.sha256}
-
-
-# ------------------------------------------------------------------ reading files
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Streamed sha256 of a file; of a directory, sha256 over ``name\\0sha256\\n`` of its weight files, sorted."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file; of a directory, :func:`~itae_export.files.sha256_of_files` over its
+    weight files, sorted."""
     p = Path(path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(_weight_files_in_dir(p)):
-            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-        return h.hexdigest()
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of_files(sorted(_weight_files_in_dir(p))) if p.is_dir() else files.sha256_file(p)
 
 
 def _weight_files_in_dir(d: Path) -> list[Path]:
@@ -106,6 +84,24 @@ def _weight_files_in_dir(d: Path) -> list[Path]:
         f"{d}: no model.safetensors, shard index or pytorch_model.bin in this directory"
         + (f" (several candidates: {_short_list(f.name for f in found)})" if found else "")
     )
+
+
+@dataclass
+class LoadedWeights:
+    """Where the weights :func:`load_model` loaded came from (the tensors live in the model only)."""
+
+    format: str
+    pos_rule: str
+    source: str  # the file or directory, or the URL it was downloaded from
+    sha256: str
+    path: str = ""  # the local file or directory that was read
+
+    def info(self) -> dict:
+        """The manifest's ``weights`` entry."""
+        return {"source": str(self.source), "format": self.format, "sha256": self.sha256}
+
+
+# ------------------------------------------------------------------ reading files
 
 
 def _torch_load(path: Path) -> dict:
@@ -152,8 +148,6 @@ def _read_file(p: Path) -> tuple[dict, str | None]:
     """Raw tensors of one file, and a format when the container alone decides it."""
     suffix = p.suffix.lower()
     if suffix == ".onnx":
-        from itae_export.onnx_weights import hf_state_dict_from_onnx
-
         return hf_state_dict_from_onnx(p), None
     if suffix == ".safetensors":
         return _read_safetensors(p), None
@@ -640,8 +634,6 @@ def load_model(
     """
     import dataclasses
 
-    from itae_export import hub
-    from itae_export.vit import build_model
 
     spec = get_model_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     if weights is None:

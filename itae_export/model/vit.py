@@ -3,7 +3,7 @@
 Names follow the official DINOv2 code and timm (``blocks.N.attn.qkv``, ``ls1.gamma``,
 ``mlp.fc1`` / ``mlp.w12``, ``norm_pre``), so official DINOv2 and timm checkpoints load with
 ``strict=True`` and no remap; CLIP and Hugging Face checkpoints go through the pure key maps
-of :mod:`itae_export.checkpoints`.
+of :mod:`itae_export.weights.checkpoints`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, POS_RULES
+from itae_export.model.itae import inject_itae
+from itae_export.registry import POS_RULES, ArchConfig, ITAEOptions, ModelSpec
 
 
 class LayerScale(nn.Module):
@@ -246,7 +247,6 @@ def init_random_(model: VisionTransformer, seed: int = 0, layerscale: float = 1.
 
 def build_model(spec: ModelSpec, itae: ITAEOptions | None = None, pos_rule: str | None = None) -> VisionTransformer:
     """An uninitialised model of the spec's architecture, with ITAE injected into the last block."""
-    from itae_export.itae import inject_itae
 
     model = VisionTransformer(spec.arch, pos_rule=pos_rule or spec.pos_rule)
     if itae is not None:

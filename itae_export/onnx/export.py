@@ -16,22 +16,30 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from itae_export.errors import InputError, ToleranceError
-from itae_export.manifest import (
+from itae_export import __version__
+from itae_export.errors import CheckpointError, InputError, ToleranceError
+from itae_export.model.itae import inject_itae
+from itae_export.onnx.contract import (
+    EXTERNAL_DATA_THRESHOLD,
     INPUT_NAME,
+    ITAE_DOMAIN,
+    ITAE_DOMAIN_VERSION,
+    MANIFEST_SCHEMA,
+    MAX_BATCH,
     METADATA_KEY,
+    ONNX_OPSET,
     OUTPUT_CLS_ATTENTION,
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
-    MANIFEST_SCHEMA,
-    manifest_path,
-    write_manifest,
+    PRECISIONS,
+    external_data_name,
 )
-from itae_export.onnx import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
-from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
-
-PRECISIONS = ("fp32", "fp16")
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
+from itae_export.onnx.functions import attach_functions, translation_table
+from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
+from itae_export.onnx.optimize import fold_layerscale_, fuse_for_ort, quantize_int8, validate_int8
+from itae_export.onnx.validate import torch_reference, validate_model
+from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
+from itae_export.weights import checkpoints
 
 
 @dataclasses.dataclass
@@ -100,11 +108,10 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
     import onnx_ir
     import torch
 
-    from itae_export.onnx.functions import attach_functions, translation_table
 
     wrapper = _ExportWrapper.make(model, attention_output, half)
     example = torch.randn(2, 3, resolution, resolution)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     quiet_logger = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping ..."
     level = quiet_logger.level
     quiet_logger.setLevel(logging.ERROR)
@@ -124,7 +131,7 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
             )
     finally:
         quiet_logger.setLevel(level)
-    location = path.name + ".data" if external else None
+    location = external_data_name(path.name) if external else None
     onnx_ir.save(program.model, str(path), external_data=location, size_threshold_bytes=1024)
     proto = onnx.load(str(path), load_external_data=False)
     attach_functions(proto)
@@ -154,7 +161,7 @@ def _save(proto, path: Path, external: bool) -> str | None:
     import onnx
 
     if external:
-        location = path.name + ".data"
+        location = external_data_name(path.name)
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=1024)
         return location
@@ -172,7 +179,6 @@ def build_manifest(spec: ModelSpec, options: ITAEOptions, *, resolution: int, pr
     import onnxruntime
     import torch
 
-    from itae_export import __version__
 
     prep = spec.preprocessing.to_dict()
     prep["resolution"] = [resolution, resolution]
@@ -238,7 +244,7 @@ def export_onnx(
     ``model`` lets callers pass an already-built VisionTransformer (tests, tiny specs);
     otherwise the weights come from ``weights`` or the official source. Nothing is written
     at ``output`` unless validation passes (or ``validate=False``).
-    ``optimize``: LayerScale folded and ORT fusions (:mod:`itae_export.optimize`), validated before
+    ``optimize``: LayerScale folded and ORT fusions (:mod:`itae_export.onnx.optimize`), validated before
     and after the fusions. ``quantize="int8"``: dynamic int8 MatMuls, validated against the fp32
     graph (cosine, mask agreement, K-Means ARI on real images; needs ``validate``).
     """
@@ -262,15 +268,11 @@ def export_onnx(
         raise InputError(f"--output: {output} must end with .onnx")
 
     if model is None:
-        from itae_export.checkpoints import load_model
-
         log(f"loading weights for {spec.name} ...")
-        model, loaded = load_model(spec, options, weights=weights, pos_rule=pos_rule)
+        model, loaded = checkpoints.load_model(spec, options, weights=weights, pos_rule=pos_rule)
         weights_info = loaded.info()
         pos_rule = loaded.pos_rule
     else:
-        from itae_export.itae import inject_itae
-
         inject_itae(model, options)
         if pos_rule:
             model.pos_rule = pos_rule
@@ -288,8 +290,6 @@ def export_onnx(
 
         export_model = copy.deepcopy(model)
         if optimize:
-            from itae_export.optimize import fold_layerscale_
-
             folded = fold_layerscale_(export_model)
         if half:
             export_model = export_model.half()
@@ -310,8 +310,6 @@ def export_onnx(
         _set_metadata(proto, manifest)
         onnx.save_model(proto, str(tmp_path))
         if validate:
-            from itae_export.validate import torch_reference, validate_model
-
             steps = {}
             reference = torch_reference(model, manifest, validate_images)  # the same before and after fusing
             if optimize:
@@ -319,8 +317,6 @@ def export_onnx(
                 steps["exported"] = _validated(validate_model(tmp_path, model, manifest, images_dir=validate_images,
                                                               reference=reference, log=log))
         if optimize:
-            from itae_export.optimize import fuse_for_ort
-
             log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
             staged = _stage(tmpdir, tmp_path, location, "unfused")
             fusions = fuse_for_ort(staged, tmp_path, external=external)
@@ -336,8 +332,6 @@ def export_onnx(
         else:
             manifest["validation"] = {"skipped": True}
         if quantize:
-            from itae_export.optimize import quantize_int8, validate_int8
-
             log("quantizing the MatMuls to int8 ...")
             staged = _stage(tmpdir, tmp_path, location, "fp32")
             info = quantize_int8(staged, tmp_path, per_channel=quantize_per_channel)
@@ -403,7 +397,6 @@ def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path 
 
 def spec_from_manifest(manifest: dict) -> ModelSpec:
     """The registry entry a manifest was exported from, with the architecture it records."""
-    from itae_export.registry import ArchConfig, Preprocessing
 
     arch = ArchConfig(**manifest["arch"])
     prep = manifest["preprocessing"]
@@ -421,10 +414,6 @@ def spec_from_manifest(manifest: dict) -> ModelSpec:
 def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, images_dir=None,
                log: Callable[[str], None] = lambda m: None) -> dict:
     """itae-validate: rebuild the PyTorch model from the manifest and compare again."""
-    from itae_export.checkpoints import load_model
-    from itae_export.errors import CheckpointError
-    from itae_export.manifest import read_manifest
-    from itae_export.validate import validate_model
 
     manifest = read_manifest(onnx_path)
     if "quantization" in manifest:
@@ -440,7 +429,7 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
             f"{onnx_path}: the weights it was exported from ({recorded.get('source') or 'unknown'}) are not on this "
             "machine; pass --weights PATH"
         )
-    model, loaded = load_model(spec, options, weights=source, pos_rule=manifest.get("pos_rule"))
+    model, loaded = checkpoints.load_model(spec, options, weights=source, pos_rule=manifest.get("pos_rule"))
     if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
         raise CheckpointError(f"{source}: sha256 {loaded.sha256[:12]}… differs from the exported weights' "
                               f"{recorded['sha256'][:12]}…")

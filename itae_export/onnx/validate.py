@@ -9,8 +9,20 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.manifest import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
-from itae_export.onnx import FP16_MAX_MASK_MISMATCH, FP16_MIN_COSINE, FP16_REL_TOL, FP32_REL_TOL
+from itae_export.cluster.metrics import l2_normalize
+from itae_export.errors import InputError
+from itae_export.images import ImageDecodeError, PreprocessSpec, load_image, scan_images, to_rgb
+from itae_export.images import preprocess as _preprocess
+from itae_export.onnx.contract import (
+    FP16_MAX_MASK_MISMATCH,
+    FP16_MIN_COSINE,
+    FP16_REL_TOL,
+    FP32_REL_TOL,
+    INPUT_NAME,
+    OUTPUT_EMBEDDING,
+    OUTPUT_MASK,
+)
+
 
 @functools.lru_cache(maxsize=1)
 def sample_photos() -> tuple[tuple[str, "object"], ...]:
@@ -37,7 +49,6 @@ def sample_photos() -> tuple[tuple[str, "object"], ...]:
 
 def preprocess(img, prep: dict) -> np.ndarray:
     """PIL image -> float32 [3, H, W] per the manifest, with the same code as itae-cluster."""
-    from itae_export.images import PreprocessSpec, preprocess as _preprocess, to_rgb
 
     return _preprocess(to_rgb(img), PreprocessSpec.from_manifest(prep))
 
@@ -54,9 +65,6 @@ def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = Non
         xs.append(preprocess(img, prep))
         names.append(name)
     if images_dir is not None:
-        from itae_export.errors import InputError
-        from itae_export.images import ImageDecodeError, load_image, scan_images
-
         root = Path(images_dir)
         if not root.is_dir():
             raise InputError(f"--validate-images: {root} is not a folder")
@@ -73,7 +81,6 @@ def _kmeans_ari(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float | None:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from itae_export.metrics import l2_normalize
 
     n = len(a)
     k = min(4, n - 1)

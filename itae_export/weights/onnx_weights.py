@@ -11,7 +11,7 @@ Position embeddings: a traced ``Dinov2Model`` keeps its full table (37x37 for th
 models) in the graph and interpolates it in-graph on every run with a ``Resize`` whose size is
 ``(H/14, W/14)``: cubic, half_pixel, a=-0.75, no antialias, i.e. ``F.interpolate(size=...,
 mode="bicubic", align_corners=False)``, the ``bicubic`` rule of ``transformers`` (which
-:func:`itae_export.checkpoints.default_pos_rule` gives for ``hf-dinov2``). The table's CLS row and
+:func:`itae_export.weights.checkpoints.default_pos_rule` gives for ``hf-dinov2``). The table's CLS row and
 its grid are constant-folded into two anonymous initializers; they are found by following the
 graph (grid -> ... -> Resize -> ... -> Concat(cls_row, grid)) and joined back into
 ``embeddings.position_embeddings``. If a graph instead holds a table already folded to one size

@@ -24,8 +24,11 @@ from urllib.parse import quote
 
 import numpy as np
 
+from itae_export.cluster.metrics import l2_normalize
 from itae_export.errors import InputError
-from itae_export.manifest import atomic_write_bytes
+from itae_export.files import atomic_write_bytes
+from itae_export.images import to_rgb
+from itae_export.plots import plot_embedding_map
 
 REPORT_NAME = "report.html"
 MAP_NAME = "map.png"
@@ -59,7 +62,6 @@ def breakaway_points(embeddings: np.ndarray, labels) -> np.ndarray:
     """A1.5: points whose silhouette on the true labels is below 0 (cosine, L2-normalised embeddings)."""
     from sklearn.metrics import silhouette_samples
 
-    from itae_export.metrics import l2_normalize
 
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
@@ -72,7 +74,6 @@ def embedding_map(embeddings: np.ndarray, method: str = "auto", *, tsne_max_poin
     """2-D coordinates of the L2-normalised embeddings and a sentence saying how they were made."""
     from sklearn.decomposition import PCA
 
-    from itae_export.metrics import l2_normalize
 
     if method not in MAP_METHODS:
         raise InputError(f"map_method: {method!r} is not one of {', '.join(MAP_METHODS)}")
@@ -105,7 +106,6 @@ def _make_thumb(src: Path, dst: Path, size: int) -> bool:
 
     from PIL import Image, ImageOps
 
-    from itae_export.images import to_rgb
 
     try:
         with Image.open(src) as im:
@@ -166,7 +166,6 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
                  tsne_max_points: int = TSNE_MAX_POINTS, thumb_size: int = THUMB_SIZE, seed: int = 0,
                  workers: int = 4) -> Path:
     """Write ``report.html`` (with ``map.png`` and ``thumbs/``) into an itae-cluster output folder."""
-    from itae_export.plots import plot_embedding_map
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()

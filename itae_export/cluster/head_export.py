@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError, ToleranceError
-from itae_export.manifest import OUTPUT_EMBEDDING, atomic_write_bytes
+from itae_export.files import atomic_write_bytes
+from itae_export.onnx.contract import OUTPUT_EMBEDDING
 
 OUTPUT_PROBS = "cluster_probs"
 OUTPUT_CLUSTER = "cluster"

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from itae_export.cluster.heads import nearest_neighbors
+from itae_export.cluster.metrics import l2_normalize, many_to_one_accuracy
 from itae_export.errors import InputError
-from itae_export.metrics import l2_normalize, many_to_one_accuracy
 
 
 def knn_predict(train_emb, train_labels, test_emb, *, k: int = 10, temperature: float = 0.07,
@@ -55,7 +56,6 @@ def knn_accuracy(train_emb, train_labels, test_emb, test_labels, *, k: int = 10,
 
 def neighbour_label_consistency(embeddings, labels, ks=(1, 5, 10, 20, 50)) -> dict[int, float]:
     """{K: mean fraction of a point's K nearest neighbours (cosine, itself excluded) sharing its label}."""
-    from itae_export.heads import nearest_neighbors
 
     labels = np.asarray(labels)
     ks = sorted(int(k) for k in ks)
@@ -117,7 +117,6 @@ def _eigengap_curve(x: np.ndarray, ks: list[int], n_neighbors: int) -> dict[int,
     import scipy.sparse as sp
     from scipy.sparse.csgraph import laplacian
 
-    from itae_export.heads import nearest_neighbors
 
     n = len(x)
     dist, idx = nearest_neighbors(x, min(n_neighbors, n - 1))

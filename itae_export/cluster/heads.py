@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from itae_export.cluster.metrics import l2_normalize
 from itae_export.errors import InputError
 
 METHODS = ("tsp", "temi")
@@ -338,7 +339,6 @@ def _fit_tsp(x: np.ndarray, k: int, *, seed, device, progress, n_neighbors, sigm
              lr, batch_size, epochs, init, kmeans_n_init):
     import torch
 
-    from itae_export.metrics import l2_normalize
 
     xn = l2_normalize(x).astype(np.float32)
     dist, idx = nearest_neighbors(xn, n_neighbors)
@@ -393,7 +393,6 @@ def _fit_temi(x: np.ndarray, k: int, *, seed, device, progress, n_heads, n_neigh
 
     import torch
 
-    from itae_export.metrics import l2_normalize
 
     if not 0.5 < beta <= 1.0:
         raise InputError(f"TEMI beta must be in (0.5, 1], got {beta}")

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Callable
 
+from itae_export.calibrate.inspection import InspectModel, compute_norms, pick_images
+from itae_export.calibrate.theta import suggest_theta
 from itae_export.errors import InputError
+from itae_export.model.itae import inject_itae
 from itae_export.registry import ITAEOptions, ModelSpec
+from itae_export.weights import checkpoints
 
 
 def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = None, max_images: int = 64,
                     log: Callable[[str], None] = lambda m: None) -> float:
-    """The suggested theta of :func:`itae_export.theta.suggest_theta` over up to ``max_images`` images.
+    """The suggested theta of :func:`itae_export.calibrate.theta.suggest_theta` over up to ``max_images`` images.
 
     ``model``: the loaded VisionTransformer; ITAE is (re-)injected into it for ``source``.
     Refuses (InputError) when the norms show no bimodality: a threshold picked from one mode
     would flag arbitrary tokens.
     """
-    from itae_export.inspect import InspectModel, compute_norms, pick_images
-    from itae_export.itae import inject_itae
-    from itae_export.theta import suggest_theta
 
     src = source or "query"
     options = ITAEOptions.for_model(spec, source=src)
@@ -37,11 +38,10 @@ def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = 
 
 def load_and_calibrate(spec: ModelSpec, images_dir, *, weights: str | None = None, pos_rule: str | None = None,
                        source: str | None = None, log: Callable[[str], None] = lambda m: None) -> tuple[float, dict]:
-    """(theta, keyword arguments for :func:`itae_export.export.export_onnx`): the checkpoint is read
+    """(theta, keyword arguments for :func:`itae_export.onnx.export.export_onnx`): the checkpoint is read
     once, for the calibration and for the export that follows."""
-    from itae_export.checkpoints import load_model
 
     log(f"loading weights for {spec.name} ...")
-    model, loaded = load_model(spec, None, weights=weights, pos_rule=pos_rule)
+    model, loaded = checkpoints.load_model(spec, None, weights=weights, pos_rule=pos_rule)
     theta = calibrate_theta(spec, images_dir, model, source=source, log=log)
     return theta, {"model": model, "weights_info": loaded.info()}

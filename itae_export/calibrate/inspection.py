@@ -21,9 +21,16 @@ from typing import Callable
 
 import numpy as np
 
+from itae_export.calibrate.theta import suggest_theta
 from itae_export.errors import InputError
-from itae_export.manifest import atomic_write_json
+from itae_export.files import atomic_write_json
+from itae_export.images import ImageDecodeError, decode_image, load_image, scan_images
+from itae_export.model.itae import inject_itae
+from itae_export.model.vit import build_model, init_random_
+from itae_export.onnx.export import export_onnx
+from itae_export.plots import plot_attention, plot_norm_histogram
 from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
+from itae_export.weights import checkpoints
 
 HIST_NAME = "norms_hist.png"
 ATTENTION_NAME = "attention.png"
@@ -90,7 +97,7 @@ def load_inspect_model(model: str | ModelSpec, *, weights: str | None = None, ra
     """The PyTorch model with ITAE enabled (so that its forward returns the norms).
 
     ``random_weights`` builds the architecture with random weights: for demos and tests only,
-    and only when asked for explicitly; otherwise :func:`itae_export.checkpoints.load_model` loads
+    and only when asked for explicitly; otherwise :func:`itae_export.weights.checkpoints.load_model` loads
     ``weights`` (or the official checkpoint).
     """
     spec = get_model_spec(model) if isinstance(model, str) else model
@@ -100,21 +107,17 @@ def load_inspect_model(model: str | ModelSpec, *, weights: str | None = None, ra
     if random_weights:
         if weights is not None:
             raise InputError("--random-weights and --weights exclude each other")
-        from itae_export.vit import build_model, init_random_
 
         m = init_random_(build_model(spec, options), seed=seed)
         desc = f"random weights (seed {seed})"
     else:
-        from itae_export.checkpoints import load_model
-
-        m, loaded = load_model(spec, options, weights=weights)
+        m, loaded = checkpoints.load_model(spec, options, weights=weights)
         desc = f"{loaded.source} ({loaded.format})"
     return InspectModel(m.eval(), spec, options, desc)
 
 
 def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path, list[Path]]:
     """Every image under ``folder``, or ``max_images`` of them evenly spaced over the sorted scan."""
-    from itae_export.images import scan_images
 
     root = Path(folder)
     paths = scan_images(root)
@@ -130,8 +133,6 @@ def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path
 
 
 def _load_batch(paths: list[Path], root: Path, preprocessing: dict):
-    from itae_export.images import ImageDecodeError, load_image
-
     ok, arrays, skipped = [], [], []
     for p in paths:
         rel = p.resolve().relative_to(root).as_posix()
@@ -197,7 +198,6 @@ def run_attention_onnx(onnx_path: str | os.PathLike, x: np.ndarray) -> tuple[np.
 def export_attention_pair(im: InspectModel, out_dir: str | os.PathLike, *, validate: bool = True,
                           log: Callable[[str], None] = lambda m: None) -> tuple[Path, Path]:
     """Export the unpatched and the ITAE model, both with the cls_attention output: (original, itae) paths."""
-    from itae_export.export import export_onnx
 
     out_dir = Path(out_dir)
     paths = []
@@ -213,7 +213,6 @@ def export_attention_pair(im: InspectModel, out_dir: str | os.PathLike, *, valid
 def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
 
-    from itae_export.itae import inject_itae
 
     model = copy.deepcopy(im.model)
     with torch.no_grad():
@@ -234,7 +233,6 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
     """
     from PIL import Image
 
-    from itae_export.images import decode_image
 
     if backend not in ATTENTION_BACKENDS:
         raise InputError(f"--attention-backend: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
@@ -276,8 +274,6 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
     Writes ``norms_hist.png``, ``inspect.json`` and, with ``attention``, ``attention.png`` into
     ``out_dir`` (default ``<folder>_inspect/``); returns the JSON dictionary.
     """
-    from itae_export.plots import plot_attention, plot_norm_histogram
-    from itae_export.theta import suggest_theta
 
     root, paths = pick_images(folder, max_images)
     out = Path(out_dir) if out_dir is not None else root.with_name(root.name + "_inspect")

@@ -8,46 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from itae_export.errors import InputError
-
-INPUT_NAME = "pixel_values"
-OUTPUT_EMBEDDING = "embedding"
-OUTPUT_MASK = "artifact_mask"
-OUTPUT_CLS_ATTENTION = "cls_attention"
-METADATA_KEY = "itae.manifest"
-MANIFEST_SCHEMA = 1
+from itae_export.files import atomic_write_json
+from itae_export.onnx.contract import MANIFEST_SUFFIX, METADATA_KEY
 
 
 def manifest_path(onnx_path: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.json``."""
     p = Path(onnx_path)
-    return p.with_suffix(".json")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    return p.with_suffix(MANIFEST_SUFFIX)
 
 
 def write_manifest(onnx_path: str | os.PathLike, manifest: dict) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from itae_export import ops
+from itae_export.model import ops
 from itae_export.registry import ITAEOptions
 
 
@@ -75,16 +75,4 @@ def inject_itae(model: nn.Module, options: ITAEOptions) -> nn.Module:
     return model
 
 
-def remove_itae(model: nn.Module) -> nn.Module:
-    """Put a plain attention back into the last block (same weights)."""
-    from itae_export.vit import Attention
-
-    last = model.blocks[-1]
-    if isinstance(last.attn, ITAEAttention):
-        plain = Attention(last.attn.qkv.in_features, last.attn.num_heads)
-        plain.qkv, plain.proj = last.attn.qkv, last.attn.proj  # the same modules, not copies
-        last.attn = plain
-    return model
-
-
-__all__ = ["ITAEAttention", "inject_itae", "remove_itae", "ops"]
+__all__ = ["ITAEAttention", "inject_itae", "ops"]

@@ -26,8 +26,13 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.onnx import INT8_MIN_ARI, ITAE_DOMAIN
-
+from itae_export import fashion_mnist
+from itae_export.cluster.metrics import l2_normalize
+from itae_export.errors import InputError
+from itae_export.images import ImageDecodeError, load_image, scan_images
+from itae_export.model.vit import LayerScale
+from itae_export.onnx.contract import INT8_MIN_ARI, ITAE_DOMAIN, OUTPUT_EMBEDDING, OUTPUT_MASK
+from itae_export.onnx.validate import preprocess, run_onnx, validation_inputs
 
 # ---------------------------------------------------------------- PyTorch side
 
@@ -40,7 +45,6 @@ def fold_layerscale_(model) -> int:
     import torch
     from torch import nn
 
-    from itae_export.vit import LayerScale
 
     folded = 0
     with torch.no_grad():
@@ -167,9 +171,6 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
     """
     from PIL import Image
 
-    from itae_export.errors import InputError
-    from itae_export.images import ImageDecodeError, load_image, scan_images
-    from itae_export.validate import preprocess
 
     prep = manifest["preprocessing"]
     if images_dir is not None:
@@ -188,7 +189,6 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
             raise InputError(f"--validate-images: {root} has {len(xs)} readable images; the int8 check needs "
                              f"at least {2 * k}")
         return np.stack(xs), k, f"{len(xs)} images of {root}"
-    from itae_export import fashion_mnist
 
     if not fashion_mnist.available():
         raise InputError("--quantize int8 checks the clustering on real images: pass --validate-images DIR "
@@ -220,9 +220,6 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
                   min_ari: float | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
     """Compare the int8 graph with the (already validated) fp32 graph; the report's ``passed``
     is False when the K-Means assignments of real images agree with ARI < ``min_ari``."""
-    from itae_export.manifest import OUTPUT_EMBEDDING, OUTPUT_MASK
-    from itae_export.metrics import l2_normalize
-    from itae_export.validate import run_onnx, validation_inputs
 
     min_ari = INT8_MIN_ARI if min_ari is None else min_ari
     x_val, _ = validation_inputs(manifest, None)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from itae_export.errors import DownloadError
+from itae_export.files import sha256_file
 from itae_export.registry import ModelSpec
 
 
@@ -48,8 +49,6 @@ def _expected_sha256(url: str) -> str | None:
 
 def fetch_official(spec: ModelSpec, download: bool = True) -> tuple[Path, str]:
     """The local path of the official weights of ``spec`` (downloading them if allowed), and the URL."""
-    from itae_export.checkpoints import sha256_file
-
     url = spec.url
     if not url:
         raise DownloadError(f"{spec.name} has no official weights URL; pass --weights PATH")

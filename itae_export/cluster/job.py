@@ -18,9 +18,16 @@ from typing import Callable
 
 import numpy as np
 
+from itae_export.cluster.evaluation import choose_k, knn_accuracy, neighbour_label_consistency, over_clustering_scores
+from itae_export.cluster.head_export import append_head, check_composed, export_head
+from itae_export.cluster.heads import fit_head
+from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
+from itae_export.cluster.store import EmbeddingStore, file_key, model_fingerprint
 from itae_export.errors import InputError
+from itae_export.files import atomic_write_bytes, atomic_write_json
 from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, load_image, preprocess, scan_images
-from itae_export.manifest import atomic_write_bytes, atomic_write_json, read_manifest
+from itae_export.onnx.manifest import read_manifest
+from itae_export.runtime import Embedder, open_session, resolve_device
 
 STORE_NAME = "cache/embeddings.sqlite"
 POOLS = ("thread", "process")
@@ -106,10 +113,8 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     size and mtime are reused; new rows are committed to it one batch at a time, so an
     interrupted run loses at most one batch. Bad images are skipped with a reason, never fatal.
     ``session`` is an optional ``(session, provider)`` from :func:`itae_export.runtime.open_session`;
-    ``model_id`` the model's :func:`~itae_export.embed_store.model_fingerprint` when already known.
+    ``model_id`` the model's :func:`~itae_export.cluster.store.model_fingerprint` when already known.
     """
-    from itae_export.embed_store import EmbeddingStore, file_key, model_fingerprint
-    from itae_export.runtime import Embedder, open_session
 
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size: {batch_size} must be >= 1")
@@ -247,7 +252,6 @@ def kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, n_init: int 
     """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia)."""
     from sklearn.cluster import KMeans
 
-    from itae_export.metrics import l2_normalize
 
     x = l2_normalize(embeddings)
     with _kmeans_threads(len(x)):
@@ -302,8 +306,6 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
 
     ``k="auto"`` picks k in 2..k_max by ``k_criterion``; ``method`` is kmeans, tsp or temi (a head
     trained on the embeddings, exported with ``head_out``). Returns the summary dictionary."""
-    from itae_export.embed_store import EmbeddingStore
-    from itae_export.runtime import open_session, resolve_device
 
     log = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -355,8 +357,6 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         raise InputError(f"{folder}: none of the {res.n_found} images could be decoded (see {out_dir / 'skipped.csv'})")
     k_auto = None
     if k == "auto":
-        from itae_export.evaluation import choose_k
-
         top = min(k_max, n - 1)
         check_k(top, n - 1, "images that could be decoded, minus one")
         with _kmeans_threads(n):
@@ -371,8 +371,6 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     if method == "kmeans":
         assign, dist, inertia = kmeans_assign(res.embeddings, k, seed=seed, n_init=n_init)
     else:
-        from itae_export.heads import fit_head
-
         head_result = fit_head(res.embeddings, k, method, seed=seed, progress=progress, **(head_params or {}))
         assign = np.asarray(head_result.labels_)
         dist, inertia = centroid_distances(res.embeddings, assign)
@@ -404,8 +402,6 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     header = ["path", "cluster", "distance"]
     cols = [res.paths, assign.tolist(), [f"{d:.6f}" for d in dist]]
     if use_labels:
-        from itae_export.metrics import clustering_scores, many_to_one_accuracy
-
         y = labels_from_dirs(res.paths)
         scores = clustering_scores(y, assign)
         scores["many_to_one_acc"] = many_to_one_accuracy(y, assign)
@@ -416,8 +412,6 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         header.append("label")
         cols.append(y)
         if protocol == "paper":
-            from itae_export.metrics import paper_protocol
-
             bar = _progress_bar(protocol_sets * protocol_runs, progress, "paper protocol")
             try:
                 with _kmeans_threads(n):
@@ -451,7 +445,6 @@ CLUSTER_METHODS = ("kmeans", "tsp", "temi")
 
 def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, float]:
     """Distance of each L2-normalised embedding to the mean of its cluster, and their squared sum."""
-    from itae_export.metrics import l2_normalize
 
     x = l2_normalize(embeddings)
     centroids = np.zeros((assign.max() + 1, x.shape[1]))
@@ -464,7 +457,6 @@ def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.n
 def _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_dir, batch_size, workers, pool, device,
                       progress, session, log) -> None:
     """Scores beyond ACC/NMI/ARI: over-clustering, neighbour label consistency, k-NN accuracy."""
-    from itae_export.evaluation import knn_accuracy, neighbour_label_consistency, over_clustering_scores
 
     if k > summary["labels"]["n_classes"]:  # Hungarian ACC cannot score over-clustering
         summary["metrics"]["over_clustering"] = over_clustering_scores(y, assign)
@@ -474,8 +466,6 @@ def _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_
         summary["neighbour_label_consistency"] = {str(kk): v for kk, v in
                                                   neighbour_label_consistency(res.embeddings, y, ks).items()}
     if knn_reference is not None:
-        from itae_export.embed_store import EmbeddingStore
-
         ref_root = Path(knn_reference).resolve()
         with EmbeddingStore(out_dir / "cache" / "reference.sqlite") as store:
             ref = embed_folder(ref_root, onnx_path, store=store, batch_size=batch_size, workers=workers, pool=pool,
@@ -490,7 +480,6 @@ def _label_evaluation(summary, res, y, assign, k, knn_reference, onnx_path, out_
 
 def _export_head(head_result, res, root: Path, onnx_path, head_out: Path, manifest: dict, log) -> dict:
     """The trained head as ONNX, and the encoder with the head appended, checked on real images."""
-    from itae_export.head_export import append_head, check_composed, export_head
 
     if head_out.suffix != ".onnx":
         raise InputError(f"--head-out: {head_out} must end with .onnx")

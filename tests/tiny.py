@@ -1,4 +1,5 @@
-"""Tiny architectures of each family, for tests and examples (width 64, depth 2)."""
+"""Test helpers: tiny architectures of each family (width 64, depth 2), random models, and a plain
+attention put back into the last block."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def tiny_spec(name: str = "dinov2_vits14", *, embed_dim: int = 64, depth: int = 
 
 def random_model(spec: ModelSpec, seed: int = 0, layerscale: float = 1.0):
     """A model of ``spec``'s architecture with random weights (no ITAE injected yet)."""
-    from itae_export.vit import build_model, init_random_
+    from itae_export.model.vit import build_model, init_random_
 
     return init_random_(build_model(spec, None), seed=seed, layerscale=layerscale)
 
@@ -43,9 +44,9 @@ def theta_for_varied_artifacts(model, spec: ModelSpec, quantile: float = 0.8, so
     import numpy as np
     import torch
 
-    from itae_export.itae import inject_itae
+    from itae_export.model.itae import inject_itae
+    from itae_export.onnx.validate import validation_inputs
     from itae_export.registry import ITAEOptions
-    from itae_export.validate import validation_inputs
 
     probe = inject_itae(copy.deepcopy(model), ITAEOptions(theta=0.0, source=source))
     probe.fix_resolution(spec.preprocessing.resolution)
@@ -53,3 +54,16 @@ def theta_for_varied_artifacts(model, spec: ModelSpec, quantile: float = 0.8, so
     with torch.no_grad():
         norms = probe.forward_features(torch.from_numpy(x))["norms"].numpy()
     return float(np.quantile(norms, quantile))
+
+
+def remove_itae(model):
+    """Put a plain attention back into the last block (same weights)."""
+    from itae_export.model.itae import ITAEAttention
+    from itae_export.model.vit import Attention
+
+    last = model.blocks[-1]
+    if isinstance(last.attn, ITAEAttention):
+        plain = Attention(last.attn.qkv.in_features, last.attn.num_heads)
+        plain.qkv, plain.proj = last.attn.qkv, last.attn.proj  # the same modules, not copies
+        last.attn = plain
+    return model

@@ -11,7 +11,6 @@ never reuses another model's rows.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from pathlib import Path
@@ -19,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError
+from itae_export.files import sha256_of_files
+from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
+from itae_export.onnx.manifest import manifest_path
 
 SCHEMA = 1
 
@@ -37,11 +39,11 @@ def model_fingerprint(onnx_path: str | os.PathLike, cache: "EmbeddingStore | Non
     """
     onnx_path = Path(onnx_path).resolve()
     parts = [onnx_path]
-    for suffix in (".onnx.data", ".onnx_data", ".data"):
+    for suffix in (".onnx" + EXTERNAL_DATA_SUFFIX, ".onnx_data", EXTERNAL_DATA_SUFFIX):
         p = onnx_path.with_name(onnx_path.stem + suffix)
         if p.is_file() and p != onnx_path:
             parts.append(p)
-    side = onnx_path.with_suffix(".json")
+    side = manifest_path(onnx_path)
     if side.is_file():
         parts.append(side)
     stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
@@ -49,13 +51,7 @@ def model_fingerprint(onnx_path: str | os.PathLike, cache: "EmbeddingStore | Non
         hit = cache.get_meta("fingerprint:" + stamp)
         if hit:
             return hit
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    digest = "sha256:" + h.hexdigest()
+    digest = "sha256:" + sha256_of_files(parts)
     if cache is not None:
         cache.set_meta("fingerprint:" + stamp, digest)
     return digest
