@@ -7,8 +7,9 @@ import sys
 
 import click
 
-from itae_export.errors import ITAEError
-from itae_export.registry import GROUPS, POS_RULES, ROWS, SOURCES, STRATEGIES, list_models
+from itae_export.errors import InputError, ITAEError
+from itae_export.onnx.contract import PRECISIONS
+from itae_export.registry import GROUPS, POS_RULES, ROWS, SOURCES, STRATEGIES, list_models, parse_theta
 
 
 def model_choice() -> click.Choice:
@@ -18,7 +19,7 @@ def model_choice() -> click.Choice:
 def itae_flags(f):
     """--theta --source --group --strategy --rows --lsa --no-itae (defaults: the spec's, per model)."""
     decorators = [
-        click.option("--theta", type=str, default=None,
+        click.option("--theta", type=str, default=None, callback=theta_param,
                      help="Norm threshold (default: the model's, from the paper). 'auto' picks it from "
                           "--calibration-images."),
         click.option("--source", type=click.Choice(SOURCES), default=None, help="Projection whose norms find artifacts [query]."),
@@ -41,30 +42,19 @@ def weight_flags(f):
         click.option("--pos-rule", type=click.Choice(POS_RULES), default=None,
                      help="Override the position-embedding interpolation rule (default: follows the weights' source)."),
         click.option("--resolution", type=int, default=None, help="Input height and width, a multiple of the patch size [224]."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
     ]
     for d in reversed(decorators):
         f = d(f)
     return f
 
 
-def parse_theta(value: str | None) -> float | str | None:
-    if value is None or value == "auto":
-        return value
+def theta_param(ctx, param, value):
+    """Click callback: the registry's one check of theta; a bad value is a usage error (exit 2)."""
     try:
-        theta = float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a number or 'auto'", param_hint="--theta") from None
-    if not (theta >= 0 and theta != float("inf")):
-        raise click.BadParameter(f"{value!r} must be a finite number >= 0", param_hint="--theta")
-    return theta
-
-
-def build_options(spec, theta, source, group, strategy, rows, lsa, no_itae):
-    from itae_export.registry import ITAEOptions
-
-    return ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
-                                 lsa=lsa, enabled=not no_itae)
+        return parse_theta(value, allow_auto=True)
+    except InputError as e:
+        raise click.BadParameter(str(e).removeprefix("--theta: ")) from None
 
 
 def report_errors(f):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import click
-from itae_export.cli._common import build_options, itae_flags, model_choice, parse_theta, weight_flags
+from itae_export.cli._common import itae_flags, model_choice, weight_flags
 
 from itae_export.errors import ITAEError
 
@@ -20,29 +20,6 @@ Outputs in --out (default <folder>_itae/): assignments.csv, embeddings.npy, summ
 skipped.csv, and cache/embeddings.sqlite, the resumable embedding store: re-running after an
 interruption embeds only the images that are missing or changed.
 """
-
-
-def _resolve_model(model, folder, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
-                   resolution, precision, log):
-    """The exported model for --model and the ITAE flags, exported first if it is not there yet."""
-    from itae_export.onnx.export import default_output_path, export_onnx
-    from itae_export.registry import get_model_spec
-
-    spec = get_model_spec(model)
-    theta = parse_theta(theta)
-    loaded = {}  # with --theta auto: the model loaded for the calibration, reused by an export
-    if theta == "auto":
-        from itae_export.calibrate.auto import load_and_calibrate  # calibrated on the folder being clustered
-
-        theta, loaded = load_and_calibrate(spec, folder, weights=weights, pos_rule=pos_rule, source=source, log=log)
-    options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
-    path = default_output_path(spec, options, resolution, precision)
-    if path.is_file():
-        log(f"Using {path}")
-        return path
-    log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
-    return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
-                       precision=precision, log=log, **loaded).path
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -101,7 +78,11 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
          quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
     with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
+    from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
     from itae_export.cluster.job import format_summary, run_cluster_job
+    from itae_export.cluster.report import write_report
+    from itae_export.onnx.export import ensure_export
+    from itae_export.registry import get_model_spec
 
     def log(msg: str) -> None:
         if not quiet:
@@ -124,8 +105,13 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             raise click.UsageError(f"{', '.join(used)}: only with --model; an --onnx model carries its own options")
     try:
         if model_name is not None:
-            onnx_path = _resolve_model(model_name, folder, theta, source, group, strategy, rows, lsa, no_itae,
-                                       weights, pos_rule, resolution, precision, log)
+            spec = get_model_spec(model_name)
+            # --theta auto calibrates on the folder being clustered
+            options, preloaded = resolve_options(spec, theta=theta, source=source, group=group, strategy=strategy,
+                                                 rows=rows, lsa=lsa, enabled=not no_itae, calibration_images=folder,
+                                                 weights=weights, pos_rule=pos_rule, log=log)
+            onnx_path = ensure_export(spec, options, resolution=resolution, precision=precision, weights=weights,
+                                      pos_rule=pos_rule, preloaded=preloaded, log=log)
         summary = run_cluster_job(
             folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, batch_size=batch_size, workers=workers,
             pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
@@ -135,11 +121,6 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             log=log,
         )
         if report:
-            try:
-                from itae_export.cluster.report import write_report  # imported only when asked for
-            except ImportError as e:
-                raise click.ClickException(f"--report: the report module is not available ({e}); "
-                                           "the other outputs are written") from None
             log(f"Report: {write_report(summary['out_dir'])}")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import click
-from itae_export.cli._common import (
-    build_options,
-    itae_flags,
-    model_choice,
-    parse_theta,
-    report_errors,
-    weight_flags,
-)
+from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -48,25 +41,20 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
       itae-export --model vits14 --weights vit_s_focus.onnx --output exported/focus.onnx
       itae-export --model vitb14 --optimize --quantize int8 --validate-images photos/
     """
+    from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
     from itae_export.onnx.export import export_onnx
+    from itae_export.onnx.optimize import format_int8_report
     from itae_export.onnx.validate import format_report
     from itae_export.registry import get_model_spec
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if theta == "auto" and not calibration_images:
+        raise click.UsageError("--theta auto needs --calibration-images DIR")
     spec = get_model_spec(model_name)
-    theta = parse_theta(theta)
-    loaded = {}  # with --theta auto: the model loaded for the calibration, reused by the export
-    if theta == "auto":
-        from itae_export.calibrate.auto import load_and_calibrate
-
-        if not calibration_images:
-            raise click.UsageError("--theta auto needs --calibration-images DIR")
-        theta, loaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
-                                           source=source, log=log)
-    if theta is None and spec.theta_note and not no_itae:
-        click.echo(f"warning: {spec.name}: {spec.theta_note}", err=True)
-    options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
-    result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **loaded,
+    options, preloaded = resolve_options(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
+                                         lsa=lsa, enabled=not no_itae, calibration_images=calibration_images,
+                                         weights=weights, pos_rule=pos_rule, log=log)
+    result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **preloaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,
                          optimize=optimize, quantize=quantize, log=log)
@@ -74,8 +62,6 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log
             click.echo(format_report(result.validation), err=True)
         if "quantization" in result.manifest:
-            from itae_export.onnx.optimize import format_int8_report
-
             click.echo(format_int8_report(result.manifest["quantization"]["validation"]), err=True)
         click.echo(f"manifest: {result.path.with_suffix('.json')}", err=True)
         if result.inline_path:

@@ -259,9 +259,28 @@ def get_model_spec(name: str) -> ModelSpec:
 # ---------------------------------------------------------------- ITAE options
 
 SOURCES = ("query", "key", "value", "output")
-GROUPS = ("minority", "below", "above")
-STRATEGIES = ("min", "neg-inf", "mean")
 ROWS = ("cls", "all")
+# The one table of the options that become integer attributes of the itae ops (docs/onnx-ops.md):
+# the PyTorch ops (model/ops.py) and the ONNX functions (onnx/functions.py) read their codes here.
+GROUP_CODES = {"minority": 0, "below": 1, "above": 2}
+STRATEGY_CODES = {"min": 0, "neg-inf": 1, "mean": 2}
+GROUPS = tuple(GROUP_CODES)
+STRATEGIES = tuple(STRATEGY_CODES)
+
+
+def parse_theta(value, *, allow_auto: bool = False) -> float | str | None:
+    """The one check of theta: a finite number >= 0 (from a float or a string), ``None``, or, where
+    allowed, ``"auto"``. Anything else is an InputError naming --theta."""
+    if value is None or (allow_auto and value == "auto"):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"--theta: {value!r} is not a number" + (" or 'auto'" if allow_auto else "")) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"--theta: {value!r} must be a finite number >= 0")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -280,10 +299,9 @@ class ITAEOptions:
         for opt, allowed in (("source", SOURCES), ("group", GROUPS), ("strategy", STRATEGIES), ("rows", ROWS)):
             if getattr(self, opt) not in allowed:
                 raise InputError(f"--{opt}: {getattr(self, opt)!r} is not one of {', '.join(allowed)}")
-        theta = self.theta
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta < 0:
-            raise InputError(f"--theta: {theta!r} must be a finite number >= 0")
-        object.__setattr__(self, "theta", float(theta))
+        if isinstance(self.theta, str):  # only numbers here: "auto" is resolved before options exist
+            raise InputError(f"--theta: {self.theta!r} must be a finite number >= 0")
+        object.__setattr__(self, "theta", parse_theta(self.theta))
 
     @classmethod
     def for_model(cls, spec: ModelSpec, **overrides) -> "ITAEOptions":
@@ -295,11 +313,11 @@ class ITAEOptions:
     # integer codes used by the custom ONNX ops (docs/onnx-ops.md)
     @property
     def group_code(self) -> int:
-        return GROUPS.index(self.group)
+        return GROUP_CODES[self.group]
 
     @property
     def strategy_code(self) -> int:
-        return STRATEGIES.index(self.strategy)
+        return STRATEGY_CODES[self.strategy]
 
     def slug(self) -> str:
         """A short file-name-safe description, used for default output paths."""

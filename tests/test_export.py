@@ -165,11 +165,21 @@ def _nan_weight(proto):
     ("fp32", _corrupt_first_matmul, "of the output scale"),
     ("fp16", _nan_weight, "NaN or inf"),
 ])
-def test_failed_validation_leaves_nothing_at_output(tmp_path, precision, tamper, expect):
+def test_failed_validation_leaves_nothing_at_output(tmp_path, monkeypatch, precision, tamper, expect):
+    import itae_export.onnx.export as export_mod
+
+    real = export_mod._torch_export
+
+    def tampered(*args, **kwargs):
+        proto, location = real(*args, **kwargs)
+        tamper(proto)
+        return proto, location
+
+    monkeypatch.setattr(export_mod, "_torch_export", tampered)
     spec = tiny_spec("dinov2_vits14")
     out = tmp_path / "bad.onnx"
     with pytest.raises(ToleranceError, match=expect) as e:
-        export_onnx(spec, ITAEOptions(theta=1.0), out, model=random_model(spec), precision=precision, _tamper=tamper)
+        export_onnx(spec, ITAEOptions(theta=1.0), out, model=random_model(spec), precision=precision)
     assert not e.value.report["passed"]
     assert list(tmp_path.iterdir()) == []  # no graph, no manifest, no temporary folder
 

@@ -8,7 +8,7 @@ from itae_export.calibrate.inspection import InspectModel, compute_norms, pick_i
 from itae_export.calibrate.theta import suggest_theta
 from itae_export.errors import InputError
 from itae_export.model.itae import inject_itae
-from itae_export.registry import ITAEOptions, ModelSpec
+from itae_export.registry import ITAEOptions, ModelSpec, parse_theta
 from itae_export.weights import checkpoints
 
 
@@ -45,3 +45,24 @@ def load_and_calibrate(spec: ModelSpec, images_dir, *, weights: str | None = Non
     model, loaded = checkpoints.load_model(spec, None, weights=weights, pos_rule=pos_rule)
     theta = calibrate_theta(spec, images_dir, model, source=source, log=log)
     return theta, {"model": model, "weights_info": loaded.info()}
+
+
+def resolve_options(spec: ModelSpec, *, theta: float | str | None = None, source: str | None = None,
+                    group: str | None = None, strategy: str | None = None, rows: str | None = None,
+                    lsa: bool | None = None, enabled: bool = True, calibration_images=None,
+                    weights: str | None = None, pos_rule: str | None = None,
+                    log: Callable[[str], None] = lambda m: None) -> tuple[ITAEOptions, dict]:
+    """(ITAE options for the flags, keyword arguments for the export). ``theta="auto"`` calibrates on
+    ``calibration_images``, reading the checkpoint once; the loaded model is handed on to the export."""
+    theta = parse_theta(theta, allow_auto=True)
+    preloaded: dict = {}
+    if theta == "auto":
+        if calibration_images is None:
+            raise InputError("--theta auto needs calibration images (--calibration-images DIR)")
+        theta, preloaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
+                                              source=source, log=log)
+    elif theta is None and spec.theta_note and enabled:
+        log(f"warning: {spec.name}: {spec.theta_note}")
+    options = ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
+                                    lsa=lsa, enabled=enabled)
+    return options, preloaded

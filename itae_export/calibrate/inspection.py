@@ -25,11 +25,12 @@ from itae_export.calibrate.theta import suggest_theta
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_json
 from itae_export.images import ImageDecodeError, decode_image, load_image, scan_images
+from itae_export.model import ops
 from itae_export.model.itae import inject_itae
 from itae_export.model.vit import build_model, init_random_
 from itae_export.onnx.export import export_onnx
 from itae_export.plots import plot_attention, plot_norm_histogram
-from itae_export.registry import ITAEOptions, ModelSpec, get_model_spec
+from itae_export.registry import GROUP_CODES, ITAEOptions, ModelSpec, get_model_spec
 from itae_export.weights import checkpoints
 
 HIST_NAME = "norms_hist.png"
@@ -60,16 +61,10 @@ class InspectModel:
 
 
 def artifact_mask_np(norms: np.ndarray, theta: float, group: str = "minority") -> np.ndarray:
-    """Eq. 2-4 in numpy: the artifact mask of each image (rows of ``norms``), as the ITAE op computes it."""
-    below = norms <= theta
-    if group == "below":
-        return below
-    if group == "above":
-        return ~below
-    n_below = below.sum(1, keepdims=True)
-    n_above = below.shape[1] - n_below
-    minority = np.where(n_below <= n_above, below, ~below)
-    return minority & (n_below > 0) & (n_above > 0)
+    """The artifact mask of each image (rows of ``norms``), computed by the ITAE op's own Eq. 3-4."""
+    import torch
+
+    return ops.mask_from_norms(torch.from_numpy(np.asarray(norms)), float(theta), GROUP_CODES[group]).numpy()
 
 
 def per_image_summary(mask: np.ndarray, num_register_tokens: int) -> dict:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
-# group codes and strategy codes are shared with the ONNX ops
-GROUP_MINORITY, GROUP_BELOW, GROUP_ABOVE = 0, 1, 2
-STRATEGY_MIN, STRATEGY_NEG_INF, STRATEGY_MEAN = 0, 1, 2
+from itae_export.registry import GROUP_CODES, STRATEGY_CODES
+
+# the integer attributes, from the one table in the registry (shared with the ONNX functions)
+GROUP_MINORITY, GROUP_BELOW, GROUP_ABOVE = (GROUP_CODES[g] for g in ("minority", "below", "above"))
+STRATEGY_MIN, STRATEGY_NEG_INF, STRATEGY_MEAN = (STRATEGY_CODES[s] for s in ("min", "neg-inf", "mean"))
 
 
 def token_norms(x_BTC: torch.Tensor, scale: float) -> torch.Tensor:
@@ -24,17 +26,22 @@ def token_norms(x_BTC: torch.Tensor, scale: float) -> torch.Tensor:
 def artifact_mask(x_BTC: torch.Tensor, theta: float, scale: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2-4: the artifact mask [B, T-1] (bool) and the norms [B, T-1] (float32)."""
     norms_BN = token_norms(x_BTC, scale)
+    return mask_from_norms(norms_BN, theta, group), norms_BN
+
+
+def mask_from_norms(norms_BN: torch.Tensor, theta: float, group: int) -> torch.Tensor:
+    """Eq. 3-4 on precomputed norms [B, N]: the artifact mask (bool)."""
     below_BN = norms_BN <= theta
     above_BN = ~below_BN
     if group == GROUP_BELOW:
-        return below_BN, norms_BN
+        return below_BN
     if group == GROUP_ABOVE:
-        return above_BN, norms_BN
+        return above_BN
     n_below = below_BN.sum(1, keepdim=True)
     n_above = above_BN.sum(1, keepdim=True)
     # argmin of Eq. 3 takes La on a tie; one empty group means no artifacts
     minority_BN = torch.where(n_below <= n_above, below_BN, above_BN)
-    return minority_BN & (n_below > 0) & (n_above > 0), norms_BN
+    return minority_BN & (n_below > 0) & (n_above > 0)
 
 
 @artifact_mask.register_fake

@@ -22,6 +22,8 @@ MAX_BATCH = 4096  # the dynamic batch axis of the exported graph: 1..MAX_BATCH
 # weights above this many bytes go to an external data file (protobuf's hard limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
+# an export is staged in a hidden folder .<stem>.<random>.tmp beside the output, then moved into place
+STAGING_SUFFIX = ".tmp"
 
 # fp32 validation: max |onnx - torch| / max |torch| of the embedding, and mask agreement.
 FP32_REL_TOL = 1e-4

@@ -4,6 +4,7 @@ and a validation against PyTorch before anything lands at the output path."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import io
@@ -32,6 +33,8 @@ from itae_export.onnx.contract import (
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
     PRECISIONS,
+    QUANTIZATIONS,
+    STAGING_SUFFIX,
     external_data_name,
 )
 from itae_export.onnx.functions import attach_functions, translation_table
@@ -216,152 +219,217 @@ def build_manifest(spec: ModelSpec, options: ITAEOptions, *, resolution: int, pr
     }
 
 
-def export_onnx(
-    spec_or_name: ModelSpec | str,
-    options: ITAEOptions | None = None,
-    output: str | os.PathLike | None = None,
-    *,
-    weights: str | None = None,
-    model=None,
-    weights_info: dict | None = None,
-    pos_rule: str | None = None,
-    resolution: int | None = None,
-    precision: str = "fp32",
-    attention_output: bool = False,
-    inline: bool = False,
-    validate: bool = True,
-    validate_images: str | os.PathLike | None = None,
-    external_data: bool | None = None,
-    optimize: bool = False,
-    quantize: str | None = None,
-    quantize_per_channel: bool = True,
-    int8_images: int = 256,
-    log: Callable[[str], None] = lambda msg: None,
-    _tamper: Callable | None = None,
-) -> ExportResult:
+@dataclasses.dataclass
+class ExportRequest:
+    """Everything that shapes an exported graph, checked once (see :func:`export_onnx`)."""
+
+    spec: ModelSpec
+    options: ITAEOptions
+    output: Path
+    resolution: int
+    precision: str = "fp32"
+    attention_output: bool = False
+    inline: bool = False
+    validate: bool = True
+    validate_images: str | os.PathLike | None = None
+    external_data: bool | None = None
+    optimize: bool = False
+    quantize: str | None = None
+    quantize_per_channel: bool = True
+    int8_images: int = 256
+
+    @classmethod
+    def make(cls, spec_or_name: ModelSpec | str, options: ITAEOptions | None, output, **kw) -> "ExportRequest":
+        spec = get_model_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+        options = options or ITAEOptions.for_model(spec)
+        precision, quantize = kw.get("precision", "fp32"), kw.get("quantize")
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise InputError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if quantize and (precision != "fp32" or not kw.get("validate", True)):
+            raise InputError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
+        resolution = kw.pop("resolution", None)
+        resolution = spec.preprocessing.resolution if resolution is None else resolution
+        p = spec.arch.patch_size
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % p:
+            raise InputError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
+        output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize)
+        if output.suffix != ".onnx":
+            raise InputError(f"--output: {output} must end with .onnx")
+        return cls(spec, options, output, resolution, **kw)
+
+
+def export_onnx(spec_or_name: ModelSpec | str, options: ITAEOptions | None = None,
+                output: str | os.PathLike | None = None, *, weights: str | None = None, model=None,
+                weights_info: dict | None = None, pos_rule: str | None = None,
+                log: Callable[[str], None] = lambda msg: None, **settings) -> ExportResult:
     """Export ``spec_or_name`` with ITAE ``options`` to ``output`` (default: under exported/).
 
-    ``model`` lets callers pass an already-built VisionTransformer (tests, tiny specs);
-    otherwise the weights come from ``weights`` or the official source. Nothing is written
-    at ``output`` unless validation passes (or ``validate=False``).
-    ``optimize``: LayerScale folded and ORT fusions (:mod:`itae_export.onnx.optimize`), validated before
-    and after the fusions. ``quantize="int8"``: dynamic int8 MatMuls, validated against the fp32
-    graph (cosine, mask agreement, K-Means ARI on real images; needs ``validate``).
+    ``settings`` are the fields of :class:`ExportRequest` (resolution, precision, attention_output,
+    inline, validate, validate_images, external_data, optimize, quantize, ...). ``model`` lets callers
+    pass an already-built VisionTransformer; otherwise the weights come from ``weights`` or the
+    official source. Nothing is written at ``output`` unless validation passes (or
+    ``validate=False``). ``optimize``: LayerScale folded and ORT fusions, validated before and after.
+    ``quantize="int8"``: int8 MatMuls, validated against the fp32 graph on real images.
     """
-    import onnx
-    import torch
+    req = ExportRequest.make(spec_or_name, options, output, **settings)
+    model, weights_info = _load_model(req, model, weights, weights_info, pos_rule, log)
+    job = _ExportJob(req, model, weights_info, log)
+    req.output.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=req.output.parent, prefix=f".{req.output.stem}.", suffix=STAGING_SUFFIX))
+    try:
+        job.write_graph(tmpdir)
+        job.validate_and_optimize()
+        job.quantize()
+        inline_tmp = job.write_inline_copy()
+        job.publish(inline_tmp)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    inline_path = req.output.with_name(inline_tmp.name) if inline_tmp else None
+    return ExportResult(req.output, job.manifest, inline_path)
 
-    spec = get_model_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
-    options = options or ITAEOptions.for_model(spec)
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if quantize not in (None, "int8"):
-        raise InputError(f"--quantize: {quantize!r} is not int8")
-    if quantize and (precision != "fp32" or not validate):
-        raise InputError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
-    resolution = resolution or spec.preprocessing.resolution
-    p = spec.arch.patch_size
-    if resolution <= 0 or resolution % p:
-        raise InputError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
-    output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize)
-    if output.suffix != ".onnx":
-        raise InputError(f"--output: {output} must end with .onnx")
 
+def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | None = None, precision: str = "fp32",
+                  weights: str | None = None, pos_rule: str | None = None, preloaded: dict | None = None,
+                  log: Callable[[str], None] = lambda m: None) -> Path:
+    """The exported model for these options under exported/, exported first if it is missing."""
+    path = default_output_path(spec, options, resolution, precision)
+    if path.is_file():
+        log(f"Using {path}")
+        return path
+    log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
+    return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
+                       precision=precision, log=log, **(preloaded or {})).path
+
+
+def _load_model(req: ExportRequest, model, weights, weights_info, pos_rule, log):
+    """(float32 eval model with ITAE injected, weights entry of the manifest)."""
     if model is None:
-        log(f"loading weights for {spec.name} ...")
-        model, loaded = checkpoints.load_model(spec, options, weights=weights, pos_rule=pos_rule)
+        log(f"loading weights for {req.spec.name} ...")
+        model, loaded = checkpoints.load_model(req.spec, req.options, weights=weights, pos_rule=pos_rule)
         weights_info = loaded.info()
-        pos_rule = loaded.pos_rule
     else:
-        inject_itae(model, options)
+        inject_itae(model, req.options)
         if pos_rule:
             model.pos_rule = pos_rule
         weights_info = weights_info or {"source": "in-memory model", "format": "torch", "sha256": None}
     model = model.float().eval()
-    spec = dataclasses.replace(spec, arch=model.cfg)  # a checkpoint may carry its own position grid
-    model.fix_resolution(resolution)
-    num_tokens = 1 + spec.arch.num_register_tokens + (resolution // p) ** 2
+    req.spec = dataclasses.replace(req.spec, arch=model.cfg)  # a checkpoint may carry its own position grid
+    model.fix_resolution(req.resolution)
+    return model, weights_info
 
-    half = precision == "fp16"
-    log(f"exporting {spec.name} at {resolution}x{resolution} ({precision}, {options.slug()}) ...")
-    export_model = model
-    if half or optimize:
-        import copy
 
-        export_model = copy.deepcopy(model)
-        if optimize:
-            folded = fold_layerscale_(export_model)
-        if half:
-            export_model = export_model.half()
-        export_model.fix_resolution(resolution)
-    manifest = build_manifest(spec, options, resolution=resolution, precision=precision,
-                              attention_output=attention_output, pos_rule=model.pos_rule,
-                              weights_info=weights_info, num_tokens=num_tokens)
-    external = external_data if external_data is not None else _weights_nbytes(export_model) > EXTERNAL_DATA_THRESHOLD
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp"))
-    try:
-        tmp_path = tmpdir / output.name
+class _ExportJob:
+    """The stages of one export, in order: write the graph, validate (and fuse), quantize, publish.
+    Every stage works inside the staging folder; only publish touches the output path."""
+
+    def __init__(self, req: ExportRequest, model, weights_info: dict, log):
+        self.req, self.model, self.log = req, model, log
+        spec, res = req.spec, req.resolution
+        num_tokens = 1 + spec.arch.num_register_tokens + (res // spec.arch.patch_size) ** 2
+        self.manifest = build_manifest(spec, req.options, resolution=res, precision=req.precision,
+                                       attention_output=req.attention_output, pos_rule=model.pos_rule,
+                                       weights_info=weights_info, num_tokens=num_tokens)
+        self.reference = None  # the PyTorch reference outputs, computed once per export
+        self.folded = None
+
+    def _export_model(self):
+        """The module that is traced: the model itself, or a copy with LayerScale folded / in float16."""
+        if self.req.precision != "fp16" and not self.req.optimize:
+            return self.model
+        m = copy.deepcopy(self.model)
+        if self.req.optimize:
+            self.folded = fold_layerscale_(m)
+        if self.req.precision == "fp16":
+            m = m.half()
+        m.fix_resolution(self.req.resolution)
+        return m
+
+    def write_graph(self, tmpdir: Path) -> None:
+        import onnx
+        import torch
+
+        req = self.req
+        self.log(f"exporting {req.spec.name} at {req.resolution}x{req.resolution} ({req.precision}, "
+                 f"{req.options.slug()}) ...")
+        export_model = self._export_model()
+        self.external = (req.external_data if req.external_data is not None
+                         else _weights_nbytes(export_model) > EXTERNAL_DATA_THRESHOLD)
+        self.tmpdir, self.tmp_path = tmpdir, tmpdir / req.output.name
         with torch.no_grad():
-            proto, location = _torch_export(export_model, resolution, attention_output, half, tmp_path, external)
-        if _tamper is not None:  # tests force a mismatch through here
-            _tamper(proto)
-        manifest["external_data"] = location
-        _set_metadata(proto, manifest)
-        onnx.save_model(proto, str(tmp_path))
-        if validate:
-            steps = {}
-            reference = torch_reference(model, manifest, validate_images)  # the same before and after fusing
-            if optimize:
-                log("validating the exported graph (LayerScale folded) against PyTorch ...")
-                steps["exported"] = _validated(validate_model(tmp_path, model, manifest, images_dir=validate_images,
-                                                              reference=reference, log=log))
-        if optimize:
-            log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
-            staged = _stage(tmpdir, tmp_path, location, "unfused")
-            fusions = fuse_for_ort(staged, tmp_path, external=external)
-            manifest["optimization"] = {"layerscale_folded": folded, "fusions": fusions,
-                                        "runtime": "ONNX Runtime only (com.microsoft ops)"}
-        if validate:
-            log("validating against PyTorch ...")
-            report = validate_model(tmp_path, model, manifest, images_dir=validate_images, reference=reference,
-                                    log=log)
-            manifest["validation"] = _validated(report)
-            if steps:
-                report["steps"] = {**steps, "fused": {k: report[k] for k in ("rel_max_abs_diff", "mask_mismatch", "passed")}}
-        else:
-            manifest["validation"] = {"skipped": True}
-        if quantize:
-            log("quantizing the MatMuls to int8 ...")
-            staged = _stage(tmpdir, tmp_path, location, "fp32")
-            info = quantize_int8(staged, tmp_path, per_channel=quantize_per_channel)
-            location = manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
-            log("validating int8 against the fp32 graph ...")
-            report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, n_images=int8_images,
-                                   log=log)
-            manifest["quantization"] = {"type": quantize, **info, "validation": report}
-            if not report["passed"]:
-                raise ToleranceError(f"int8 validation failed: {report['failure']}; nothing was written. The float32 "
-                                     "graph passed: export it without --quantize int8 (see docs/performance.md, int8)",
-                                     report)
-        inline_tmp = None
-        if inline:
-            import onnx.inliner
+            proto, self.location = _torch_export(export_model, req.resolution, req.attention_output,
+                                                 req.precision == "fp16", self.tmp_path, self.external)
+        self.manifest["external_data"] = self.location
+        _set_metadata(proto, self.manifest)
+        onnx.save_model(proto, str(self.tmp_path))
 
-            inline_tmp = tmpdir / (output.stem + ".inline.onnx")
-            inlined = onnx.inliner.inline_local_functions(onnx.load(str(tmp_path)))
-            _save(inlined, inline_tmp, external and not quantize)
-            manifest["inline_copy"] = inline_tmp.name
-        # store the final manifest in the graph too (the weights, if external, stay where they are)
-        final = onnx.load(str(tmp_path), load_external_data=False)
-        _set_metadata(final, manifest)
-        onnx.save_model(final, str(tmp_path))
-        _publish(tmpdir, output, location, inline_tmp)
-        write_manifest(output, manifest)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    inline_path = output.with_name(inline_tmp.name) if inline_tmp else None
-    return ExportResult(output, manifest, inline_path)
+    def _validate(self) -> dict:
+        req = self.req
+        if self.reference is None:
+            self.reference = torch_reference(self.model, self.manifest, req.validate_images)
+        return _validated(validate_model(self.tmp_path, self.model, self.manifest, images_dir=req.validate_images,
+                                         reference=self.reference, log=self.log))
+
+    def validate_and_optimize(self) -> None:
+        req = self.req
+        steps = {}
+        if req.optimize:
+            if req.validate:
+                self.log("validating the exported graph (LayerScale folded) against PyTorch ...")
+                steps["exported"] = self._validate()
+            self.log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
+            staged = _stage(self.tmpdir, self.tmp_path, self.location, "unfused")
+            fusions = fuse_for_ort(staged, self.tmp_path, external=self.external)
+            self.manifest["optimization"] = {"layerscale_folded": self.folded, "fusions": fusions,
+                                             "runtime": "ONNX Runtime only (com.microsoft ops)"}
+        if not req.validate:
+            self.manifest["validation"] = {"skipped": True}
+            return
+        self.log("validating against PyTorch ...")
+        report = self._validate()
+        if steps:
+            report["steps"] = {**steps, "fused": {k: report[k] for k in ("rel_max_abs_diff", "mask_mismatch", "passed")}}
+        self.manifest["validation"] = report
+
+    def quantize(self) -> None:
+        req = self.req
+        if not req.quantize:
+            return
+        self.log("quantizing the MatMuls to int8 ...")
+        staged = _stage(self.tmpdir, self.tmp_path, self.location, "fp32")
+        info = quantize_int8(staged, self.tmp_path, per_channel=req.quantize_per_channel)
+        self.location = self.manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
+        self.log("validating int8 against the fp32 graph ...")
+        report = validate_int8(staged, self.tmp_path, self.manifest, images_dir=req.validate_images,
+                               n_images=req.int8_images, log=self.log)
+        self.manifest["quantization"] = {"type": req.quantize, **info, "validation": report}
+        if not report["passed"]:
+            raise ToleranceError(f"int8 validation failed: {report['failure']}; nothing was written. The float32 "
+                                 "graph passed: export it without --quantize int8 (see docs/performance.md, int8)",
+                                 report)
+
+    def write_inline_copy(self) -> Path | None:
+        if not self.req.inline:
+            return None
+        import onnx
+        import onnx.inliner
+
+        inline_tmp = self.tmpdir / (self.req.output.stem + ".inline.onnx")
+        inlined = onnx.inliner.inline_local_functions(onnx.load(str(self.tmp_path)))
+        _save(inlined, inline_tmp, self.external and not self.req.quantize)
+        self.manifest["inline_copy"] = inline_tmp.name
+        return inline_tmp
+
+    def publish(self, inline_tmp: Path | None) -> None:
+        """The final manifest into the graph too (external weights stay where they are), then into place."""
+        import onnx
+
+        final = onnx.load(str(self.tmp_path), load_external_data=False)
+        _set_metadata(final, self.manifest)
+        onnx.save_model(final, str(self.tmp_path))
+        _publish(self.tmpdir, self.req.output, self.location, inline_tmp)
+        write_manifest(self.req.output, self.manifest)
 
 
 def _validated(report: dict) -> dict:
@@ -388,7 +456,7 @@ def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path 
     if location:
         os.replace(tmpdir / location, output.parent / location)
     if inline_tmp is not None:
-        inline_data = inline_tmp.with_name(inline_tmp.name + ".data")
+        inline_data = inline_tmp.with_name(external_data_name(inline_tmp.name))
         if inline_data.exists():
             os.replace(inline_data, output.with_name(inline_data.name))
         os.replace(inline_tmp, output.with_name(inline_tmp.name))
@@ -396,16 +464,12 @@ def _publish(tmpdir: Path, output: Path, location: str | None, inline_tmp: Path 
 
 
 def spec_from_manifest(manifest: dict) -> ModelSpec:
-    """The registry entry a manifest was exported from, with the architecture it records."""
-
-    arch = ArchConfig(**manifest["arch"])
+    """The model a manifest describes, rebuilt from the manifest alone (it records the architecture,
+    the preprocessing and the position rule), so unregistered architectures revalidate too."""
     prep = manifest["preprocessing"]
-    try:
-        base = get_model_spec(manifest["model"])
-    except KeyError:  # tiny test specs and other unregistered architectures
-        base = get_model_spec({"dinov2": "dinov2_vits14", "clip": "clip_vitb16", "deit3": "deit3_base16"}[manifest["family"]])
-    return dataclasses.replace(
-        base, name=manifest["model"], arch=arch,
+    return ModelSpec(
+        name=manifest["model"], family=manifest["family"], arch=ArchConfig(**manifest["arch"]),
+        theta=manifest["itae"]["theta"], pos_rule=manifest.get("pos_rule", "none"),
         preprocessing=Preprocessing(tuple(prep["mean"]), tuple(prep["std"]), prep["resolution"][0],
                                     prep.get("resize", "squash"), prep.get("interpolation", "bicubic")),
     )

@@ -14,9 +14,13 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
 from itae_export.onnx.contract import ITAE_DOMAIN, ITAE_DOMAIN_VERSION, ONNX_OPSET
+from itae_export.registry import GROUP_CODES, STRATEGY_CODES
 
 itae = onnxscript.values.Opset(ITAE_DOMAIN, ITAE_DOMAIN_VERSION)
 
+# the integer attributes, from the one table in the registry (shared with the PyTorch ops)
+_GROUP_MINORITY, _GROUP_BELOW, _GROUP_ABOVE = (GROUP_CODES[g] for g in ("minority", "below", "above"))
+_STRATEGY_MIN, _STRATEGY_NEG_INF = STRATEGY_CODES["min"], STRATEGY_CODES["neg-inf"]
 _NEG_INF = np.array(-np.inf, dtype=np.float32)
 _INT64_MAX = np.array([np.iinfo(np.int64).max], dtype=np.int64)
 
@@ -42,9 +46,9 @@ def ArtifactMask(X, theta: float, scale: float, group: int):
     pick_below = op.LessOrEqual(n_below, n_above)
     minority = op.And(op.Or(op.And(pick_below, below), op.And(op.Not(pick_below), above)), both_sides)
     g = op.Constant(value_int=group)
-    is_minority = op.Equal(g, zero)
-    is_below = op.Equal(g, op.Constant(value_int=1))
-    is_above = op.Equal(g, op.Constant(value_int=2))
+    is_minority = op.Equal(g, op.Constant(value_int=_GROUP_MINORITY))
+    is_below = op.Equal(g, op.Constant(value_int=_GROUP_BELOW))
+    is_above = op.Equal(g, op.Constant(value_int=_GROUP_ABOVE))
     mask = op.Or(op.And(is_minority, minority), op.Or(op.And(is_below, below), op.And(is_above, above)))
     return mask, norms
 
@@ -73,7 +77,9 @@ def AttenuateLogits(S, M, strategy: int, all_rows: int, lsa: int):
     sub_min = op.ReduceMin(cand, axis3, keepdims=1)
     sub_mean = op.ReduceMean(cand, axis3, keepdims=1)
     st = op.Constant(value_int=strategy)
-    sub = op.Where(op.Equal(st, zero), sub_min, op.Where(op.Equal(st, one), neg_inf, sub_mean))
+    is_min = op.Equal(st, op.Constant(value_int=_STRATEGY_MIN))
+    is_neg_inf = op.Equal(st, op.Constant(value_int=_STRATEGY_NEG_INF))
+    sub = op.Where(is_min, sub_min, op.Where(is_neg_inf, neg_inf, sub_mean))
     first_B1 = op.Slice(M, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
     cols_BT = op.Concat(op.And(first_B1, op.Not(first_B1)), M, axis=1)  # column 0 (CLS) never edited
     edit_B1QT = op.And(op.Unsqueeze(cols_BT, op.Constant(value_ints=[1, 2])), edit_rows_Q1)
