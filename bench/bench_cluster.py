@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
-    from itae_export.cluster.job import default_batch_size, default_workers, run_cluster_job
+    from itae_export.cluster.embed import default_batch_size, default_workers
+    from itae_export.cluster.job import run_cluster_job
     from itae_export.images import PreprocessSpec, load_image, scan_images
     from itae_export.onnx.manifest import read_manifest
 

@@ -119,7 +119,7 @@ def embed(model, x):
 
 
 def compare(ref, got, k: int = 10) -> dict:
-    from itae_export.onnx.optimize import kmeans_ari
+    from itae_export.cluster.metrics import kmeans_ari
 
     (a, ma), (b, mb) = ref, got
     cos = (a * b).sum(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,8 @@ def cuda_usable() -> tuple[bool, str]:
         )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
         m.ir_version = 8
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # the CUDA EP's load failure is expected here, not an error to show
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        # the CUDA EP's load failure is expected here, not an error to show
+        sess = ort_session(m, [CUDA_EP, CPU_EP], log_severity=4)
         if "CUDAExecutionProvider" not in sess.get_providers():
             return False, "the CUDA provider did not load (CUDA/cuDNN libraries missing?)"
         return True, "ok"
@@ -65,9 +65,9 @@ def resolve_device(device: str) -> tuple[str, str]:
     return (CUDA_EP, "a usable GPU was found") if ok else (CPU_EP, f"no usable CUDA: {why}")
 
 
-def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op_threads: int | None = None,
-                 spinning: bool | None = None):
-    """(session, provider) for an exported model. The provider is the one the session really got.
+def ort_session(model, providers=None, *, intra_op_threads: int | None = None, spinning: bool | None = None,
+                log_severity: int = 3):
+    """The one place an ONNX Runtime session is created. ``model``: a path, bytes or a ModelProto.
 
     ORT's own log stays quiet (severity 3): a CUDA EP that fails to load on a CPU-only machine is
     expected and reported by us in one line, not as a red ORT error. ``spinning=False`` stops idle
@@ -75,31 +75,65 @@ def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op
     """
     import onnxruntime as ort
 
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise InputError(f"--onnx: {onnx_path}: no such file")
-    provider, _ = resolve_device(device)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = log_severity
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         so.intra_op_num_threads = int(intra_op_threads)
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = str(model)
+    return ort.InferenceSession(model, so, providers=providers or [CPU_EP])
+
+
+@dataclass
+class Session:
+    """An encoder session, the provider it really got, and why that provider."""
+
+    session: object
+    provider: str
+    reason: str
+
+    def __iter__(self):  # ``sess, provider = open_session(...)``
+        return iter((self.session, self.provider))
+
+
+def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op_threads: int | None = None,
+                 spinning: bool | None = None) -> Session:
+    """A session for an exported encoder on ``device`` (resolved here, once), its contract checked."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise InputError(f"--onnx: {onnx_path}: no such file")
+    provider, why = resolve_device(device)
     providers = [CUDA_EP, CPU_EP] if provider == CUDA_EP else [CPU_EP]
     try:
-        sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        sess = ort_session(onnx_path, providers, intra_op_threads=intra_op_threads, spinning=spinning)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise InputError(f"{onnx_path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0][:300]})") from e
     got = sess.get_providers()[0]
     if provider == CUDA_EP and got != CUDA_EP:
         if device == "cuda":
             raise InputError(f"--device cuda: the session fell back to {got} (CUDA EP did not load)")
+        why = f"{provider} did not load"
     names = [i.name for i in sess.get_inputs()]
     if INPUT_NAME not in names or OUTPUT_EMBEDDING not in [o.name for o in sess.get_outputs()]:
         raise InputError(f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_EMBEDDING!r}, "
                          f"found inputs {names}")
-    return sess, got
+    return Session(sess, got, why)
+
+
+def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 8, providers=None) -> dict[str, np.ndarray]:
+    """All outputs of an encoder graph (a path, or a session) over pixels ``x``, in batches."""
+    sess = path_or_session if hasattr(path_or_session, "run") else ort_session(path_or_session, providers)
+    names = [o.name for o in sess.get_outputs()]
+    chunks: dict[str, list] = {n: [] for n in names}
+    for i in range(0, len(x), batch_size):
+        for n, v in zip(names, sess.run(names, {INPUT_NAME: x[i : i + batch_size]})):
+            chunks[n].append(v)
+    return {n: np.concatenate(v) for n, v in chunks.items()}
 
 
 class Embedder:

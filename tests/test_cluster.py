@@ -207,7 +207,7 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_matches_cpu(fashion, precision, tmp_path_factory):
-    from itae_export.cluster.job import embed_folder
+    from itae_export.cluster.embed import embed_folder
 
     model = datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56, precision=precision)
     root = fashion[0]

@@ -36,6 +36,8 @@ def test_tsp_head_exported_and_appended_gives_same_clusters(setup, tmp_path):
           "--labels-from-dirs", "--out", tmp_path / "out", "-q"])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "tsp" and summary["head"]["hparams"]["epochs"] == 5
+    assert summary["clustering"]["method"] == "tsp" and summary["clustering"]["name"] == "TSP head"
+    assert "kmeans" not in summary  # a head run is not called K-Means
     assert summary["head"]["check"]["assignments_equal"] and summary["head"]["check"]["max_abs_err"] <= 1e-5
     composed = tmp_path / "head.with_encoder.onnx"
     assert head.is_file() and composed.is_file()
@@ -59,11 +61,11 @@ def test_k_auto_over_clustering_neighbours_and_knn(setup, tmp_path):
                 "--knn-reference", base / "reference", "--out", tmp_path / "out", "-q"])
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     curve = {int(k): v for k, v in s["k_auto"]["curve"].items()}
-    assert sorted(curve) == list(range(2, 9)) and s["kmeans"]["k"] == max(curve, key=lambda k: (curve[k], -k))
-    assert len(s["cluster_sizes"]) == s["kmeans"]["k"]
+    assert sorted(curve) == list(range(2, 9)) and s["clustering"]["k"] == max(curve, key=lambda k: (curve[k], -k))
+    assert len(s["cluster_sizes"]) == s["clustering"]["k"]
     assert set(s["neighbour_label_consistency"]) == {"1", "5", "10", "20"}
     assert s["knn"]["n_reference"] == 40 and 0 <= s["knn"]["accuracy"] <= 1
-    if s["kmeans"]["k"] > 4:
+    if s["clustering"]["k"] > 4:
         assert "over_clustering" in s["metrics"]
     assert "chosen by silhouette" in res.output
 

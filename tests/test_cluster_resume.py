@@ -13,7 +13,8 @@ import imagefolders as datasets
 import numpy as np
 import pytest
 
-from itae_export.cluster.job import STORE_NAME, run_cluster_job
+from itae_export.cluster.job import run_cluster_job
+from itae_export.cluster.store import STORE_NAME
 
 
 @pytest.fixture(scope="module")

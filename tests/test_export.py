@@ -13,8 +13,9 @@ from itae_export.errors import InputError, ToleranceError
 from itae_export.onnx.contract import ITAE_DOMAIN, METADATA_KEY
 from itae_export.onnx.export import default_output_path, export_onnx
 from itae_export.onnx.manifest import read_manifest
-from itae_export.onnx.validate import run_onnx, validation_inputs
+from itae_export.onnx.validate import validation_inputs
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import run_onnx
 
 
 def _session(path):

@@ -10,8 +10,9 @@ import pytest
 from tiny import random_model, theta_for_varied_artifacts, tiny_spec
 
 from itae_export.onnx.export import export_onnx
-from itae_export.onnx.validate import run_onnx, validation_inputs
+from itae_export.onnx.validate import validation_inputs
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import run_onnx
 
 pytestmark = pytest.mark.node
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"

@@ -14,8 +14,9 @@ from itae_export.onnx.contract import ITAE_DOMAIN
 from itae_export.onnx.export import export_onnx
 from itae_export.onnx.manifest import manifest_path
 from itae_export.onnx.optimize import fold_layerscale_, mask_source_matmuls
-from itae_export.onnx.validate import run_onnx, validation_inputs
+from itae_export.onnx.validate import validation_inputs
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import run_onnx
 
 RES = 56  # 4x4 patches: fast, and the int8 check still sees real images
 

@@ -108,7 +108,7 @@ def test_report_in_headless_chromium(cluster_out, chromium, tmp_path):
     assert int(data["thumbs-loaded"]) == total  # every thumbnail decoded in the browser (naturalWidth > 0)
     assert data["map-loaded"] == "yes"
     k = len(summary["cluster_sizes"])
-    assert int(data["clusters-shown"]) == k == summary["kmeans"]["k"]
+    assert int(data["clusters-shown"]) == k == summary["clustering"]["k"]
     assert re.search(rf'<span id="n-clusters">{k}</span>', r.stdout)
     sizes = [int(s) for s in re.findall(r'<section class="cluster"[^>]*data-size="(\d+)"', r.stdout)]
     assert sizes == summary["cluster_sizes"]

@@ -24,13 +24,14 @@ import numpy as np
 from itae_export.calibrate.theta import suggest_theta
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_json
-from itae_export.images import ImageDecodeError, decode_image, load_image, scan_images
+from itae_export.images import decode_image, load_images, sample_evenly, scan_images
 from itae_export.model import ops
 from itae_export.model.itae import inject_itae
 from itae_export.model.vit import build_model, init_random_
 from itae_export.onnx.export import export_onnx
 from itae_export.plots import plot_attention, plot_norm_histogram
 from itae_export.registry import GROUP_CODES, ITAEOptions, ModelSpec, get_model_spec
+from itae_export.runtime import ort_session
 from itae_export.weights import checkpoints
 
 HIST_NAME = "norms_hist.png"
@@ -118,25 +119,15 @@ def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path
     paths = scan_images(root)
     if not paths:
         raise InputError(f"{folder}: no images found")
-    if max_images is not None:
-        if max_images < 1:
-            raise InputError(f"--max-images: {max_images} must be >= 1")
-        if len(paths) > max_images:
-            idx = np.linspace(0, len(paths) - 1, max_images).round().astype(int)
-            paths = [paths[i] for i in sorted(set(idx.tolist()))]
-    return root.resolve(), paths
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images: {max_images} must be >= 1")
+    return root.resolve(), sample_evenly(paths, max_images)
 
 
 def _load_batch(paths: list[Path], root: Path, preprocessing: dict):
-    ok, arrays, skipped = [], [], []
-    for p in paths:
-        rel = p.resolve().relative_to(root).as_posix()
-        try:
-            arrays.append(load_image(p, preprocessing))
-            ok.append(rel)
-        except ImageDecodeError as e:
-            skipped.append((rel, e.reason))
-    return ok, arrays, skipped
+    ok, arrays, bad = load_images(paths, preprocessing)
+    rel = lambda p: p.resolve().relative_to(root).as_posix()  # noqa: E731
+    return [rel(p) for p in ok], arrays, [(rel(p), reason) for p, reason in bad]
 
 
 def compute_norms(im: InspectModel, root: Path, paths: list[Path], *, batch_size: int = 8) -> NormSample:
@@ -179,9 +170,7 @@ class AttentionMaps:
 
 def run_attention_onnx(onnx_path: str | os.PathLike, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cls_attention [B,H,T], artifact_mask [B,T-1]) of an exported model with the cls_attention output."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     if "cls_attention" not in names:
         raise InputError(f"{onnx_path}: the exported model has no cls_attention output (export it with "

@@ -15,6 +15,7 @@ import numpy as np
 from itae_export.errors import InputError, ToleranceError
 from itae_export.files import atomic_write_bytes
 from itae_export.onnx.contract import OUTPUT_EMBEDDING
+from itae_export.runtime import ort_session
 
 OUTPUT_PROBS = "cluster_probs"
 OUTPUT_CLUSTER = "cluster"
@@ -66,13 +67,6 @@ def export_head(head, dim: int, out_path: str | os.PathLike, *, opset: int = HEA
     return out_path
 
 
-def _session(model_or_path):
-    import onnxruntime as ort
-
-    data = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-
-
 def check_head_onnx(head, onnx_path, embeddings: np.ndarray, atol: float = PROBS_ATOL) -> dict:
     """Run the head graph in ORT; raise ToleranceError unless assignments match and probs within atol."""
     import torch
@@ -80,7 +74,7 @@ def check_head_onnx(head, onnx_path, embeddings: np.ndarray, atol: float = PROBS
     x = np.asarray(embeddings, dtype=np.float32)
     with torch.no_grad():
         ref = head.cpu().eval()(torch.as_tensor(x)).numpy()
-    probs, cluster = _session(onnx_path).run([OUTPUT_PROBS, OUTPUT_CLUSTER], {OUTPUT_EMBEDDING: x})
+    probs, cluster = ort_session(onnx_path).run([OUTPUT_PROBS, OUTPUT_CLUSTER], {OUTPUT_EMBEDDING: x})
     return _compare(ref, probs, cluster, atol)
 
 
@@ -166,7 +160,7 @@ def check_composed(onnx_path, head_module, inputs: dict | np.ndarray, atol: floa
     """Run the composed model; compare its head outputs with ``head_module(embedding)``."""
     import torch
 
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     if not isinstance(inputs, dict):
         inputs = {sess.get_inputs()[0].name: np.asarray(inputs, dtype=np.float32)}
     emb, probs, cluster = sess.run([OUTPUT_EMBEDDING, OUTPUT_PROBS, OUTPUT_CLUSTER], inputs)

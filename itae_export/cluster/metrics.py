@@ -80,3 +80,19 @@ def paper_protocol(embeddings: np.ndarray, y_true, k: int, *, sets: int = 20, ru
         out[key] = {"mean": float(v.mean()), "se": se}
     out["protocol"] = {"sets": sets, "runs": runs, "seed": seed}
     return out
+
+
+def kmeans_ari(ref: np.ndarray, got: np.ndarray, k: int, seed: int = 0) -> tuple[float, float]:
+    """(warm-started, independent) ARI between K-Means on ``ref`` and on ``got`` (rows L2-normalised).
+
+    Warm-started: K-Means on ``got`` starts from the centroids of ``ref``, so it measures how far
+    the change moves the assignments, not K-Means' own run-to-run lottery (on 200 Fashion-MNIST
+    images two fp32 runs with other seeds agree with ARI 0.56-0.84 only). Independent: a fresh
+    K-Means on ``got`` with the same seed."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    km = KMeans(k, n_init=10, random_state=seed).fit(ref)
+    warm = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(got)
+    independent = KMeans(k, n_init=10, random_state=seed).fit_predict(got)
+    return float(adjusted_rand_score(km.labels_, warm)), float(adjusted_rand_score(km.labels_, independent))

@@ -162,6 +162,11 @@ window.addEventListener('load', function () {
 """
 
 
+def _method_name(summary: dict) -> str:
+    """K-Means, TSP head or TEMI head: the clustering named by summary.json."""
+    return summary.get("clustering", {}).get("name") or "K-Means"
+
+
 def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24, map_method: str = "auto",
                  tsne_max_points: int = TSNE_MAX_POINTS, thumb_size: int = THUMB_SIZE, seed: int = 0,
                  workers: int = 4) -> Path:
@@ -223,7 +228,7 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
         ("ITAE", esc(itae_txt)),
         ("images", esc(f"{len(rows)} clustered" + (f", {counts.get('skipped', len(data['skipped']))} skipped"
                                                    if counts or data["skipped"] else ""))),
-        ("clusters", f'<span id="n-clusters">{k}</span> (K-Means on L2-normalised embeddings)'),
+        ("clusters", f'<span id="n-clusters">{k}</span> ({esc(_method_name(summary))} on L2-normalised embeddings)'),
     ]
     if data["skipped"]:
         kv[-2] = (kv[-2][0], kv[-2][1] + ' (<a href="skipped.csv">skipped.csv</a>)')

@@ -23,6 +23,7 @@ from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
 from itae_export.onnx.manifest import manifest_path
 
 SCHEMA = 1
+STORE_NAME = "cache/embeddings.sqlite"  # the resumable store, inside the output folder
 
 
 def file_key(path: str | os.PathLike) -> tuple[int, int]:

@@ -27,12 +27,13 @@ from typing import Callable
 import numpy as np
 
 from itae_export import fashion_mnist
-from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.metrics import kmeans_ari, l2_normalize
 from itae_export.errors import InputError
-from itae_export.images import ImageDecodeError, load_image, scan_images
+from itae_export.images import load_images, sample_evenly, scan_images
 from itae_export.model.vit import LayerScale
 from itae_export.onnx.contract import INT8_MIN_ARI, ITAE_DOMAIN, OUTPUT_EMBEDDING, OUTPUT_MASK
-from itae_export.onnx.validate import preprocess, run_onnx, validation_inputs
+from itae_export.onnx.validate import preprocess, validation_inputs
+from itae_export.runtime import run_onnx
 
 # ---------------------------------------------------------------- PyTorch side
 
@@ -177,13 +178,7 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
         root = Path(images_dir)
         files = scan_images(root)
         classes = {p.parent for p in files if p.parent != root}
-        step = max(1, len(files) // n)
-        xs = []
-        for p in files[::step][:n]:
-            try:
-                xs.append(load_image(p, prep))
-            except ImageDecodeError:  # unreadable files are skipped, as in itae-cluster
-                continue
+        _, xs, _ = load_images(sample_evenly(files, n), prep)  # unreadable files are skipped, as in itae-cluster
         k = len(classes) if len(classes) >= 2 else 10
         if len(xs) < 2 * k:
             raise InputError(f"--validate-images: {root} has {len(xs)} readable images; the int8 check needs "
@@ -198,22 +193,6 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
     pick = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
     xs = [preprocess(Image.fromarray(x[i]).convert("RGB"), prep) for i in pick]
     return np.stack(xs), 10, f"{len(xs)} Fashion-MNIST test images ({per_class} per class)"
-
-
-def kmeans_ari(ref: np.ndarray, got: np.ndarray, k: int) -> tuple[float, float]:
-    """(warm-started, independent) ARI between K-Means on ``ref`` and on ``got`` (rows L2-normalised).
-
-    Warm-started: K-Means on ``got`` starts from the centroids of ``ref``, so it measures how far
-    the change moves the assignments, not K-Means' own run-to-run lottery (on 200 Fashion-MNIST
-    images two fp32 runs with other seeds agree with ARI 0.56-0.84 only). Independent: a fresh
-    K-Means on ``got`` with the same seed."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
-    km = KMeans(k, n_init=10, random_state=0).fit(ref)
-    warm = KMeans(k, init=km.cluster_centers_, n_init=1).fit_predict(got)
-    independent = KMeans(k, n_init=10, random_state=0).fit_predict(got)
-    return float(adjusted_rand_score(km.labels_, warm)), float(adjusted_rand_score(km.labels_, independent))
 
 
 def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_images: int = 256,

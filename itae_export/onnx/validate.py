@@ -9,19 +9,19 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.metrics import kmeans_ari, l2_normalize
 from itae_export.errors import InputError
-from itae_export.images import ImageDecodeError, PreprocessSpec, load_image, scan_images, to_rgb
+from itae_export.images import PreprocessSpec, load_images, scan_images, to_rgb
 from itae_export.images import preprocess as _preprocess
 from itae_export.onnx.contract import (
     FP16_MAX_MASK_MISMATCH,
     FP16_MIN_COSINE,
     FP16_REL_TOL,
     FP32_REL_TOL,
-    INPUT_NAME,
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
 )
+from itae_export.runtime import ort_session, run_onnx
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,27 +68,10 @@ def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = Non
         root = Path(images_dir)
         if not root.is_dir():
             raise InputError(f"--validate-images: {root} is not a folder")
-        for path in scan_images(root):
-            try:
-                xs.append(load_image(path, prep))
-                names.append(str(path))
-            except ImageDecodeError:  # unreadable files are skipped here, as in itae-cluster
-                continue
+        ok, arrays, _ = load_images(scan_images(root), prep)  # unreadable files are skipped, as in itae-cluster
+        xs += arrays
+        names += [str(p) for p in ok]
     return np.stack(xs), names
-
-
-def _kmeans_ari(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float | None:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
-
-    n = len(a)
-    k = min(4, n - 1)
-    if k < 2:
-        return None
-    la = KMeans(k, n_init=10, random_state=seed).fit_predict(l2_normalize(a))
-    lb = KMeans(k, n_init=10, random_state=seed).fit_predict(l2_normalize(b))
-    return float(adjusted_rand_score(la, lb))
 
 
 def compare(ref_emb, ref_mask, got_emb, got_mask, precision: str = "fp32") -> dict:
@@ -113,7 +96,8 @@ def compare(ref_emb, ref_mask, got_emb, got_mask, precision: str = "fp32") -> di
         "artifacts_per_input": [int(v) for v in np.asarray(ref_mask).sum(1)],
         "finite": finite,
     }
-    report["kmeans_ari"] = _kmeans_ari(ref_emb, got_emb) if finite else None
+    k = min(4, len(ref_emb) - 1)  # independent K-Means runs on both, the same seed
+    report["kmeans_ari"] = kmeans_ari(l2_normalize(ref_emb), l2_normalize(got_emb), k)[1] if finite and k >= 2 else None
     if precision == "fp32":
         tol = {"rel_max_abs_diff": FP32_REL_TOL, "mask_mismatch": 0}
         failure = None
@@ -140,26 +124,6 @@ def compare(ref_emb, ref_mask, got_emb, got_mask, precision: str = "fp32") -> di
     return report
 
 
-def onnx_session(path: str | os.PathLike, providers=None):
-    """A plain InferenceSession (no custom-op library), ORT's log quiet."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 8, providers=None) -> dict[str, np.ndarray]:
-    """All outputs of the graph (a path, or a session from :func:`onnx_session`) over ``x``, in batches."""
-    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session, providers)
-    names = [o.name for o in sess.get_outputs()]
-    chunks: dict[str, list] = {n: [] for n in names}
-    for i in range(0, len(x), batch_size):
-        for n, v in zip(names, sess.run(names, {INPUT_NAME: x[i : i + batch_size]})):
-            chunks[n].append(v)
-    return {n: np.concatenate(v) for n, v in chunks.items()}
-
-
 def run_torch(model, x: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
     import torch
 
@@ -183,7 +147,7 @@ def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Ca
     """Compare ONNX Runtime with the PyTorch ITAE model; the report also says which inputs were used.
     ``reference``: a :func:`torch_reference` already computed for this model and manifest."""
     x, names, ref = reference or torch_reference(model, manifest, images_dir)
-    sess = onnx_session(onnx_path)
+    sess = ort_session(onnx_path)
     report = None
     per_batch = {}
     for bs in batch_sizes:
