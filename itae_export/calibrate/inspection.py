@@ -269,8 +269,31 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
     sample = compute_norms(im, root, paths, batch_size=batch_size)
     sug = suggest_theta(sample.norms)
     cur = im.options.theta
+    result = _norms_record(im, sample, sug, root, random_weights, source)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{im.spec.name} ({'random weights' if random_weights else Path(im.weights.split(' ')[0]).name}), "
+             f"{len(sample.paths)} images from {root.name}/")
+    plot_norm_histogram(sample, out / HIST_NAME, theta=cur, suggestion=sug, title=title)
+    result["files"]["histogram"] = HIST_NAME
+    if attention:
+        n_att = max(1, min(attention_images, len(sample.paths)))
+        att_paths = [root / p for p in sample_evenly(sample.paths, n_att)]
+        maps = attention_maps(im, root, att_paths, backend=attention_backend, log=log)
+        plot_attention(maps, out / ATTENTION_NAME, num_register_tokens=sample.num_register_tokens, grid=sample.grid,
+                       title=f"{im.spec.name}: CLS attention of the last block, mean over heads "
+                             f"(theta {cur:g}, {maps.backend})")
+        result["attention"] = _attention_record(maps, sample.num_register_tokens)
+        result["files"]["attention"] = ATTENTION_NAME
+    atomic_write_json(out / JSON_NAME, result)
+    result["out_dir"] = str(out.resolve())
+    return result
+
+
+def _norms_record(im: InspectModel, sample: NormSample, sug, root: Path, random_weights: bool, source: str) -> dict:
+    """inspect.json without its pictures: the norms, the suggestion, the artifact counts."""
+    cur = im.options.theta
     flat = sample.norms.ravel()
-    result: dict = {
+    return {
         "model": im.spec.name,
         "weights": im.weights,
         "random_weights": bool(random_weights),
@@ -298,38 +321,24 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
         },
         "files": {},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    title = (f"{im.spec.name} ({'random weights' if random_weights else Path(im.weights.split(' ')[0]).name}), "
-             f"{len(sample.paths)} images from {root.name}/")
-    plot_norm_histogram(sample, out / HIST_NAME, theta=cur, suggestion=sug, title=title)
-    result["files"]["histogram"] = HIST_NAME
-    if attention:
-        n_att = max(1, min(attention_images, len(sample.paths)))
-        idx = np.linspace(0, len(sample.paths) - 1, n_att).round().astype(int)
-        att_paths = [root / sample.paths[i] for i in sorted(set(idx.tolist()))]
-        maps = attention_maps(im, root, att_paths, backend=attention_backend, log=log)
-        plot_attention(maps, out / ATTENTION_NAME, num_register_tokens=sample.num_register_tokens, grid=sample.grid,
-                       title=f"{im.spec.name}: CLS attention of the last block, mean over heads "
-                             f"(theta {cur:g}, {maps.backend})")
-        R = sample.num_register_tokens
-        result["attention"] = {
-            "backend": maps.backend,
-            "source": ("cls_attention output of exported ONNX models (ITAE and --no-itae), ONNX Runtime CPU"
-                       if maps.backend == "onnx" else "cls_attention of the PyTorch model (ITAE and disabled)"),
-            "images": maps.paths,
-            "attention_on_artifacts": {
-                "original": [float(a[1:][m].sum()) for a, m in zip(maps.original, maps.artifact_mask)],
-                "itae": [float(a[1:][m].sum()) for a, m in zip(maps.itae, maps.artifact_mask)],
-            },
-            "attention_on_registers": {
-                "original": [float(a[1:1 + R].sum()) for a in maps.original],
-                "itae": [float(a[1:1 + R].sum()) for a in maps.itae],
-            },
-        }
-        result["files"]["attention"] = ATTENTION_NAME
-    atomic_write_json(out / JSON_NAME, result)
-    result["out_dir"] = str(out.resolve())
-    return result
+
+
+def _attention_record(maps: AttentionMaps, R: int) -> dict:
+    """The attention part of inspect.json: CLS attention on the artifacts and on the registers."""
+    return {
+        "backend": maps.backend,
+        "source": ("cls_attention output of exported ONNX models (ITAE and --no-itae), ONNX Runtime CPU"
+                   if maps.backend == "onnx" else "cls_attention of the PyTorch model (ITAE and disabled)"),
+        "images": maps.paths,
+        "attention_on_artifacts": {
+            "original": [float(a[1:][m].sum()) for a, m in zip(maps.original, maps.artifact_mask)],
+            "itae": [float(a[1:][m].sum()) for a, m in zip(maps.itae, maps.artifact_mask)],
+        },
+        "attention_on_registers": {
+            "original": [float(a[1:1 + R].sum()) for a in maps.original],
+            "itae": [float(a[1:1 + R].sum()) for a in maps.itae],
+        },
+    }
 
 
 def format_result(result: dict) -> str:

@@ -194,8 +194,46 @@ def suggest_theta(norms) -> ThetaSuggestion:
     pad = 0.05 * (x.max() - x.min())
     grid = np.linspace(x.min() - pad, x.max() + pad, GRID)
     kde, bw = _kde_on_grid(x, grid)
+    best = _deepest_valley(x, grid, kde, bw, n_total)
+    mix, t = _thresholds(x, grid, kde, best)
+    theta_log = t["theta"]
+    n_below = int((x_all <= theta_log).sum())
+    minority = min(n_below, n_total - n_below)
+    share = minority / n_total
+    valley_depth = best["depth"] if best is not None else 0.0
+    dip_z = best["z"] if best is not None else 0.0
 
-    # 1. candidate valleys of the empirical density, scored by depth; the minority side must be populated
+    def moved(t_other: float) -> float:
+        """Points the other threshold would put on the other side, relative to the minority."""
+        a, b = sorted((theta_log, t_other))
+        return float(((x > a) & (x <= b)).sum()) / x.size / max(share, 1e-12)
+
+    disagreement = moved(t["kde"])
+    # Otsu is a weak check on a 1 % minority (it favours balanced splits): it only costs 10 % when it disagrees
+    otsu_agrees = moved(t["otsu"]) < 0.5
+    terms = {
+        "separation": float(np.clip((mix.ashman_d - MIN_ASHMAN_D) / 2.0, 0, 1)),
+        "valley": float(np.clip((valley_depth - MIN_VALLEY_DEPTH) / (1 - MIN_VALLEY_DEPTH), 0, 1)),
+        "noise": float(np.clip((dip_z - MIN_DIP_Z) / MIN_DIP_Z, 0, 1)),
+        "minority": float(np.clip(share / 0.005, 0, 1)) * float(minority >= MIN_MINORITY_COUNT),
+        "agreement": float(np.clip(1 - disagreement, 0, 1)),
+    }
+    confidence = float(np.prod(list(terms.values())) ** 0.2) * (1.0 if otsu_agrees else 0.9)
+    theta = float(math.exp(theta_log))
+    reasons = _not_bimodal_reasons(best, valley_depth, dip_z, mix.ashman_d, minority, share)
+    warning = None
+    if reasons:
+        warning = ("no bimodality in the norms: " + "; ".join(reasons) +
+                   f". The suggested theta {theta:.3g} is not meaningful; the paper saw no bimodality for DINOv2 "
+                   "ViT-S/14 without registers either, and did not apply ITAE there.")
+        confidence = min(confidence, 0.2)
+    stats = _stats(x, x_all, bw, mix, t, valley_depth, dip_z, disagreement, otsu_agrees, n_below, share, terms)
+    return ThetaSuggestion(theta, confidence, "gmm-valley(log-norms), checked by kde-valley and otsu", not reasons,
+                           stats, warning)
+
+
+def _deepest_valley(x: np.ndarray, grid: np.ndarray, kde: np.ndarray, bw: float, n_total: int) -> dict | None:
+    """The candidate valley of the empirical density with the deepest dip, whose minority side is populated."""
     best = None
     for vi in _valleys(kde):
         t = float(grid[vi])
@@ -212,56 +250,40 @@ def suggest_theta(norms) -> ThetaSuggestion:
         z = (n_peak - n_val) / math.sqrt(max(n_peak + n_val, 1))
         if best is None or depth > best["depth"]:
             best = {"i": vi, "t": t, "depth": depth, "z": z, "n_peak": n_peak, "n_valley": n_val}
+    return best
 
-    # 2. a two-Gaussian mixture, started from the split at that valley (or from the median/tail)
+
+def _thresholds(x: np.ndarray, grid: np.ndarray, kde: np.ndarray, best: dict | None):
+    """(two-Gaussian mixture, log thresholds: gmm valley, kde valley, otsu, and the chosen theta).
+
+    The mixture starts from the split at the empirical valley (or from the median and the tail).
+    Theta is the mixture's valley when it falls inside the empirical valley's basin, else the
+    empirical one."""
     if best is not None:
         mix = _em2(x, *_split_start(x, best["t"]))
     else:
         mix = _em2(x, [0.99, 0.01], [np.quantile(x, 0.5), np.quantile(x, 0.995)], [x.std(), x.std() / 4])
-    ashman_d = mix.ashman_d
     m_lo, m_hi = mix.means
     idx = np.flatnonzero((grid > m_lo) & (grid < m_hi))
-    t_gmm_log = float(grid[idx[np.argmin(mix.pdf(grid[idx]))]]) if idx.size >= 3 else float((m_lo + m_hi) / 2)
-    t_kde_log = best["t"] if best is not None else t_gmm_log
-    t_otsu_log = _otsu(x)
-    valley_depth = best["depth"] if best is not None else 0.0
-    dip_z = best["z"] if best is not None else 0.0
-
-    # theta: the mixture's valley when it falls inside the empirical valley's basin, else the empirical one
-    theta_log = t_gmm_log
+    t_gmm = float(grid[idx[np.argmin(mix.pdf(grid[idx]))]]) if idx.size >= 3 else float((m_lo + m_hi) / 2)
+    t_kde = best["t"] if best is not None else t_gmm
+    theta = t_gmm
     if best is not None:
         half_depth = kde[best["i"]] + 0.5 * (min(kde[: best["i"] + 1].max(), kde[best["i"]:].max()) - kde[best["i"]])
         basin = np.flatnonzero(kde <= half_depth)
-        j = np.searchsorted(grid, t_gmm_log)
+        j = np.searchsorted(grid, t_gmm)
         run_lo, run_hi = best["i"], best["i"]
         while run_lo - 1 >= 0 and kde[run_lo - 1] <= half_depth:
             run_lo -= 1
         while run_hi + 1 < grid.size and kde[run_hi + 1] <= half_depth:
             run_hi += 1
         if basin.size == 0 or not (run_lo <= j <= run_hi):
-            theta_log = t_kde_log
-    theta = float(math.exp(theta_log))
-    n_below = int((x_all <= theta_log).sum())
-    n_above = n_total - n_below
-    minority = min(n_below, n_above)
-    share = minority / n_total
+            theta = t_kde
+    return mix, {"gmm": t_gmm, "kde": t_kde, "otsu": _otsu(x), "theta": theta}
 
-    def moved(t_other: float) -> float:
-        """Points the other threshold would put on the other side, relative to the minority."""
-        a, b = sorted((theta_log, t_other))
-        return float(((x > a) & (x <= b)).sum()) / x.size / max(share, 1e-12)
 
-    disagreement = moved(t_kde_log)
-    # Otsu is a weak check on a 1 % minority (it favours balanced splits): it only costs 10 % when it disagrees
-    otsu_agrees = moved(t_otsu_log) < 0.5
-
-    c_sep = float(np.clip((ashman_d - MIN_ASHMAN_D) / 2.0, 0, 1))
-    c_valley = float(np.clip((valley_depth - MIN_VALLEY_DEPTH) / (1 - MIN_VALLEY_DEPTH), 0, 1))
-    c_noise = float(np.clip((dip_z - MIN_DIP_Z) / MIN_DIP_Z, 0, 1))
-    c_share = float(np.clip(share / 0.005, 0, 1)) * float(minority >= MIN_MINORITY_COUNT)
-    c_agree = float(np.clip(1 - disagreement, 0, 1))
-    confidence = float((c_sep * c_valley * c_noise * c_share * c_agree) ** 0.2) * (1.0 if otsu_agrees else 0.9)
-
+def _not_bimodal_reasons(best, valley_depth: float, dip_z: float, ashman_d: float, minority: int,
+                         share: float) -> list[str]:
     reasons = []
     if best is None:
         reasons.append("the density of the norms has no valley with enough tokens beyond it")
@@ -274,16 +296,14 @@ def suggest_theta(norms) -> ThetaSuggestion:
         reasons.append(f"the two fitted Gaussians overlap (Ashman's D {ashman_d:.2f} <= {MIN_ASHMAN_D})")
     if minority < MIN_MINORITY_COUNT or share < MIN_MINORITY_SHARE:
         reasons.append(f"the minority side holds only {minority} tokens ({share:.3%})")
-    bimodal = not reasons
-    warning = None
-    if not bimodal:
-        warning = ("no bimodality in the norms: " + "; ".join(reasons) +
-                   f". The suggested theta {theta:.3g} is not meaningful; the paper saw no bimodality for DINOv2 "
-                   "ViT-S/14 without registers either, and did not apply ITAE there.")
-        confidence = min(confidence, 0.2)
+    return reasons
 
-    stats = {
-        "n": n_total,
+
+def _stats(x, x_all, bw, mix, t: dict, valley_depth: float, dip_z: float, disagreement: float, otsu_agrees: bool,
+           n_below: int, share: float, terms: dict) -> dict:
+    """The record of how the suggestion was reached (ThetaSuggestion.stats)."""
+    return {
+        "n": int(x_all.size),
         "n_fit": int(x.size),
         "space": "log-norm",
         "components": [
@@ -291,22 +311,19 @@ def suggest_theta(norms) -> ThetaSuggestion:
              "sd_log": float(mix.sds[i]), "weight": float(mix.weights[i])}
             for i in (0, 1)
         ],
-        "ashman_d": ashman_d,
+        "ashman_d": mix.ashman_d,
         "valley_depth": float(valley_depth),
         "dip_z": float(dip_z),
         "kde_bandwidth_log": float(bw),
         "bimodality_coefficient": _bimodality_coefficient(x),
-        "theta_gmm_valley": float(math.exp(t_gmm_log)),
-        "theta_kde_valley": float(math.exp(t_kde_log)),
-        "theta_otsu": float(math.exp(t_otsu_log)),
+        "theta_gmm_valley": float(math.exp(t["gmm"])),
+        "theta_kde_valley": float(math.exp(t["kde"])),
+        "theta_otsu": float(math.exp(t["otsu"])),
         "threshold_disagreement": float(disagreement),
         "otsu_agrees": bool(otsu_agrees),
         "n_below": n_below,
-        "n_above": n_above,
+        "n_above": int(x_all.size) - n_below,
         "minority_share": float(share),
-        "confidence_terms": {"separation": c_sep, "valley": c_valley, "noise": c_noise, "minority": c_share,
-                             "agreement": c_agree},
+        "confidence_terms": terms,
         "norm_quantiles": {q: float(np.exp(np.quantile(x_all, float(q)))) for q in ("0.01", "0.5", "0.99", "0.999")},
     }
-    return ThetaSuggestion(theta, confidence, "gmm-valley(log-norms), checked by kde-valley and otsu", bimodal,
-                           stats, warning)

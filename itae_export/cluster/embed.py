@@ -145,13 +145,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         model_id = model_id or model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()
-        skipped: dict[str, str] = {}
-        keys: dict[str, tuple[int, int]] = {}
-        for r, p in zip(rel, paths):
-            try:
-                keys[r] = file_key(p)
-            except OSError as e:
-                skipped[r] = f"cannot stat: {e.strerror or e}"
+        keys, skipped = _file_keys(rel, paths)
         done = store.lookup(model_id, keys) if store is not None else {}
         todo = [(r, p) for r, p in zip(rel, paths) if r in keys and r not in done]
         n_reused = len(done)
@@ -168,16 +162,33 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         if own_store:
             store.close()
 
-    vectors = {**done, **new_vecs}
-    good = [r for r in rel if r in vectors]
-    dim = next(iter(vectors.values())).shape[0] if vectors else int(manifest.get("embed_dim") or 0)
-    emb = np.stack([vectors[r] for r in good]).astype(np.float32) if good else np.zeros((0, dim), np.float32)
+    good, emb = _in_scan_order(rel, {**done, **new_vecs}, int(manifest.get("embed_dim") or 0))
     return EmbedResult(
         root=root, paths=good, embeddings=emb,
         skipped=[(r, skipped[r]) for r in rel if r in skipped],
         n_found=len(rel), n_new=len(new_vecs), n_reused=n_reused, provider=provider, model_id=model_id,
         embed_seconds=embed_seconds, batch_size=batch_size, workers=workers, conversions=dict(conversions),
     )
+
+
+def _file_keys(rel: list[str], paths: list[Path]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(the store key of each file that can be stat'ed, reason for each that cannot)."""
+    keys, skipped = {}, {}
+    for r, p in zip(rel, paths):
+        try:
+            keys[r] = file_key(p)
+        except OSError as e:
+            skipped[r] = f"cannot stat: {e.strerror or e}"
+    return keys, skipped
+
+
+def _in_scan_order(rel: list[str], vectors: dict, dim: int) -> tuple[list[str], np.ndarray]:
+    """(the names that have a vector, in scan order; their vectors as float32 [n, D])."""
+    good = [r for r in rel if r in vectors]
+    if vectors:
+        dim = next(iter(vectors.values())).shape[0]
+    emb = np.stack([vectors[r] for r in good]).astype(np.float32) if good else np.zeros((0, dim), np.float32)
+    return good, emb
 
 
 def _run_pipeline(todo, pre, embed, store, model_id, keys, batch_size, workers, pool, progress,

@@ -19,6 +19,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -171,7 +172,6 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
                  tsne_max_points: int = TSNE_MAX_POINTS, thumb_size: int = THUMB_SIZE, seed: int = 0,
                  workers: int = 4) -> Path:
     """Write ``report.html`` (with ``map.png`` and ``thumbs/``) into an itae-cluster output folder."""
-
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     data = read_cluster_output(out)
@@ -193,25 +193,48 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
     if len(rows) >= 3:
         xy, map_note = embedding_map(emb, map_method, tsne_max_points=tsne_max_points, seed=seed)
         plot_embedding_map(xy, clusters, out / MAP_NAME, labels=labels, breakaway=breakaway)
+    thumbs = _thumbnails(out, root, rows, clusters, dist, k, max_thumbs_per_cluster, thumb_size, workers)
 
-    # thumbnails, nearest to the centroid first
+    parts = _page_head(summary, data, root, out, k, thumb_size)
+    parts += _metrics_html(summary, breakaway, len(rows), map_note)
+    parts.append('<p class="toc">' + " ".join(f'<a href="#c{c}">{c} ({sizes[c]})</a>' for c in range(k)) + "</p>")
+    for c in range(k):
+        parts += _cluster_html(c, sizes[c], rows, root, out, clusters, dist, labels, thumbs)
+    parts.append(f'<p class="muted">Written by itae-export in {time.perf_counter() - t0:.1f} s.</p>')
+    parts.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
+    path = out / REPORT_NAME
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path
+
+
+@dataclass
+class _Thumbs:
+    shown: dict  # cluster -> row indices shown, nearest to the centroid first
+    made: dict  # row index -> whether its thumbnail could be made
+    file_of: dict  # row index -> thumbnail path
+
+
+def _thumbnails(out: Path, root: Path, rows, clusters, dist, k: int, per_cluster: int, size: int,
+                workers: int) -> _Thumbs:
+    """The thumbnails of the images nearest to each centroid, made in a thread pool."""
     thumbs_dir = out / THUMBS_DIR
     thumbs_dir.mkdir(exist_ok=True)
     shown: dict[int, list[int]] = {}
     for c in range(k):
         idx = np.flatnonzero(clusters == c)
-        shown[c] = idx[np.argsort(dist[idx], kind="stable")][:max_thumbs_per_cluster].tolist()
+        shown[c] = idx[np.argsort(dist[idx], kind="stable")][:per_cluster].tolist()
     jobs = []
-    for c, idx in shown.items():
+    for idx in shown.values():
         for i in idx:
-            src = root / rows[i]["path"]
             name = hashlib.sha1(rows[i]["path"].encode("utf-8")).hexdigest()[:16] + ".jpg"
-            jobs.append((i, src, thumbs_dir / name))
+            jobs.append((i, root / rows[i]["path"], thumbs_dir / name))
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        made = dict(zip((j[0] for j in jobs), ex.map(lambda j: _make_thumb(j[1], j[2], thumb_size), jobs)))
-    thumb_of = {i: dst for i, _, dst in jobs}
+        made = dict(zip((j[0] for j in jobs), ex.map(lambda j: _make_thumb(j[1], j[2], size), jobs)))
+    return _Thumbs(shown, made, {i: dst for i, _, dst in jobs})
 
-    # the page
+
+def _page_head(summary: dict, data: dict, root: Path, out: Path, k: int, thumb_size: int) -> list[str]:
+    """The page's head and the table of what was clustered, with which model and method."""
     esc = html.escape
     model = summary.get("model")
     model_name = model.get("name") if isinstance(model, dict) else model
@@ -222,20 +245,26 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
     else:
         itae_txt = str(itae) if itae else "-"
     counts = summary.get("counts", {})
+    n_rows = len(data["rows"])
     kv = [
         ("folder", f'<a href="{esc(_href(root, out))}">{esc(str(root))}</a>'),
         ("model", esc(str(model_name or "-"))),
         ("ITAE", esc(itae_txt)),
-        ("images", esc(f"{len(rows)} clustered" + (f", {counts.get('skipped', len(data['skipped']))} skipped"
-                                                   if counts or data["skipped"] else ""))),
+        ("images", esc(f"{n_rows} clustered" + (f", {counts.get('skipped', len(data['skipped']))} skipped"
+                                                if counts or data["skipped"] else ""))),
         ("clusters", f'<span id="n-clusters">{k}</span> ({esc(_method_name(summary))} on L2-normalised embeddings)'),
     ]
     if data["skipped"]:
         kv[-2] = (kv[-2][0], kv[-2][1] + ' (<a href="skipped.csv">skipped.csv</a>)')
-    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>itae-cluster report: {esc(root.name)}</title>",
-             f"<style>{CSS.replace('THUMB', str(thumb_size))}</style></head><body>",
-             f'<h1>Clusters of {esc(root.name)}/</h1><table class="kv">',
-             *[f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in kv], "</table>"]
+    return [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>itae-cluster report: {esc(root.name)}</title>",
+            f"<style>{CSS.replace('THUMB', str(thumb_size))}</style></head><body>",
+            f'<h1>Clusters of {esc(root.name)}/</h1><table class="kv">',
+            *[f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in kv], "</table>"]
+
+
+def _metrics_html(summary: dict, breakaway, n_rows: int, map_note: str) -> list[str]:
+    esc = html.escape
+    parts = []
     metrics = summary.get("metrics")
     if metrics:
         names = [m for m in ("acc", "nmi", "ari", "many_to_one_acc") if m in metrics]
@@ -247,35 +276,36 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
             parts.append('<p class="muted">Paper protocol: ' + ", ".join(
                 f"{m.upper()} {pp[m]['mean']:.4f} ± {pp[m]['se']:.4f}" for m in ("acc", "nmi", "ari")) + "</p>")
     if breakaway is not None:
-        parts.append(f'<p>Breakaway points: <b id="n-breakaway">{int(breakaway.sum())}</b> of {len(rows)} '
+        parts.append(f'<p>Breakaway points: <b id="n-breakaway">{int(breakaway.sum())}</b> of {n_rows} '
                      "(silhouette &lt; 0 on the true labels, cosine distance on L2-normalised embeddings; paper A1.5)</p>")
     if map_note:
         parts.append(f'<h2>Map of the embeddings</h2><p class="muted">{esc(map_note)}</p>'
                      f'<img class="map" src="{MAP_NAME}" alt="2-D map of the embeddings">')
-    parts.append('<p class="toc">' + " ".join(f'<a href="#c{c}">{c} ({sizes[c]})</a>' for c in range(k)) + "</p>")
-    for c in range(k):
-        idx_all = np.flatnonzero(clusters == c)
-        comp = ""
-        if has_labels and idx_all.size:
-            vals, cnt = np.unique(labels[idx_all], return_counts=True)
-            order = np.argsort(-cnt, kind="stable")[:5]
-            comp = " · labels: " + ", ".join(f"{esc(str(vals[o]))} {cnt[o]}" for o in order)
-        parts.append(f'<section class="cluster" id="c{c}" data-cluster="{c}" data-size="{sizes[c]}">'
-                     f'<h2>Cluster {c}: {sizes[c]} images</h2><p class="muted">nearest to the centroid first'
-                     f"{'; showing ' + str(len(shown[c])) if len(shown[c]) < sizes[c] else ''}{comp}</p>"
-                     '<div class="grid">')
-        for i in shown[c]:
-            rel = rows[i]["path"]
-            title = esc(f"{rel} (distance {dist[i]:.4f}" + (f", label {labels[i]}" if has_labels else "") + ")")
-            href = esc(_href(root / rel, out))
-            if made.get(i):
-                parts.append(f'<a href="{href}" title="{title}"><img class="thumb" src="{THUMBS_DIR}/'
-                             f'{thumb_of[i].name}" alt="{esc(rel)}"></a>')
-            else:
-                parts.append(f'<a href="{href}" title="{title}">no preview</a>')
-        parts.append("</div></section>")
-    parts.append(f'<p class="muted">Written by itae-export in {time.perf_counter() - t0:.1f} s.</p>')
-    parts.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
-    path = out / REPORT_NAME
-    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
-    return path
+    return parts
+
+
+def _cluster_html(c: int, size: int, rows, root: Path, out: Path, clusters, dist, labels, thumbs: _Thumbs) -> list[str]:
+    """One cluster's section: its label composition and its thumbnails."""
+    esc = html.escape
+    idx_all = np.flatnonzero(clusters == c)
+    comp = ""
+    if labels is not None and idx_all.size:
+        vals, cnt = np.unique(labels[idx_all], return_counts=True)
+        order = np.argsort(-cnt, kind="stable")[:5]
+        comp = " · labels: " + ", ".join(f"{esc(str(vals[o]))} {cnt[o]}" for o in order)
+    shown = thumbs.shown[c]
+    parts = [f'<section class="cluster" id="c{c}" data-cluster="{c}" data-size="{size}">'
+             f'<h2>Cluster {c}: {size} images</h2><p class="muted">nearest to the centroid first'
+             f"{'; showing ' + str(len(shown)) if len(shown) < size else ''}{comp}</p>"
+             '<div class="grid">']
+    for i in shown:
+        rel = rows[i]["path"]
+        title = esc(f"{rel} (distance {dist[i]:.4f}" + (f", label {labels[i]}" if labels is not None else "") + ")")
+        href = esc(_href(root / rel, out))
+        if thumbs.made.get(i):
+            parts.append(f'<a href="{href}" title="{title}"><img class="thumb" src="{THUMBS_DIR}/'
+                         f'{thumbs.file_of[i].name}" alt="{esc(rel)}"></a>')
+        else:
+            parts.append(f'<a href="{href}" title="{title}">no preview</a>')
+    parts.append("</div></section>")
+    return parts
