@@ -12,13 +12,14 @@ from pathlib import Path
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [
-    ("itae-export", "itae_export.cli.export"),
-    ("itae-validate", "itae_export.cli.validate"),
-    ("itae-cluster", "itae_export.cli.cluster"),
-    ("itae-inspect", "itae_export.cli.inspect"),
-    ("itae-models", "itae_export.cli.models"),
-]
+
+
+def commands() -> list[tuple[str, str]]:
+    """(console script, module) of every command, from pyproject.toml's [project.scripts]."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return [(name, target.split(":")[0]) for name, target in scripts.items()]
 
 
 def cli_md() -> str:
@@ -26,7 +27,7 @@ def cli_md() -> str:
 
     out = ["# Command-line reference", "",
            "Generated from each command's `--help` by `scripts/gen_docs.py`; a test fails when it is stale.", ""]
-    for name, module in COMMANDS:
+    for name, module in commands():
         cmd = importlib.import_module(module).main
         text = CliRunner().invoke(cmd, ["--help"], prog_name=name, terminal_width=100).output
         out += [f"## {name}", "", "```text", text.rstrip(), "```", ""]
