@@ -30,3 +30,7 @@ class ToleranceError(ITAEError):
 
 class InputError(ITAEError):
     """Bad user input: an option value, a folder, an image set."""
+
+
+class OutputError(ITAEError):
+    """An output that cannot be written: a full disk, a read-only filesystem, a path under a file."""

@@ -2,30 +2,73 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
+from itae_export.errors import OutputError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def describe_os_error(e: OSError) -> str:
+    """A short reason for an OSError, with what to do about the common ones."""
+    hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "a file of that name is in the way"}.get(e.errno)
+    return hint or (e.strerror or str(e))
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """``path`` as an existing folder (created if needed); OutputError in one line if that fails."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{what}: {path} exists and is not a folder") from None
+    except OSError as e:
+        raise OutputError(f"{what}: cannot create the folder {path} ({describe_os_error(e)})") from None
+    return path
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask). Any OSError
+    becomes an OutputError naming the path, and the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ensure_dir(path.parent, "output folder")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

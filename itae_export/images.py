@@ -57,7 +57,7 @@ def scan_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Pa
             return  # a symlink loop, or a second link to a folder already scanned
         seen_dirs.add(key)
         try:
-            entries = list(os.scandir(d))
+            entries = sorted(os.scandir(d), key=lambda e: os.fsencode(e.name))  # the first link found wins, always the same
         except OSError:
             return
         for e in entries:

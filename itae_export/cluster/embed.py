@@ -92,12 +92,13 @@ class FolderScan:
     rel: list[str]
 
     @classmethod
-    def of(cls, folder: str | os.PathLike, paths: list | None = None, exclude: Path | None = None) -> "FolderScan":
-        """Every image under ``folder`` (or the given ``paths``), without those under ``exclude``."""
+    def of(cls, folder: str | os.PathLike, paths: list | None = None, exclude=()) -> "FolderScan":
+        """Every image under ``folder`` (or the given ``paths``), without those at or under ``exclude``."""
         root = Path(os.path.abspath(folder))
         found = scan_images(root) if paths is None else paths
-        if exclude is not None:
-            found = [p for p in found if exclude not in Path(p).resolve().parents]
+        if exclude:
+            out = set(exclude)
+            found = [p for p in found if not ({Path(p).resolve(), *Path(p).resolve().parents} & out)]
         abs_paths = [Path(os.path.abspath(p)) for p in found]
         rel = []
         for p in abs_paths:
@@ -171,7 +172,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     )
 
 
-def _file_keys(rel: list[str], paths: list[Path]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+def _file_keys(rel: list[str], paths: list[Path]) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:
     """(the store key of each file that can be stat'ed, reason for each that cannot)."""
     keys, skipped = {}, {}
     for r, p in zip(rel, paths):
@@ -231,9 +232,13 @@ def _run_pipeline(todo, pre, embed, store, model_id, keys, batch_size, workers, 
             if not batch_rel:
                 continue
             vecs = embed(np.stack(batch_px))
-            if store is not None:
-                store.add(model_id, [(r, *keys[r]) for r in batch_rel], vecs)
-            for r, v in zip(batch_rel, vecs):
+            finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
+            for r in (r for r, ok in zip(batch_rel, finite) if not ok):
+                skipped[r] = "the model returned NaN or inf for this image"
+            good_rel, vecs = [r for r, ok in zip(batch_rel, finite) if ok], vecs[finite]
+            if store is not None and good_rel:
+                store.add(model_id, [(r, *keys[r]) for r in good_rel], vecs)
+            for r, v in zip(good_rel, vecs):
                 new_vecs[r] = v
             bar.update(len(batch_rel))
     finally:

@@ -3,8 +3,6 @@ choose k, cluster (K-Means or a TSP/TEMI head), score against labels, write the 
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -13,14 +11,16 @@ from typing import Callable
 
 import numpy as np
 
+from itae_export.cluster import outputs
 from itae_export.cluster.embed import EmbedResult, FolderScan, default_out_dir, embed_folder, progress_bar
 from itae_export.cluster.evaluation import choose_k, knn_accuracy, neighbour_label_consistency, over_clustering_scores
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
+from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
 from itae_export.cluster.store import STORE_NAME, EmbeddingStore
 from itae_export.errors import InputError
-from itae_export.files import atomic_write_bytes, atomic_write_json
+from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import load_image
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import open_session
@@ -61,20 +61,6 @@ def labels_from_dirs(rel_paths: list[str]) -> list[str]:
         raise InputError(f"--labels-from-dirs: {len(at_root)} images lie directly in the folder, not in a "
                          f"class folder (e.g. {at_root[0]})")
     return [r.rsplit("/", 2)[-2] for r in rel_paths]
-
-
-def _csv_bytes(header: list[str], rows) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue().encode("utf-8")
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def check_k(k, n: int | None = None, what: str = "images") -> None:
@@ -183,23 +169,29 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
 
 
 def _scan(folder, out_dir, opts: ClusterOptions) -> tuple[FolderScan, Path]:
-    """The images of ``folder`` (none under the output folder) and the output folder, created."""
+    """The images of ``folder`` (none of the job's own outputs) and the output folder, created."""
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{folder}: no such folder" if not root.exists() else f"{folder}: not a folder")
     root = root.resolve()
     out_dir = Path(out_dir).resolve() if out_dir is not None else default_out_dir(root)
-    scan = FolderScan.of(root, exclude=out_dir)
+    scan = FolderScan.of(root, exclude=own_outputs(root, out_dir))
     if not scan.paths:
         raise InputError(f"{folder}: no images found (looked recursively for common image extensions)")
     if opts.k != "auto":
         check_k(opts.k, len(scan.paths))
     if opts.use_labels:
         labels_from_dirs(scan.rel)  # fail now, not after embedding
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out: {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     return scan, out_dir
+
+
+def own_outputs(root: Path, out_dir: Path) -> list[Path]:
+    """What the job writes that could look like input: an output folder inside the folder being
+    clustered, or (when --out is that folder or a parent of it) the cache, thumbnails and map."""
+    if out_dir != root and root in out_dir.parents:
+        return [out_dir]
+    return [out_dir / "cache", out_dir / THUMBS_DIR, out_dir / MAP_NAME]
 
 
 def _resolve_k(res: EmbedResult, opts: ClusterOptions, log) -> tuple[int, dict | None]:
@@ -278,11 +270,12 @@ def _score_labels(summary: dict, res: EmbedResult, assign: np.ndarray, k: int, o
 
 
 def _write_outputs(out_dir: Path, res: EmbedResult, columns: dict, summary: dict) -> None:
-    """embeddings.npy first, assignments.csv next, summary.json last: summary marks a complete set."""
-    atomic_write_bytes(out_dir / "embeddings.npy", _npy_bytes(res.embeddings))
-    atomic_write_bytes(out_dir / "assignments.csv", _csv_bytes(list(columns), zip(*columns.values())))
-    _write_skipped(out_dir, res)
-    atomic_write_json(out_dir / "summary.json", summary)
+    """The output set, published as one (see :mod:`itae_export.cluster.outputs`)."""
+    outputs.publish(out_dir, {
+        outputs.EMBEDDINGS: outputs.npy_bytes(res.embeddings),
+        outputs.ASSIGNMENTS: outputs.csv_bytes(list(columns), zip(*columns.values())),
+        outputs.SKIPPED: outputs.csv_bytes(["path", "reason"], res.skipped),
+    }, summary)
 
 
 CLUSTER_METHODS = ("kmeans", "tsp", "temi")
@@ -339,7 +332,7 @@ def _export_head(head_result, res, onnx_path, head_out: Path, manifest: dict, lo
 
 
 def _write_skipped(out_dir: Path, res: EmbedResult) -> None:
-    atomic_write_bytes(out_dir / "skipped.csv", _csv_bytes(["path", "reason"], res.skipped))
+    atomic_write_bytes(out_dir / outputs.SKIPPED, outputs.csv_bytes(["path", "reason"], res.skipped))
 
 
 def format_summary(summary: dict) -> str:

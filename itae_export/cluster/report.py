@@ -12,7 +12,6 @@ Thumbnails are small JPEG files in ``thumbs/`` beside the page (not base64 blobs
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
 import json
@@ -26,6 +25,7 @@ from urllib.parse import quote
 import numpy as np
 
 from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.outputs import read_outputs
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes
 from itae_export.images import to_rgb
@@ -40,23 +40,8 @@ THUMB_SIZE = 112
 
 
 def read_cluster_output(out_dir: str | os.PathLike) -> dict:
-    """summary.json, the rows of assignments.csv, embeddings.npy (same order) and skipped.csv."""
-    out = Path(out_dir)
-    need = ["summary.json", "assignments.csv", "embeddings.npy"]
-    missing = [n for n in need if not (out / n).is_file()]
-    if missing:
-        raise InputError(f"{out}: not an itae-cluster output folder (missing {', '.join(missing)})")
-    summary = json.loads((out / "summary.json").read_text())
-    with open(out / "assignments.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    emb = np.load(out / "embeddings.npy", allow_pickle=False)
-    if len(rows) != len(emb):
-        raise InputError(f"{out}: assignments.csv has {len(rows)} rows but embeddings.npy {len(emb)}")
-    skipped = []
-    if (out / "skipped.csv").is_file():
-        with open(out / "skipped.csv", newline="", encoding="utf-8") as f:
-            skipped = list(csv.DictReader(f))
-    return {"summary": summary, "rows": rows, "embeddings": emb, "skipped": skipped}
+    """The output set of an itae-cluster run, checked to be one set (:func:`~itae_export.cluster.outputs.read_outputs`)."""
+    return read_outputs(out_dir)
 
 
 def breakaway_points(embeddings: np.ndarray, labels) -> np.ndarray:
@@ -129,7 +114,7 @@ def _make_thumb(src: Path, dst: Path, size: int) -> bool:
 def _href(target: Path, base: Path) -> str:
     try:
         rel = os.path.relpath(target, base)
-        return quote(Path(rel).as_posix())
+        return quote(os.fsencode(Path(rel).as_posix()))  # any name: its bytes, percent-encoded
     except ValueError:  # another drive (Windows)
         return target.as_uri()
 
@@ -203,7 +188,7 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
     parts.append(f'<p class="muted">Written by itae-export in {time.perf_counter() - t0:.1f} s.</p>')
     parts.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
     path = out / REPORT_NAME
-    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8", errors="replace"))  # undecodable name bytes show as U+FFFD
     return path
 
 
@@ -226,7 +211,7 @@ def _thumbnails(out: Path, root: Path, rows, clusters, dist, k: int, per_cluster
     jobs = []
     for idx in shown.values():
         for i in idx:
-            name = hashlib.sha1(rows[i]["path"].encode("utf-8")).hexdigest()[:16] + ".jpg"
+            name = hashlib.sha1(os.fsencode(rows[i]["path"])).hexdigest()[:16] + ".jpg"
             jobs.append((i, root / rows[i]["path"], thumbs_dir / name))
     with ThreadPoolExecutor(max(1, workers)) as ex:
         made = dict(zip((j[0] for j in jobs), ex.map(lambda j: _make_thumb(j[1], j[2], size), jobs)))

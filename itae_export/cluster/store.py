@@ -4,87 +4,141 @@ Why SQLite rather than shard files plus an index: a commit is atomic and durable
 so a Ctrl-C or a SIGKILL mid-batch loses at most that batch and never leaves a half-written row
 or a torn index; lookups by path are indexed; it is one file in the standard library.
 
-A row is keyed by (model id, relative path) and stores the file's size and mtime (ns): a row is
-reused only when all four still match, so a changed file is embedded again and a different model
-never reuses another model's rows.
+A row is keyed by (model id, relative path) and stores the file's size, mtime and ctime (ns): a
+row is reused only when all of them still match, so a changed file is embedded again (also after
+``cp -p`` or rsync, which keep the mtime but not the ctime) and a different model never reuses
+another model's rows.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-from itae_export.errors import InputError
-from itae_export.files import sha256_of_files
-from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
-from itae_export.onnx.manifest import manifest_path
+from itae_export.errors import InputError, OutputError
+from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX, METADATA_KEY
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the key holds the ctime too; a store of another schema is emptied (it is a cache)
 STORE_NAME = "cache/embeddings.sqlite"  # the resumable store, inside the output folder
 
 
-def file_key(path: str | os.PathLike) -> tuple[int, int]:
-    """(size, mtime_ns) of a file, the part of the key that detects a changed file."""
+def file_key(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(size, mtime_ns, ctime_ns) of a file, the part of the key that detects a changed file."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _db_name(rel: str) -> str:
+    """A relative path as stored: itself, or for a name that is not valid UTF-8 (Linux names are
+    bytes) NUL + the hex of its bytes. No file name holds a NUL, so the two never collide."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return "\0" + os.fsencode(rel).hex()
+
+
+def _from_db_name(name: str) -> str:
+    return os.fsdecode(bytes.fromhex(name[1:])) if name.startswith("\0") else name
 
 
 def model_fingerprint(onnx_path: str | os.PathLike, cache: "EmbeddingStore | None" = None) -> str:
-    """sha256 over the .onnx file, its external-data files and its sidecar manifest.
+    """The identity of what a model computes: sha256 over its graph (without the metadata, which
+    holds the export's time) and external data, and the preprocessing of its embedded manifest.
 
-    Hashing a multi-GB model takes seconds, so with ``cache`` the digest is remembered against
-    the files' (path, size, mtime_ns).
+    Re-exporting the same model gives the same fingerprint, so stored embeddings stay valid; a
+    change of weights, options or preprocessing gives another. Hashing a multi-GB model takes
+    seconds, so with ``cache`` the digest is remembered against the files' (path, size, mtime_ns).
     """
+    import onnx
+
     onnx_path = Path(onnx_path).resolve()
     parts = [onnx_path]
     for suffix in (".onnx" + EXTERNAL_DATA_SUFFIX, ".onnx_data", EXTERNAL_DATA_SUFFIX):
         p = onnx_path.with_name(onnx_path.stem + suffix)
         if p.is_file() and p != onnx_path:
             parts.append(p)
-    side = manifest_path(onnx_path)
-    if side.is_file():
-        parts.append(side)
     stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
     if cache is not None:
         hit = cache.get_meta("fingerprint:" + stamp)
         if hit:
             return hit
-    digest = "sha256:" + sha256_of_files(parts)
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own types
+        raise InputError(f"{onnx_path}: not a readable ONNX model ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    del proto.metadata_props[:]
+    h = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    prep = json.loads(meta[METADATA_KEY]).get("preprocessing") if METADATA_KEY in meta else None
+    h.update(json.dumps(prep, sort_keys=True).encode())
+    for p in parts[1:]:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    digest = "sha256:" + h.hexdigest()
     if cache is not None:
         cache.set_meta("fingerprint:" + stamp, digest)
     return digest
 
 
+def store_error(path: Path, e: Exception) -> Exception:
+    """One line that tells a corrupt store from a full disk or a read-only one."""
+    msg = str(e)
+    low = msg.lower()
+    code = getattr(e, "sqlite_errorcode", None)
+    if "full" in low or getattr(e, "errno", None) == errno.ENOSPC or code == 13:  # SQLITE_FULL
+        return OutputError(f"{path}: the disk is full; the embedding store is intact: free some space and run "
+                           "the same command again to resume")
+    if "readonly" in low or "read-only" in low or code in (8,):  # SQLITE_READONLY
+        return OutputError(f"{path}: the embedding store cannot be written (read-only filesystem or no "
+                           "permission); choose another --out")
+    if "unable to open" in low or code == 14:  # SQLITE_CANTOPEN
+        return OutputError(f"{path}: the embedding store cannot be opened (no permission, or its folder is not "
+                           "writable); choose another --out")
+    if "malformed" in low or "not a database" in low or "corrupt" in low or code in (11, 26):
+        return InputError(f"{path}: the embedding store is corrupt ({msg}); delete it to start afresh "
+                          "(its stored embeddings are then computed again)")
+    return OutputError(f"{path}: embedding store error ({msg})")
+
+
 class EmbeddingStore:
-    """Embeddings keyed by (model_id, path, size, mtime_ns), committed one batch at a time."""
+    """Embeddings keyed by (model_id, path, size, mtime_ns, ctime_ns), committed one batch at a time."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint, never torn
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            schema = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if schema is not None and schema[0] != str(SCHEMA):
+                self.db.execute("DROP TABLE IF EXISTS embeddings")  # an older layout: a cache, recomputed
             self.db.executescript(
                 """
-                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS embeddings (
                     model_id TEXT NOT NULL,
                     path TEXT NOT NULL,
                     size INTEGER NOT NULL,
                     mtime_ns INTEGER NOT NULL,
+                    ctime_ns INTEGER NOT NULL,
                     dim INTEGER NOT NULL,
                     vector BLOB NOT NULL,
                     PRIMARY KEY (model_id, path)
                 );
                 """
             )
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
-        except sqlite3.DatabaseError as e:
-            raise InputError(f"{self.path}: not a usable embedding store ({e}); delete it to start afresh") from e
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+        except (sqlite3.Error, OSError) as e:
+            raise store_error(self.path, e) from None
 
     def close(self) -> None:
         self.db.close()
@@ -96,28 +150,42 @@ class EmbeddingStore:
         self.close()
 
     def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
 
-
-    def lookup(self, model_id: str, keys: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
-        """The stored vectors of those ``{path: (size, mtime_ns)}`` whose size and mtime still match."""
+    def lookup(self, model_id: str, keys: dict[str, tuple[int, int, int]]) -> dict[str, np.ndarray]:
+        """The stored vectors of those ``{path: file_key}`` whose size, mtime and ctime still match."""
         out: dict[str, np.ndarray] = {}
-        cur = self.db.execute("SELECT path, size, mtime_ns, vector FROM embeddings WHERE model_id = ?", (model_id,))
-        for path, size, mtime_ns, blob in cur:
-            if keys.get(path) == (size, mtime_ns):
-                out[path] = np.frombuffer(blob, dtype=np.float32).copy()
+        try:
+            cur = self.db.execute("SELECT path, size, mtime_ns, ctime_ns, vector FROM embeddings WHERE model_id = ?",
+                                  (model_id,))
+            for name, size, mtime_ns, ctime_ns, blob in cur:
+                path = _from_db_name(name)
+                if keys.get(path) == (size, mtime_ns, ctime_ns):
+                    out[path] = np.frombuffer(blob, dtype=np.float32).copy()
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
         return out
 
-    def add(self, model_id: str, rows: list[tuple[str, int, int]], vectors: np.ndarray) -> None:
+    def add(self, model_id: str, rows: list[tuple[str, int, int, int]], vectors: np.ndarray) -> None:
         """Store one batch in one transaction: all of it or (after a crash) none of it."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(rows) != len(vectors):
             raise ValueError("rows and vectors differ in length")
-        data = [(model_id, p, int(s), int(m), int(v.shape[0]), v.tobytes()) for (p, s, m), v in zip(rows, vectors)]
-        with self.db:  # isolation_level=None: explicit transaction
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?, ?)", data)
+        data = [(model_id, _db_name(p), int(s), int(m), int(c), int(v.shape[0]), v.tobytes())
+                for (p, s, m, c), v in zip(rows, vectors)]
+        try:
+            with self.db:  # isolation_level=None: explicit transaction
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?, ?, ?)", data)
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
