@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError
-from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING
+from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
@@ -118,11 +118,38 @@ def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op
         if device == "cuda":
             raise InputError(f"--device cuda: the session fell back to {got} (CUDA EP did not load)")
         why = f"{provider} did not load"
-    names = [i.name for i in sess.get_inputs()]
-    if INPUT_NAME not in names or OUTPUT_EMBEDDING not in [o.name for o in sess.get_outputs()]:
-        raise InputError(f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_EMBEDDING!r}, "
-                         f"found inputs {names}")
+    problem = contract_problem(sess)
+    if problem:
+        raise InputError(f"{onnx_path}: not an itae-export encoder: {problem} (see docs/onnx-contract.md)")
     return Session(sess, got, why)
+
+
+def contract_problem(sess) -> str | None:
+    """What in a session's inputs and outputs breaks the encoder contract, or None: input
+    ``pixel_values`` float32/float16 [batch, 3, H, W] with a dynamic batch; output ``embedding``
+    float32 [batch, D]; ``artifact_mask`` bool [batch, T-1] where present."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = {o.name: o for o in sess.get_outputs()}
+    x = inputs.get(INPUT_NAME)
+    if x is None:
+        return f"no input {INPUT_NAME!r} (inputs: {', '.join(inputs) or 'none'})"
+    if len(inputs) != 1:
+        return f"{len(inputs)} inputs ({', '.join(inputs)}); the contract has one, {INPUT_NAME!r}"
+    if x.type not in ("tensor(float)", "tensor(float16)"):
+        return f"input {INPUT_NAME!r} is {x.type}, not float32 or float16"
+    if len(x.shape) != 4 or x.shape[1] != 3:
+        return f"input {INPUT_NAME!r} has shape {x.shape}, not [batch, 3, H, W]"
+    if isinstance(x.shape[0], int) and x.shape[0] > 0:
+        return f"input {INPUT_NAME!r} has a fixed batch of {x.shape[0]}, not a dynamic one"
+    emb = outputs.get(OUTPUT_EMBEDDING)
+    if emb is None:
+        return f"no output {OUTPUT_EMBEDDING!r} (outputs: {', '.join(outputs) or 'none'})"
+    if emb.type != "tensor(float)" or len(emb.shape) != 2:
+        return f"output {OUTPUT_EMBEDDING!r} is {emb.type} {emb.shape}, not float32 [batch, D]"
+    mask = outputs.get(OUTPUT_MASK)
+    if mask is not None and (mask.type != "tensor(bool)" or len(mask.shape) != 2):
+        return f"output {OUTPUT_MASK!r} is {mask.type} {mask.shape}, not bool [batch, T-1]"
+    return None
 
 
 def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 8, providers=None) -> dict[str, np.ndarray]:

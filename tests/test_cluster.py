@@ -173,9 +173,25 @@ def test_labels_need_class_folders(tiny_model, tmp_path):
     assert res.exit_code == 1 and "loose.png" in res.output
 
 
+def _stamp_identity(path: Path, identity: dict) -> None:
+    """Give a copied tiny graph the export identity a real export would record (in the graph and beside it)."""
+    import onnx
+
+    from itae_export.onnx.contract import METADATA_KEY
+
+    proto = onnx.load(str(path))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    manifest = json.loads(prop.value)
+    manifest["identity"] = identity
+    prop.value = json.dumps(manifest, sort_keys=True)
+    onnx.save(proto, str(path))
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+
+
 def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path, monkeypatch):
     import itae_export.onnx.export as export_mod
     from itae_export.registry import ITAEOptions, get_model_spec
+    from itae_export.weights.checkpoints import weights_identity
 
     monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
     spec = get_model_spec("dinov2_vits14")
@@ -185,7 +201,10 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
         calls.append((spec_.name, options, Path(output), kw))
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_model, output)
-        shutil.copy(tiny_model.with_suffix(".json"), Path(output).with_suffix(".json"))
+        req = export_mod.ExportRequest.make(spec_, options, output, resolution=kw["resolution"],
+                                            precision=kw["precision"])
+        _stamp_identity(Path(output), export_mod.export_identity(req, weights_identity(spec_, kw["weights"]),
+                                                                 kw["pos_rule"]))
         return export_mod.ExportResult(Path(output), {})
 
     monkeypatch.setattr(export_mod, "export_onnx", fake_export)
@@ -196,12 +215,42 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
     assert len(calls) == 1 and calls[0][0] == "dinov2_vits14" and calls[0][1].enabled is False
     assert calls[0][2] == expected and calls[0][3]["resolution"] == 56
     assert json.loads((tmp_path / "o1" / "summary.json").read_text())["onnx"] == str(expected.resolve())
-    # second time: the file exists, nothing is exported
+    # second time: the file exists with the same identity, nothing is exported
     res = CliRunner().invoke(cluster_cli, base + ["--no-itae", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0 and len(calls) == 1
     # different ITAE flags name a different file
     res = CliRunner().invoke(cluster_cli, base + ["--theta", "2.5", "--out", str(tmp_path / "o3")])
     assert res.exit_code == 0 and len(calls) == 2 and calls[1][1].theta == 2.5 and calls[1][2] != expected
+
+
+def test_other_weights_are_exported_again_not_reused(fashion, tiny_model, tmp_path, monkeypatch):
+    """--weights A.pth then --weights B.pth: the same file name, but B's run must not use A's export."""
+    import itae_export.onnx.export as export_mod
+    from itae_export.weights.checkpoints import weights_identity
+
+    monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
+    a, b = tmp_path / "A.pth", tmp_path / "B.pth"
+    a.write_bytes(b"weights A")
+    b.write_bytes(b"weights B")
+    calls = []
+
+    def fake_export(spec_, options, output, **kw):
+        calls.append(kw["weights"])
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_model, output)
+        req = export_mod.ExportRequest.make(spec_, options, output, resolution=kw["resolution"],
+                                            precision=kw["precision"])
+        _stamp_identity(Path(output), export_mod.export_identity(req, weights_identity(spec_, kw["weights"]),
+                                                                 kw["pos_rule"]))
+        return export_mod.ExportResult(Path(output), {})
+
+    monkeypatch.setattr(export_mod, "export_onnx", fake_export)
+    base = [str(fashion[0]), "--k", "3", "--model", "vits14", "--resolution", "56"]
+    for i, w in enumerate([a, b, b, a]):
+        res = CliRunner().invoke(cluster_cli, base + ["--weights", str(w), "--out", str(tmp_path / f"o{i}")])
+        assert res.exit_code == 0, res.output
+    assert calls == [str(a), str(b), str(a)]  # the third run (B again) reused B's export
+    assert "exported with another weights" in res.stderr
 
 
 @pytest.mark.cuda

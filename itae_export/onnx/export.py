@@ -274,8 +274,13 @@ def export_onnx(spec_or_name: ModelSpec | str, options: ITAEOptions | None = Non
     ``quantize="int8"``: int8 MatMuls, validated against the fp32 graph on real images.
     """
     req = ExportRequest.make(spec_or_name, options, output, **settings)
+    if model is None or weights is not None:
+        weights_id = checkpoints.weights_identity(req.spec, weights)
+    else:  # an in-memory model: its weights are known only by what the caller says
+        weights_id = f"sha256:{weights_info['sha256']}" if (weights_info or {}).get("sha256") else "in-memory"
     model, weights_info = _load_model(req, model, weights, weights_info, pos_rule, log)
     job = _ExportJob(req, model, weights_info, log)
+    job.manifest["identity"] = export_identity(req, weights_id, pos_rule)
     req.output.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(dir=req.output.parent, prefix=f".{req.output.stem}.", suffix=STAGING_SUFFIX))
     try:
@@ -290,15 +295,42 @@ def export_onnx(spec_or_name: ModelSpec | str, options: ITAEOptions | None = Non
     return ExportResult(req.output, job.manifest, inline_path)
 
 
+def export_identity(req: "ExportRequest", weights_id: str, pos_rule: str | None) -> dict:
+    """Everything that shapes the graph: a cached export is reused only when all of it matches."""
+    from importlib.metadata import version
+
+    return {
+        "model": req.spec.name, "weights": weights_id, "pos_rule": pos_rule, "resolution": req.resolution,
+        "precision": req.precision, "itae": req.options.to_dict(), "optimize": req.optimize,
+        "quantize": req.quantize, "attention_output": req.attention_output, "package_version": __version__,
+        "exporter": {pkg: version(pkg) for pkg in ("torch", "onnx", "onnxscript")},
+    }
+
+
 def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | None = None, precision: str = "fp32",
                   weights: str | None = None, pos_rule: str | None = None, preloaded: dict | None = None,
                   log: Callable[[str], None] = lambda m: None) -> Path:
-    """The exported model for these options under exported/, exported first if it is missing."""
-    path = default_output_path(spec, options, resolution, precision)
+    """The exported model for these options and weights under exported/: reused when everything that
+    shapes the graph matches (:func:`export_identity`), exported (again) otherwise."""
+    req = ExportRequest.make(spec, options, None, resolution=resolution, precision=precision)
+    path = req.output
     if path.is_file():
-        log(f"Using {path}")
-        return path
-    log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
+        want = export_identity(req, checkpoints.weights_identity(spec, weights), pos_rule)
+        try:
+            have = read_manifest(path).get("identity")
+        except InputError as e:
+            have, why = None, str(e)
+        else:
+            why = "it records no export identity" if have is None else None
+        if have is not None:
+            diff = [k for k in want if want[k] != have.get(k)]
+            if not diff:
+                log(f"Using {path}")
+                return path
+            why = f"it was exported with another {', '.join(diff)}"
+        log(f"{path} exists, but {why}: exporting it again")
+    else:
+        log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
     return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
                        precision=precision, log=log, **(preloaded or {})).path
 

@@ -59,6 +59,20 @@ def _short_list(names, limit: int = _MAX_LISTED) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def weights_identity(spec: ModelSpec, weights: str | os.PathLike | None) -> str:
+    """What ``--weights`` names, as a stable string: the official URL, the hub repository, or the
+    sha256 of a local file (or directory). Two exports with the same identity read the same weights."""
+    if weights is None:
+        return f"url:{spec.url}"
+    w = str(weights)
+    if w == "hf" or w.startswith("hf:"):
+        return f"hf:{w[3:] or spec.hf_hub_id}"
+    p = Path(w).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"--weights: {w}: no such file or directory")
+    return "sha256:" + sha256_file(p)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a checkpoint file; of a directory, :func:`~itae_export.files.sha256_of_files` over its
     weight files, sorted."""
@@ -642,7 +656,7 @@ def load_model(
         repo = str(weights)[3:] or None
         path, source = hub.fetch_hf(spec, repo_id=repo, download=download)
     else:
-        path = Path(weights).expanduser()
+        path = Path(os.path.abspath(Path(weights).expanduser()))  # itae-validate may run from elsewhere
         source = str(path)
     raw, fmt = read_checkpoint(path)
     sd = convert_state_dict(raw, fmt, spec)
