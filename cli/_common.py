@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from itae_export.errors import InputError, ITAEError
+from itae_export.errors import InputError, ITAEError, OptionError
 from itae_export.onnx.contract import PRECISIONS
 from itae_export.registry import GROUPS, POS_RULES, ROWS, SOURCES, STRATEGIES, list_models, parse_theta
 
@@ -41,7 +41,7 @@ def weight_flags(f):
                           "or an ONNX file with Hugging Face names). Default: download the official weights."),
         click.option("--pos-rule", type=click.Choice(POS_RULES), default=None,
                      help="Override the position-embedding interpolation rule (default: follows the weights' source)."),
-        click.option("--resolution", type=int, default=None, help="Input height and width, a multiple of the patch size [224]."),
+        click.option("--resolution", type=click.IntRange(min=1), default=None, help="Input height and width, a multiple of the patch size [224]."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
     ]
     for d in reversed(decorators):
@@ -57,15 +57,23 @@ def theta_param(ctx, param, value):
         raise click.BadParameter(str(e).removeprefix("--theta: ")) from None
 
 
+def to_click_error(e: ITAEError) -> click.ClickException:
+    """A library error as one line: exit 2 (usage) for a bad option value, else 1."""
+    if isinstance(e, OptionError):
+        return click.UsageError(str(e))
+    return click.ClickException(str(e))
+
+
 def report_errors(f):
-    """Library errors become one clear line and exit code 1; Ctrl-C exits 130 without a traceback."""
+    """Library errors become one clear line (exit 2 for a bad option, 1 otherwise); Ctrl-C exits 130
+    without a traceback."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
         except ITAEError as e:
-            raise click.ClickException(str(e)) from None
+            raise to_click_error(e) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import click
-from itae_export.cli._common import itae_flags, model_choice, weight_flags
+from itae_export.cli._common import itae_flags, model_choice, to_click_error, weight_flags
 
+from itae_export.cluster.job import MAX_N_INIT
 from itae_export.errors import ITAEError
+from itae_export.images import DEFAULT_MAX_PIXELS
+from itae_export.registry import DEFAULT_CLUSTER_MODEL
 
 EPILOG = """\b
 Examples:
@@ -29,7 +32,8 @@ interruption embeds only the images that are missing or changed.
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
               help="An exported model (.onnx with its .json manifest beside it).")
 @click.option("--model", "model_name", type=model_choice(), metavar="NAME",
-              help="A registry model: uses exported/<name>_<res>_<itae>.onnx, exporting it first if missing. "
+              help="A registry model: uses exported/<name>_<res>_<itae>.onnx, exporting it first if missing or "
+                   f"exported from other weights or options. Default (without --onnx): {DEFAULT_CLUSTER_MODEL}. "
                    "The ITAE and weight flags below apply only with --model.")
 @itae_flags
 @weight_flags
@@ -44,9 +48,14 @@ interruption embeds only the images that are missing or changed.
 @click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
               help="Decode in threads (PIL releases the GIL) or processes.")
 @click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime intra-op threads on CPU (default: ORT's choice, the physical cores).")
+              help="ONNX Runtime intra-op threads on CPU (default: ORT's choice, the physical cores; at most the "
+                   "cores this process may use).")
 @click.option("--seed", type=int, default=0, show_default=True, help="K-Means random state.")
-@click.option("--n-init", type=click.IntRange(min=1), default=10, show_default=True, help="K-Means restarts.")
+@click.option("--n-init", type=click.IntRange(min=1, max=MAX_N_INIT), default=10, show_default=True,
+              help="K-Means restarts.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images with more pixels are skipped before decoding (skipped.csv says so): a decoded image "
+                   "costs 3 bytes a pixel in every decode worker.")
 @click.option("--labels-from-dirs", is_flag=True,
               help="Labels are parent folder names (ImageFolder): adds ACC, NMI and ARI.")
 @click.option("--protocol", type=click.Choice(["paper"]),
@@ -73,7 +82,8 @@ interruption embeds only the images that are missing or changed.
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
-         resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, labels_from_dirs,
+         resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, max_pixels,
+         labels_from_dirs,
          protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
          quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
@@ -93,8 +103,11 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             k = int(k)
         except ValueError:
             raise click.BadParameter(f"{k!r} is not an integer or 'auto'", param_hint="--k") from None
-    if (onnx_path is None) == (model_name is None):
-        raise click.UsageError("give exactly one of --onnx PATH or --model NAME")
+    if onnx_path is not None and model_name is not None:
+        raise click.UsageError("give one of --onnx PATH or --model NAME, not both")
+    if onnx_path is None and model_name is None:
+        model_name = DEFAULT_CLUSTER_MODEL
+        log(f"No --onnx or --model: using {DEFAULT_CLUSTER_MODEL}, the paper's main model (docs/cli-cluster.md)")
     model_flags = {"--theta": theta, "--source": source, "--group": group, "--strategy": strategy, "--rows": rows,
                    "--lsa/--no-lsa": lsa, "--no-itae": no_itae or None, "--weights": weights,
                    "--pos-rule": pos_rule, "--resolution": resolution}
@@ -113,7 +126,8 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             onnx_path = ensure_export(spec, options, resolution=resolution, precision=precision, weights=weights,
                                       pos_rule=pos_rule, preloaded=preloaded, log=log)
         summary = run_cluster_job(
-            folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, batch_size=batch_size, workers=workers,
+            folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, max_pixels=max_pixels, batch_size=batch_size,
+            workers=workers,
             pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
             protocol=protocol, protocol_sets=protocol_sets, protocol_runs=protocol_runs, progress=not quiet,
             method=method, k_max=k_max, k_criterion=k_criterion,
@@ -127,7 +141,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
                    "to resume.", err=True)
         sys.exit(130)
     except ITAEError as e:
-        raise click.ClickException(str(e)) from None
+        raise to_click_error(e) from None
     click.echo(format_summary(summary))
 
 

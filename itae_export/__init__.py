@@ -23,6 +23,8 @@ __all__ = [
     "ITAEError",
     "ITAEOptions",
     "InputError",
+    "OptionError",
+    "OutputError",
     "ModelSpec",
     "ToleranceError",
     "UnknownModelError",

@@ -32,5 +32,9 @@ class InputError(ITAEError):
     """Bad user input: an option value, a folder, an image set."""
 
 
+class OptionError(InputError):
+    """A bad option value or combination (``--flag: ...``): the CLI exits with the usage code, 2."""
+
+
 class OutputError(ITAEError):
     """An output that cannot be written: a full disk, a read-only filesystem, a path under a file."""

@@ -125,11 +125,17 @@ def to_rgb(img, note: list[str] | None = None):
     return img.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(path: str | os.PathLike):
+# Images above this many pixels are refused before decoding (skipped.csv says so): a decoded RGB
+# image costs 3 bytes a pixel in every decode worker. 120 MP covers 108 MP phone photos (~360 MB).
+DEFAULT_MAX_PIXELS = 120_000_000
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """(RGB PIL image, notes): EXIF orientation applied, every mode converted to RGB.
 
-    Raises ImageDecodeError with a reason for a corrupt, truncated, oversized (PIL's
-    decompression-bomb limit) or non-image file.
+    Raises ImageDecodeError with a reason for a corrupt, truncated, oversized (above
+    ``max_pixels``, read from the header before decoding, or PIL's decompression-bomb limit) or
+    non-image file.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -143,6 +149,9 @@ def decode_image(path: str | os.PathLike):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if max_pixels and img.width * img.height > max_pixels:
+                    raise ImageDecodeError(path, f"{img.width}x{img.height} is {img.width * img.height / 1e6:.0f} MP, "
+                                                 f"above --max-pixels {max_pixels}")
                 img.load()  # decode now: a truncated file fails here, not later
                 try:
                     img = ImageOps.exif_transpose(img)
@@ -229,10 +238,10 @@ def load_image(path: str | os.PathLike, preprocessing: PreprocessSpec | dict) ->
         raise ImageDecodeError(path, f"cannot resize: {e}") from None
 
 
-def try_load_image(path: str | os.PathLike, pre: PreprocessSpec):
+def try_load_image(path: str | os.PathLike, pre: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """(pixels [3, H, W] or None, reason or None, conversion notes): one bad image never raises."""
     try:
-        img, notes = decode_image(path)
+        img, notes = decode_image(path, max_pixels)
         return preprocess(img, pre), None, notes
     except ImageDecodeError as e:
         return None, e.reason, []

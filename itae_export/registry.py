@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from itae_export.errors import InputError, UnknownModelError
+from itae_export.errors import OptionError, UnknownModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,6 +231,11 @@ _deit3("deit3_base16", 768, 12, 12, 2.7, "deit_3_base_224_21k.pth", "deit3-b16",
 _deit3("deit3_large16", 1024, 24, 16, 3.25, "deit_3_large_224_21k.pth", "deit3-l16", "deit3_large_patch16_224.fb_in22k_ft_in1k")
 
 
+# itae-cluster without --model or --onnx: DINOv2 ViT-B/14, the paper's main model (Table 1, theta 3.0),
+# a good trade of quality and speed (86 M parameters; ViT-S/14 without registers shows no artifacts)
+DEFAULT_CLUSTER_MODEL = "dinov2_vitb14"
+
+
 def list_models(include_aliases: bool = False) -> list[str]:
     """Canonical model names, sorted; with aliases too when asked (for click.Choice)."""
     names = sorted(_REGISTRY)
@@ -277,9 +282,9 @@ def parse_theta(value, *, allow_auto: bool = False) -> float | str | None:
         try:
             value = float(value)
         except ValueError:
-            raise InputError(f"--theta: {value!r} is not a number" + (" or 'auto'" if allow_auto else "")) from None
+            raise OptionError(f"--theta: {value!r} is not a number" + (" or 'auto'" if allow_auto else "")) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InputError(f"--theta: {value!r} must be a finite number >= 0")
+        raise OptionError(f"--theta: {value!r} must be a finite number >= 0")
     return float(value)
 
 
@@ -298,9 +303,9 @@ class ITAEOptions:
     def __post_init__(self) -> None:
         for opt, allowed in (("source", SOURCES), ("group", GROUPS), ("strategy", STRATEGIES), ("rows", ROWS)):
             if getattr(self, opt) not in allowed:
-                raise InputError(f"--{opt}: {getattr(self, opt)!r} is not one of {', '.join(allowed)}")
+                raise OptionError(f"--{opt}: {getattr(self, opt)!r} is not one of {', '.join(allowed)}")
         if isinstance(self.theta, str):  # only numbers here: "auto" is resolved before options exist
-            raise InputError(f"--theta: {self.theta!r} must be a finite number >= 0")
+            raise OptionError(f"--theta: {self.theta!r} must be a finite number >= 0")
         object.__setattr__(self, "theta", parse_theta(self.theta))
 
     @classmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OptionError
 from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -51,10 +51,18 @@ def cuda_usable() -> tuple[bool, str]:
         return False, f"a CUDA session could not be created ({type(e).__name__})"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """(provider, why) for ``auto``, ``cuda`` or ``cpu``. ``cuda`` where CUDA is unusable is an InputError."""
     if device not in DEVICES:
-        raise InputError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+        raise OptionError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
     if device == "cpu":
         return CPU_EP, "asked for the CPU"
     ok, why = cuda_usable()
@@ -106,7 +114,7 @@ def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op
     """A session for an exported encoder on ``device`` (resolved here, once), its contract checked."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise InputError(f"--onnx: {onnx_path}: no such file")
+        raise OptionError(f"--onnx: {onnx_path}: no such file")
     provider, why = resolve_device(device)
     providers = [CUDA_EP, CPU_EP] if provider == CUDA_EP else [CPU_EP]
     try:

@@ -139,7 +139,7 @@ def test_subprocess_textile_jpegs(tiny_model, tmp_path):
     ("k>n", ["{root}", "--k", "10000", "--onnx", "{model}"], "more than the number of images"),
     ("missing onnx", ["{root}", "--k", "3", "--onnx", "{tmp}/nope.onnx"], "nope.onnx: no such"),
     ("bad device", ["{root}", "--k", "3", "--onnx", "{model}", "--device", "gpu"], "'gpu' is not one of"),
-    ("no model", ["{root}", "--k", "3"], "exactly one of --onnx PATH or --model NAME"),
+    ("both models", ["{root}", "--k", "3", "--onnx", "{model}", "--model", "vits14"], "not both"),
     ("flags with onnx", ["{root}", "--k", "3", "--onnx", "{model}", "--theta", "2"], "--theta: only with --model"),
     ("protocol without labels", ["{root}", "--k", "3", "--onnx", "{model}", "--protocol", "paper"], "--labels-from-dirs"),
     ("missing folder", ["{tmp}/nowhere", "--k", "3", "--onnx", "{model}"], "no such folder"),
@@ -221,6 +221,27 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
     # different ITAE flags name a different file
     res = CliRunner().invoke(cluster_cli, base + ["--theta", "2.5", "--out", str(tmp_path / "o3")])
     assert res.exit_code == 0 and len(calls) == 2 and calls[1][1].theta == 2.5 and calls[1][2] != expected
+
+
+def test_the_everyday_command_uses_the_default_model(fashion, tiny_model, tmp_path, monkeypatch):
+    """`itae-cluster folder/ --k 10`, as the README's first line has it: the default model, exported once."""
+    import itae_export.onnx.export as export_mod
+    from itae_export.registry import DEFAULT_CLUSTER_MODEL
+
+    monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
+    seen = []
+
+    def fake_export(spec_, options, output, **kw):
+        seen.append(spec_.name)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_model, output)
+        return export_mod.ExportResult(Path(output), {})
+
+    monkeypatch.setattr(export_mod, "export_onnx", fake_export)
+    res = CliRunner().invoke(cluster_cli, [str(fashion[0]), "--k", "3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert seen == [DEFAULT_CLUSTER_MODEL] == ["dinov2_vitb14"]
+    assert f"using {DEFAULT_CLUSTER_MODEL}" in res.stderr
 
 
 def test_other_weights_are_exported_again_not_reused(fashion, tiny_model, tmp_path, monkeypatch):

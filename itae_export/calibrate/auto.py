@@ -6,7 +6,7 @@ from typing import Callable
 
 from itae_export.calibrate.inspection import InspectModel, compute_norms, pick_images
 from itae_export.calibrate.theta import suggest_theta
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OptionError
 from itae_export.model.itae import inject_itae
 from itae_export.registry import ITAEOptions, ModelSpec, parse_theta
 from itae_export.weights import checkpoints
@@ -29,8 +29,8 @@ def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = 
     sug = suggest_theta(sample.norms)
     if not sug.bimodal:
         raise InputError(
-            f"--theta auto: the {src} norms of {len(sample.paths)} images in {images_dir} show no "
-            f"bimodality; pass --theta explicitly (the model's default is {spec.theta:g})"
+            f"{images_dir}: the {src} norms of its {len(sample.paths)} images show no bimodality, so --theta auto "
+            f"has no threshold to pick; pass --theta explicitly (the model's default is {spec.theta:g})"
         )
     log(f"--theta auto: {sug.theta:.4g} (confidence {sug.confidence:.2f}, {sug.method}) from {len(sample.paths)} images")
     return float(sug.theta)
@@ -58,7 +58,7 @@ def resolve_options(spec: ModelSpec, *, theta: float | str | None = None, source
     preloaded: dict = {}
     if theta == "auto":
         if calibration_images is None:
-            raise InputError("--theta auto needs calibration images (--calibration-images DIR)")
+            raise OptionError("--theta auto needs calibration images (--calibration-images DIR)")
         theta, preloaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
                                               source=source, log=log)
     elif theta is None and spec.theta_note and enabled:

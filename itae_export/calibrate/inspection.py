@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.calibrate.theta import suggest_theta
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_json
 from itae_export.images import decode_image, load_images, sample_evenly, scan_images
 from itae_export.model import ops
@@ -98,11 +98,11 @@ def load_inspect_model(model: str | ModelSpec, *, weights: str | None = None, ra
     """
     spec = get_model_spec(model) if isinstance(model, str) else model
     if source not in INSPECT_SOURCES:
-        raise InputError(f"--source: {source!r} is not one of {', '.join(INSPECT_SOURCES)}")
+        raise OptionError(f"--source: {source!r} is not one of {', '.join(INSPECT_SOURCES)}")
     options = ITAEOptions.for_model(spec, theta=theta, source=source)
     if random_weights:
         if weights is not None:
-            raise InputError("--random-weights and --weights exclude each other")
+            raise OptionError("--random-weights and --weights exclude each other")
 
         m = init_random_(build_model(spec, options), seed=seed)
         desc = f"random weights (seed {seed})"
@@ -115,18 +115,18 @@ def load_inspect_model(model: str | ModelSpec, *, weights: str | None = None, ra
 def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path, list[Path]]:
     """Every image under ``folder``, or ``max_images`` of them evenly spaced over the sorted scan."""
 
-    root = Path(folder)
+    root = Path(folder).resolve()  # the names below are relative to it, links inside kept as found
     paths = scan_images(root)
     if not paths:
         raise InputError(f"{folder}: no images found")
     if max_images is not None and max_images < 1:
-        raise InputError(f"--max-images: {max_images} must be >= 1")
-    return root.resolve(), sample_evenly(paths, max_images)
+        raise OptionError(f"--max-images: {max_images} must be >= 1")
+    return root, sample_evenly(paths, max_images)
 
 
 def _load_batch(paths: list[Path], root: Path, preprocessing: dict):
     ok, arrays, bad = load_images(paths, preprocessing)
-    rel = lambda p: p.resolve().relative_to(root).as_posix()  # noqa: E731
+    rel = lambda p: Path(os.path.abspath(p)).relative_to(root).as_posix()  # noqa: E731  (a link may point outside)
     return [rel(p) for p in ok], arrays, [(rel(p), reason) for p, reason in bad]
 
 
@@ -219,7 +219,7 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
 
 
     if backend not in ATTENTION_BACKENDS:
-        raise InputError(f"--attention-backend: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        raise OptionError(f"--attention-backend: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     rel, arrays, _ = _load_batch(paths, root, im.spec.preprocessing.to_dict())
     if not arrays:
         raise InputError("no image for the attention maps could be decoded")
@@ -262,7 +262,7 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
     root, paths = pick_images(folder, max_images)
     out = Path(out_dir) if out_dir is not None else root.with_name(root.name + "_inspect")
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a folder")
+        raise OptionError(f"--out: {out} exists and is not a folder")
     im = load_inspect_model(model, weights=weights, random_weights=random_weights, source=source, theta=theta,
                             seed=seed)
     log(f"{im.spec.name}: {im.weights}; {len(paths)} images")

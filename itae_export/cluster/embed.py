@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 
 from itae_export.cluster.store import EmbeddingStore, file_key, model_fingerprint
-from itae_export.errors import InputError
-from itae_export.images import PreprocessSpec, scan_images, try_load_image
+from itae_export.errors import InputError, OptionError
+from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec, scan_images, try_load_image
 from itae_export.onnx.manifest import read_manifest
-from itae_export.runtime import Embedder, open_session
+from itae_export.runtime import Embedder, available_cores, open_session
 
 POOLS = ("thread", "process")
 
@@ -54,7 +54,7 @@ def default_out_dir(folder: str | os.PathLike) -> Path:
 
 def default_workers(provider: str | None = None) -> int:
     """Decode threads: leave a core to ONNX Runtime on CPU; on a GPU, decoding is the bottleneck."""
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if provider == "CUDAExecutionProvider":
         return max(1, min(16, cores - 1))
     return max(1, min(4, cores - 1))
@@ -113,7 +113,8 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
                  scan: FolderScan | None = None, manifest: dict | None = None, store=None,
                  batch_size: int | None = None, workers: int | None = None, pool: str = "thread",
                  device: str = "auto", intra_op_threads: int | None = None, progress: bool = True,
-                 session=None, model_id: str | None = None, log: Callable[[str], None] | None = None) -> EmbedResult:
+                 session=None, model_id: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 log: Callable[[str], None] | None = None) -> EmbedResult:
     """Embed every image under ``folder`` (or the given ``paths``, or an existing ``scan``) with an
     exported model.
 
@@ -124,11 +125,11 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     (the model's :func:`~itae_export.cluster.store.model_fingerprint`) when the caller has them.
     """
     if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size: {batch_size} must be >= 1")
+        raise OptionError(f"--batch-size: {batch_size} must be >= 1")
     if pool not in POOLS:
-        raise InputError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
+        raise OptionError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers: {workers} must be >= 1")
+        raise OptionError(f"--workers: {workers} must be >= 1")
     scan = scan or FolderScan.of(folder, paths)
     root, paths, rel = scan.root, scan.paths, scan.rel
     manifest = manifest or read_manifest(onnx_path)
@@ -156,7 +157,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
             log(f"Reusing {n_reused} stored embeddings; {len(todo)} images to embed")
 
         if todo:
-            _run_pipeline(todo, pre, embed, store, model_id, keys, batch_size, workers, pool, progress,
+            _run_pipeline(todo, pre, max_pixels, embed, store, model_id, keys, batch_size, workers, pool, progress,
                           new_vecs, skipped, conversions)
         embed_seconds = time.perf_counter() - t0
     finally:
@@ -192,7 +193,7 @@ def _in_scan_order(rel: list[str], vectors: dict, dim: int) -> tuple[list[str], 
     return good, emb
 
 
-def _run_pipeline(todo, pre, embed, store, model_id, keys, batch_size, workers, pool, progress,
+def _run_pipeline(todo, pre, max_pixels, embed, store, model_id, keys, batch_size, workers, pool, progress,
                   new_vecs, skipped, conversions) -> None:
     """Decode in a worker pool, a few batches ahead, while the main thread runs inference."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -213,7 +214,7 @@ def _run_pipeline(todo, pre, embed, store, model_id, keys, batch_size, workers, 
                 nxt = next(it, None)
                 if nxt is None:
                     return
-                pending.append((nxt[0], ex.submit(try_load_image, str(nxt[1]), pre)))
+                pending.append((nxt[0], ex.submit(try_load_image, str(nxt[1]), pre, max_pixels)))
 
         fill()
         while pending:

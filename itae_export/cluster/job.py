@@ -19,11 +19,11 @@ from itae_export.cluster.heads import fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
 from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
 from itae_export.cluster.store import STORE_NAME, EmbeddingStore
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
-from itae_export.images import load_image
+from itae_export.images import DEFAULT_MAX_PIXELS, load_image
 from itae_export.onnx.manifest import read_manifest
-from itae_export.runtime import open_session
+from itae_export.runtime import available_cores, open_session
 
 # ---------------------------------------------------------------- clustering
 
@@ -66,7 +66,7 @@ def labels_from_dirs(rel_paths: list[str]) -> list[str]:
 def check_k(k, n: int | None = None, what: str = "images") -> None:
     """k is an integer >= 2 and, when ``n`` is given, at most ``n``."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise InputError(f"--k: {k!r} must be an integer >= 2")
+        raise OptionError(f"--k: {k!r} must be an integer >= 2")
     if n is not None and k > n:
         raise InputError(f"--k: {k} is more than the number of {what} ({n})")
 
@@ -94,19 +94,28 @@ class ClusterOptions:
     head_params: dict | None = None
     head_out: str | os.PathLike | None = None
     knn_reference: str | os.PathLike | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def check(self) -> None:
+        for name, low, high in (("n_init", 1, MAX_N_INIT), ("intra_op_threads", 1, None), ("workers", 1, None),
+                                ("batch_size", 1, None), ("max_pixels", 1, None), ("protocol_sets", 1, None),
+                                ("protocol_runs", 1, None)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low or (high and v > high)):
+                flag = {"intra_op_threads": "threads", "protocol_sets": "sets", "protocol_runs": "runs"}.get(name, name)
+                bound = f"between {low} and {high}" if high else f">= {low}"
+                raise OptionError(f"--{flag.replace('_', '-')}: {v!r} must be an integer {bound}")
         if self.method not in CLUSTER_METHODS:
-            raise InputError(f"--method: {self.method!r} is not one of {', '.join(CLUSTER_METHODS)}")
+            raise OptionError(f"--method: {self.method!r} is not one of {', '.join(CLUSTER_METHODS)}")
         if self.head_out is not None and self.method == "kmeans":
-            raise InputError("--head-out needs --method tsp or temi (K-Means has no head to export)")
+            raise OptionError("--head-out needs --method tsp or temi (K-Means has no head to export)")
         if self.knn_reference is not None and not self.use_labels:
-            raise InputError("--knn-reference scores against the true labels: add --labels-from-dirs")
+            raise OptionError("--knn-reference scores against the true labels: add --labels-from-dirs")
         check_k(self.k_max if self.k == "auto" else self.k)  # the type and lower bound, before any work
         if self.protocol not in (None, "paper"):
-            raise InputError(f"--protocol: {self.protocol!r} is not 'paper'")
+            raise OptionError(f"--protocol: {self.protocol!r} is not 'paper'")
         if self.protocol and not self.use_labels:
-            raise InputError("--protocol paper needs the true labels: add --labels-from-dirs")
+            raise OptionError("--protocol paper needs the true labels: add --labels-from-dirs")
 
 
 @dataclass
@@ -131,6 +140,10 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     log = log or (lambda msg: None)
     opts = ClusterOptions(k=k, **options)
     opts.check()
+    cores = available_cores()
+    if opts.intra_op_threads and opts.intra_op_threads > cores:
+        log(f"--threads {opts.intra_op_threads}: this process may use {cores} cores; using {cores}")
+        opts.intra_op_threads = cores
     t_start = time.perf_counter()
     manifest = read_manifest(onnx_path)
     scan, out_dir = _scan(folder, out_dir, opts)
@@ -140,10 +153,10 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     with EmbeddingStore(out_dir / STORE_NAME) as store:
         res = embed_folder(scan.root, onnx_path, scan=scan, manifest=manifest, store=store,
                            batch_size=opts.batch_size, workers=opts.workers, pool=opts.pool, progress=opts.progress,
-                           session=session, log=log)
+                           session=session, max_pixels=opts.max_pixels, log=log)
     if not res.paths:
         _write_skipped(out_dir, res)
-        raise InputError(f"{folder}: none of the {res.n_found} images could be decoded (see {out_dir / 'skipped.csv'})")
+        raise InputError(f"{folder}: none of the {res.n_found} images could be embedded (see {out_dir / 'skipped.csv'})")
     k, k_auto = _resolve_k(res, opts, log)
     t0 = time.perf_counter()
     clustering = cluster_embeddings(res.embeddings, k, opts)
@@ -279,6 +292,7 @@ def _write_outputs(out_dir: Path, res: EmbedResult, columns: dict, summary: dict
 
 
 CLUSTER_METHODS = ("kmeans", "tsp", "temi")
+MAX_N_INIT = 1000  # K-Means restarts: beyond this, time grows with no gain
 
 
 def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, float]:
@@ -319,7 +333,7 @@ def _export_head(head_result, res, onnx_path, head_out: Path, manifest: dict, lo
     """The trained head as ONNX, and the encoder with the head appended, checked on real images."""
 
     if head_out.suffix != ".onnx":
-        raise InputError(f"--head-out: {head_out} must end with .onnx")
+        raise OptionError(f"--head-out: {head_out} must end with .onnx")
     export_head(head_result.head, res.embeddings.shape[1], head_out,
                 metadata={"itae.head": head_result.method, "itae.encoder": manifest.get("model", "")})
     composed = head_out.with_name(head_out.stem + ".with_encoder.onnx")

@@ -24,6 +24,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
 # an export is staged in a hidden folder .<stem>.<random>.tmp beside the output, then moved into place
 STAGING_SUFFIX = ".tmp"
+STAGING_OWNER = "owner.pid"  # inside a staging folder: the exporting process; gone -> the folder is stale
 
 # fp32 validation: max |onnx - torch| / max |torch| of the embedding, and mask agreement.
 FP32_REL_TOL = 1e-4

@@ -7,18 +7,21 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
+import glob
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from itae_export import __version__
-from itae_export.errors import CheckpointError, InputError, ToleranceError
+from itae_export.errors import CheckpointError, InputError, OptionError, OutputError, ToleranceError
+from itae_export.files import describe_os_error, ensure_dir
 from itae_export.model.itae import inject_itae
 from itae_export.onnx.contract import (
     EXTERNAL_DATA_THRESHOLD,
@@ -34,6 +37,7 @@ from itae_export.onnx.contract import (
     OUTPUT_MASK,
     PRECISIONS,
     QUANTIZATIONS,
+    STAGING_OWNER,
     STAGING_SUFFIX,
     external_data_name,
 )
@@ -244,19 +248,19 @@ class ExportRequest:
         options = options or ITAEOptions.for_model(spec)
         precision, quantize = kw.get("precision", "fp32"), kw.get("quantize")
         if precision not in PRECISIONS:
-            raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise OptionError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
         if quantize is not None and quantize not in QUANTIZATIONS:
-            raise InputError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
+            raise OptionError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
         if quantize and (precision != "fp32" or not kw.get("validate", True)):
-            raise InputError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
+            raise OptionError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
         resolution = kw.pop("resolution", None)
         resolution = spec.preprocessing.resolution if resolution is None else resolution
         p = spec.arch.patch_size
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % p:
-            raise InputError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
+            raise OptionError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
         output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize)
         if output.suffix != ".onnx":
-            raise InputError(f"--output: {output} must end with .onnx")
+            raise OptionError(f"--output: {output} must end with .onnx")
         return cls(spec, options, output, resolution, **kw)
 
 
@@ -281,8 +285,13 @@ def export_onnx(spec_or_name: ModelSpec | str, options: ITAEOptions | None = Non
     model, weights_info = _load_model(req, model, weights, weights_info, pos_rule, log)
     job = _ExportJob(req, model, weights_info, log)
     job.manifest["identity"] = export_identity(req, weights_id, pos_rule)
-    req.output.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(dir=req.output.parent, prefix=f".{req.output.stem}.", suffix=STAGING_SUFFIX))
+    ensure_dir(req.output.parent, "--output")
+    remove_stale_staging(req.output, log)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(dir=req.output.parent, prefix=f".{req.output.stem}.", suffix=STAGING_SUFFIX))
+        (tmpdir / STAGING_OWNER).write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        raise OutputError(f"--output: cannot write into {req.output.parent} ({describe_os_error(e)})") from None
     try:
         job.write_graph(tmpdir)
         job.validate_and_optimize()
@@ -333,6 +342,31 @@ def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | No
         log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
     return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
                        precision=precision, log=log, **(preloaded or {})).path
+
+
+def remove_stale_staging(output: Path, log: Callable[[str], None] = lambda m: None) -> None:
+    """Remove the staging folders that killed exports of ``output`` left behind (their process is gone)."""
+    for d in output.parent.glob(f".{glob.escape(output.stem)}.*{STAGING_SUFFIX}"):
+        try:
+            pid = int((d / STAGING_OWNER).read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and _alive(pid):
+            continue  # another export of the same file is running
+        if pid is None and time.time() - d.stat().st_mtime < 24 * 3600:
+            continue  # no owner recorded (being created, or an older version): only when a day old
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"removed {d}, left by an export that did not finish")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _load_model(req: ExportRequest, model, weights, weights_info, pos_rule, log):

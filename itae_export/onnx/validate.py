@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.cluster.metrics import kmeans_ari, l2_normalize
-from itae_export.errors import InputError
+from itae_export.errors import OptionError
 from itae_export.images import PreprocessSpec, load_images, scan_images, to_rgb
 from itae_export.images import preprocess as _preprocess
 from itae_export.onnx.contract import (
@@ -67,7 +67,7 @@ def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = Non
     if images_dir is not None:
         root = Path(images_dir)
         if not root.is_dir():
-            raise InputError(f"--validate-images: {root} is not a folder")
+            raise OptionError(f"--validate-images: {root} is not a folder")
         ok, arrays, _ = load_images(scan_images(root), prep)  # unreadable files are skipped, as in itae-cluster
         xs += arrays
         names += [str(p) for p in ok]
