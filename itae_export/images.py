@@ -201,10 +201,15 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Ima
 
 
 def pil_resize(img, pre: PreprocessSpec):
-    """RGB PIL image -> RGB PIL image of (pre.width, pre.height): the squash resize (none when the
-    size already fits; Pillow's own default ``reducing_gap=None``, so no JPEG draft or reduce)."""
-    if img.size != (pre.width, pre.height):
-        img = img.resize((pre.width, pre.height), resample=_RESAMPLE[pre.interpolation])
+    """RGB PIL image -> RGB PIL image of (pre.width, pre.height): the squash resize, none when the
+    size already fits. Two single-axis Pillow resizes, the width first, then the height, each
+    rounded to uint8 (docs/onnx-contract.md): one two-axis ``Image.resize`` picks the order of its
+    passes by the shape, which a port could not know. ``reducing_gap=None``: no draft or reduce."""
+    resample = _RESAMPLE[pre.interpolation]
+    if img.width != pre.width:
+        img = img.resize((pre.width, img.height), resample=resample)
+    if img.height != pre.height:
+        img = img.resize((pre.width, pre.height), resample=resample)
     return img
 
 
