@@ -123,8 +123,9 @@ def test_browser_page_equals_python_ort(chromium, tmp_path):
     # the in-graph variant, fed from the page's canvas, against Python ORT fed the same decoded RGB
     sess = onnx_session(img.path)
     ref_e, ref_m = [], []
-    for p in photos:
+    for p, r in zip(photos, got["in_graph"]):
         rgb = np.asarray(decode_image(p)[0])
+        np.testing.assert_array_equal(np.asarray(r["rgb"], np.uint8).reshape(rgb.shape), rgb)  # canvas == Pillow
         e, m = sess.run(None, {"image": rgb[None]})
         ref_e.append(e[0])
         ref_m.append(m[0])

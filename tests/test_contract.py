@@ -63,6 +63,9 @@ def test_trns_colour_key_on_rgb_is_ignored(tmp_path):
     Image.fromarray(a).save(tmp_path / "t.png", transparency=(7, 7, 7))
     assert Image.open(tmp_path / "t.png").info.get("transparency") == (7, 7, 7)
     np.testing.assert_array_equal(np.asarray(decode_image(tmp_path / "t.png")[0]), a)
+    Image.fromarray(a[..., 0]).save(tmp_path / "l.png", transparency=7)
+    assert Image.open(tmp_path / "l.png").info.get("transparency") == 7
+    np.testing.assert_array_equal(np.asarray(decode_image(tmp_path / "l.png")[0]), a)
 
 
 def test_exif_orientation_6_rotates_clockwise(tmp_path):

@@ -162,7 +162,7 @@ async function runPlan(url) {
     for (const u of img.images) await addImage(await (await fetch(u)).blob(), u.split("/").pop());
     render();
     result.in_graph = state.items.map((i) => ({ name: i.name, embedding: i.embedding, mask: i.mask, cluster: i.cluster,
-                                                maskType: i.maskType, maskData: i.maskData }));
+                                                maskType: i.maskType, maskData: i.maskData, rgb: Array.from(i.rgb) }));
     const plain = plan.plain;
     const { session } = await createSession(plain.model, params.get("ep") || "wasm");
     const buf = await (await fetch(plain.tensors)).arrayBuffer();
