@@ -67,7 +67,7 @@ def test_node_in_graph_variant_equals_python_ort(node_example, tmp_path):
     spec = tiny_spec("dinov2_vits14")
     model = random_model(spec, seed=3)
     r = export_onnx(spec, ITAEOptions(theta=theta_for_varied_artifacts(model, spec)), tmp_path / "m.onnx",
-                    model=model, validate=False)
+                    model=model, resolution=56, validate=False)
     img = export_in_graph(r.path, model=model)  # validated against PyTorch with the same resize
     rgb = np.random.default_rng(4).integers(0, 256, (2, 131, 77, 3), dtype=np.uint8)
     (tmp_path / "x.u8").write_bytes(rgb.tobytes())
