@@ -2,8 +2,8 @@
 
 The page is served from a local 127.0.0.1 server. It decodes real lossless photos (PNG crops of
 scikit-learn's sample images) through createImageBitmap and a canvas and feeds the RGB bytes to
-the in-graph preprocessing variant; and it feeds the plain graph the Python path's
-preprocessed tensors. Both must agree with Python ORT to <= 1e-4 of the output scale, masks equal.
+the in-graph preprocessing variant; it feeds the plain graph the Python path's preprocessed
+tensors, and the same graph the page's JavaScript port of the contract (preprocess.mjs). Both must agree with Python ORT to <= 1e-4 of the output scale, masks equal.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def test_browser_page_equals_python_ort(chromium, tmp_path):
     (tmp_path / "x.f32").write_bytes(x.astype("<f4").tobytes())
     plan = {"in_graph": {"model": "/data/m_image.onnx", "manifest": "/data/m_image.json",
                          "images": [f"/data/{p.name}" for p in photos]},
-            "plain": {"model": "/data/m.onnx", "tensors": "/data/x.f32", "shape": list(x.shape)},
+            "plain": {"model": "/data/m.onnx", "manifest": "/data/m.json", "tensors": "/data/x.f32",
+                      "shape": list(x.shape)},
             "report": "/report"}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
 
@@ -142,3 +143,7 @@ def test_browser_page_equals_python_ort(chromium, tmp_path):
     emb = np.asarray([r["embedding"] for r in got["plain"]], np.float32)
     assert np.abs(emb - ref["embedding"]).max() <= FP32_REL_TOL * np.abs(ref["embedding"]).max()
     np.testing.assert_array_equal(np.asarray([r["mask"] for r in got["plain"]]), ref["artifact_mask"])
+    # and fed the JavaScript port of the contract (examples/browser/preprocess.mjs) from the canvas
+    emb = np.asarray([r["embedding"] for r in got["plain_js"]], np.float32)
+    assert np.abs(emb - ref["embedding"]).max() <= FP32_REL_TOL * np.abs(ref["embedding"]).max()
+    np.testing.assert_array_equal(np.asarray([r["mask"] for r in got["plain_js"]]), ref["artifact_mask"])

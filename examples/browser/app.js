@@ -1,6 +1,7 @@
 // itae-export in the browser: onnxruntime-web, WASM (WebGPU where available).
 // The in-graph variant takes image: uint8 [1, h, w, 3] RGB; the plain graph takes pixel_values float32 [n, 3, H, W].
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.all.min.mjs";
+import { preprocess } from "./preprocess.mjs";
 
 ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
 ort.env.wasm.numThreads = globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
@@ -119,13 +120,16 @@ function render() {
 
 async function addImage(blob, name) {
   const d = await decodeToRGB(blob);
-  const r = await embedRGB(state.session, d.rgb, d.height, d.width);
+  const m = state.manifest;
+  const r = m.inputs[0].name === "image" ? await embedRGB(state.session, d.rgb, d.height, d.width)
+    : (await embedTensor(state.session, preprocess(d.rgb, d.height, d.width, m.preprocessing),
+                         [1, 3, ...m.preprocessing.resolution]))[0];  // the plain graph: the JS port of the contract
   state.items.push({ name, ...d, ...r, canvas: document.createElement("canvas") });
 }
 
 async function loadModel(modelBytesOrUrl, manifest) {
   if (manifest.inputs[0].name !== "image") {
-    $("status").textContent = "This is the plain graph (pixel_values): export the in-graph variant with --preprocess-in-graph for this page.";
+    $("status").textContent = "The plain graph (pixel_values): preprocessed in JavaScript (preprocess.mjs); the in-graph variant (--preprocess-in-graph) needs no port.";
   }
   const { session, ep } = await createSession(modelBytesOrUrl, params.get("ep"));
   Object.assign(state, { session, ep, manifest, items: [] });
@@ -167,6 +171,15 @@ async function runPlan(url) {
     const { session } = await createSession(plain.model, params.get("ep") || "wasm");
     const buf = await (await fetch(plain.tensors)).arrayBuffer();
     result.plain = await embedTensor(session, new Float32Array(buf), plain.shape);
+    // the plain graph again, fed the JavaScript port of the contract (preprocess.mjs) from the canvas
+    const pm = await (await fetch(plain.manifest)).json();
+    result.plain_js = [];
+    for (const u of img.images) {
+      const d = await decodeToRGB(await (await fetch(u)).blob());
+      const [r] = await embedTensor(session, preprocess(d.rgb, d.height, d.width, pm.preprocessing),
+                                    [1, 3, ...pm.preprocessing.resolution]);
+      result.plain_js.push(r);
+    }
   } catch (err) {
     result.error = String(err && err.stack || err);
   }
