@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 from itae_export.cli import export as export_cli
+from itae_export.cli import validate as validate_cli
 from test_cli_export import tiny_weights  # noqa: F401 - the fixture
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed")
@@ -24,3 +25,5 @@ def test_preprocess_in_graph_and_triton(tiny_weights, tmp_path):  # noqa: F811
     assert manifest["validation"]["passed"] and manifest["validation"]["pixel_mismatch"] == 0
     assert (tmp_path / "repo" / "m_image" / "1" / "model.onnx").is_file()
     assert 'data_type: TYPE_UINT8' in (tmp_path / "repo" / "m_image" / "config.pbtxt").read_text()
+    res = CliRunner().invoke(validate_cli.main, [str(tmp_path / "m_image.onnx")])  # itae-validate on it
+    assert res.exit_code == 0 and "validation PASSED" in res.output, res.output

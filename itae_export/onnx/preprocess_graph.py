@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.errors import CheckpointError, InputError, ToleranceError
-from itae_export.images import PreprocessSpec, pil_resize, to_rgb
+from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, pil_resize, scan_images, to_rgb
 from itae_export.onnx.contract import (
     IMAGE_INPUT_NAME,
     IN_GRAPH_SUFFIX,
@@ -248,14 +248,25 @@ def _tensors(model):
 # ------------------------------------------------------------------ validation
 
 
-def validation_images(seed: int = 0) -> tuple[list[np.ndarray], list[str], list[list[int]]]:
+def validation_images(seed: int = 0, images_dir: str | os.PathLike | None = None
+                      ) -> tuple[list[np.ndarray], list[str], list[list[int]]]:
     """(uint8 [h, w, 3] images, names, batches of indices with one size each): the bundled photos
-    at their own sizes, and random images of odd sizes (downscaled, upscaled, one axis only)."""
+    at their own sizes, the images of ``images_dir`` (decoded as itae-cluster does), and random
+    images of odd sizes (downscaled, upscaled, one axis only)."""
     rng = np.random.default_rng(seed)
     images, names = [], []
     for name, img in sample_photos():
         images.append(np.asarray(to_rgb(img)))
         names.append(name)
+    if images_dir is not None:
+        if not Path(images_dir).is_dir():
+            raise InputError(f"--validate-images: {images_dir} is not a folder")
+        for path in scan_images(images_dir):
+            try:
+                images.append(np.asarray(decode_image(path)[0]))
+                names.append(str(path))
+            except ImageDecodeError:
+                continue
     for h, w in ((97, 61), (300, 224), (41, 500), (224, 224), (1, 1)):
         images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         names.append(f"random:{h}x{w}")
@@ -286,13 +297,13 @@ def pil_gap(images: list[np.ndarray], pre: PreprocessSpec) -> dict:
             "max_levels": max_diff}
 
 
-def validate_in_graph(path: str | os.PathLike, model, manifest: dict, *,
+def validate_in_graph(path: str | os.PathLike, model, manifest: dict, *, images_dir=None,
                       log: Callable[[str], None] = lambda m: None) -> dict:
     """The composed graph in ONNX Runtime against PyTorch fed :func:`reference_pixels`."""
     import onnxruntime as ort
 
     pre = PreprocessSpec.from_manifest(manifest["preprocessing"])
-    images, names, batches = validation_images()
+    images, names, batches = validation_images(images_dir=images_dir)
     x = reference_pixels(images, pre)
     ref = run_torch(model, x)
     so = ort.SessionOptions()
@@ -410,3 +421,15 @@ def export_in_graph(onnx_path: str | os.PathLike, output: str | os.PathLike | No
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(output, new_manifest)
+
+
+def is_in_graph(onnx_path: str | os.PathLike) -> bool:
+    """Whether an exported graph is the in-graph preprocessing variant (manifest ``inputs``)."""
+    return read_manifest(onnx_path).get("inputs", [{}])[0].get("name") == IMAGE_INPUT_NAME
+
+
+def revalidate_in_graph(onnx_path: str | os.PathLike, *, weights: str | None = None, images_dir=None,
+                        log: Callable[[str], None] = lambda m: None) -> dict:
+    """itae-validate for the in-graph variant: rebuild the PyTorch model and compare again."""
+    manifest = read_manifest(onnx_path)
+    return validate_in_graph(onnx_path, _torch_model(manifest, weights), manifest, images_dir=images_dir, log=log)
