@@ -22,13 +22,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info  # noqa: E402
-from imagefolders import textile_root  # noqa: E402
+from common import machine_info
+from imagefolders import textile_root
 
-from itae_export.images import PreprocessSpec, decode_image, pil_resize, preprocess, scan_images  # noqa: E402
-from itae_export.onnx.manifest import read_manifest  # noqa: E402
-from itae_export.onnx.preprocess_graph import export_in_graph, in_graph_path, reference_resize  # noqa: E402
-from itae_export.onnx.validate import onnx_session  # noqa: E402
+from itae_export.images import (
+    PreprocessSpec,
+    decode_image,
+    pil_resize,
+    preprocess,
+    scan_images,
+)
+from itae_export.onnx.manifest import read_manifest
+from itae_export.onnx.preprocess_graph import (
+    export_in_graph,
+    in_graph_path,
+    reference_resize,
+)
+from itae_export.onnx.validate import onnx_session
 
 
 def images(n_textiles: int) -> list[tuple[str, object]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import struct
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from itae_export.images import PreprocessSpec, decode_image, pil_resize, preprocess  # noqa: E402
+from itae_export.images import PreprocessSpec, decode_image, pil_resize, preprocess
 
 PRE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resolution": [224, 224],
        "resize": "squash", "interpolation": "bicubic", "scale": 1 / 255, "channel_order": "RGB", "layout": "NCHW"}
@@ -45,9 +44,43 @@ def _png_rgb16(a: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", int(round(v * 65536)))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + b"\0" * 4 + _s15(x) + _s15(y) + _s15(z)
+
+
+def linear_rgb_icc() -> bytes:
+    """An ICC v2 display profile, sRGB primaries with a linear (gamma 1.0) tone curve: a decoder
+    that applies it would move values by ~46 levels on average; the contract ignores it."""
+    desc_txt = b"itae-export golden: sRGB primaries, linear TRC\0"
+    desc = (b"desc" + b"\0" * 4 + struct.pack(">I", len(desc_txt)) + desc_txt + struct.pack(">II", 0, 0)
+            + struct.pack(">HB", 0, 0) + b"\0" * 67)
+    cprt = b"text" + b"\0" * 4 + b"public domain\0"
+    curv = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, 0x0100) + b"\0\0"
+    tags = [(b"desc", desc), (b"cprt", cprt), (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", _xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", _xyz(0.3851, 0.7169, 0.0971)),
+            (b"bXYZ", _xyz(0.1431, 0.0606, 0.7141)), (b"rTRC", curv), (b"gTRC", curv), (b"bTRC", curv)]
+    table_len = 4 + 12 * len(tags)
+    off = 128 + table_len
+    table, data = struct.pack(">I", len(tags)), b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", off + len(data), len(body))
+        data += body
+    size = 128 + table_len + len(data)
+    header = (struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+              + b"\0" * 4 + b"\0" * 16 + b"\0" * 28)
+    assert len(header) == 128, len(header)
+    return header + table + data
+
+
 def make_inputs(out: Path) -> None:
     """The awkward input files (deterministic for a given Pillow/libjpeg)."""
-    from PIL import Image, ImageCms
+    from PIL import Image
     from sklearn.datasets import load_sample_images
 
     china, flower = load_sample_images().images
@@ -56,8 +89,7 @@ def make_inputs(out: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on decode
     crop.save(out / "exif_rotate6.jpg", quality=90, exif=exif)
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    Image.fromarray(flower[150:230, 200:300]).save(out / "icc_tagged.png", icc_profile=icc)
+    Image.fromarray(flower[150:230, 200:300]).save(out / "icc_tagged.png", icc_profile=linear_rgb_icc())
     rgba = np.dstack([china[50:130, 300:400], np.tile(np.linspace(0, 255, 100).astype(np.uint8), (80, 1))])
     Image.fromarray(rgba, "RGBA").save(out / "rgba.png")
     pal = Image.fromarray(flower[200:264, 250:330]).quantize(32, dither=Image.Dither.NONE)

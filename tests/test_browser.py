@@ -60,7 +60,7 @@ class _Handler(SimpleHTTPRequestHandler):
             return str(self.data / path[len("/data/"):].split("?")[0])
         return super().translate_path(path)
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.sink["result"] = json.loads(body)
         self.send_response(204)

@@ -5,13 +5,20 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
-import pytest
 import portref
+import pytest
 from PIL import Image
 
-from itae_export.images import PreprocessSpec, decode_image, pil_resize, preprocess, to_rgb
+from itae_export.images import (
+    PreprocessSpec,
+    decode_image,
+    pil_resize,
+    preprocess,
+    to_rgb,
+)
 
 PRE = PreprocessSpec(224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -79,13 +86,21 @@ def test_exif_orientation_6_rotates_clockwise(tmp_path):
 
 
 def test_icc_profile_is_ignored(tmp_path):
+    """A linear-gamma profile (tests/golden's): applying it would move the values a lot; we do not."""
+    import sys
+
     from PIL import ImageCms
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_golden import linear_rgb_icc
+
     a = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    Image.fromarray(a).save(tmp_path / "i.png", icc_profile=icc)
-    assert Image.open(tmp_path / "i.png").info.get("icc_profile")
+    Image.fromarray(a).save(tmp_path / "i.png", icc_profile=linear_rgb_icc())
+    assert Image.open(tmp_path / "i.png").info.get("icc_profile") == linear_rgb_icc()
     np.testing.assert_array_equal(np.asarray(decode_image(tmp_path / "i.png")[0]), a)
+    managed = ImageCms.profileToProfile(Image.fromarray(a), ImageCms.ImageCmsProfile(io.BytesIO(linear_rgb_icc())),
+                                        ImageCms.createProfile("sRGB"))
+    assert np.abs(np.asarray(managed).astype(int) - a).mean() > 20  # what a colour-managing decoder would do
 
 
 SIZES = [(427, 640), (97, 61), (224, 300), (41, 500), (224, 224), (1, 1), (223, 225), (900, 300), (640, 427), (552, 97)]

@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 sys.path.insert(0, str(ROOT / "scripts"))
-import make_golden  # noqa: E402
+import make_golden
 
-from itae_export.onnx.contract import FP32_REL_TOL  # noqa: E402
+from itae_export.onnx.contract import FP32_REL_TOL
 
 
 @pytest.fixture(scope="module")

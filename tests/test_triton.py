@@ -7,15 +7,15 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed")
 
-from google.protobuf import text_format  # noqa: E402
-from tiny import random_model, tiny_spec  # noqa: E402
-from tritonclient.grpc import model_config_pb2 as pb  # noqa: E402
+from google.protobuf import text_format
+from tiny import random_model, tiny_spec
+from tritonclient.grpc import model_config_pb2 as pb
 
-from itae_export.errors import InputError  # noqa: E402
-from itae_export.onnx.export import export_onnx  # noqa: E402
-from itae_export.onnx.preprocess_graph import export_in_graph  # noqa: E402
-from itae_export.onnx.triton import check_config, write_triton_repository  # noqa: E402
-from itae_export.registry import ITAEOptions  # noqa: E402
+from itae_export.errors import InputError
+from itae_export.onnx.export import export_onnx
+from itae_export.onnx.preprocess_graph import export_in_graph
+from itae_export.onnx.triton import check_config, write_triton_repository
+from itae_export.registry import ITAEOptions
 
 
 @pytest.fixture(scope="module")

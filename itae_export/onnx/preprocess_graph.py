@@ -31,13 +31,20 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from itae_export.errors import CheckpointError, InputError, ToleranceError
-from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, pil_resize, scan_images, to_rgb
+from itae_export.images import (
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    pil_resize,
+    scan_images,
+    to_rgb,
+)
 from itae_export.onnx.contract import (
     IMAGE_INPUT_NAME,
     IN_GRAPH_SUFFIX,
