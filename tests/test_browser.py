@@ -137,6 +137,10 @@ def test_browser_page_equals_python_ort(chromium, tmp_path):
     assert ref_m.any()
     assert (got["in_graph"][0]["maskType"], got["in_graph"][0]["maskData"]) == ("bool", "Uint8Array")
     assert {r["cluster"] for r in got["in_graph"]} <= {0, 1}
+    # one card per image on the page, with its artifact count and its neighbours
+    assert len(got["cards"]) == len(photos)
+    for card, p, m in zip(got["cards"], photos, ref_m):
+        assert p.name in card and f"artifact tokens: {int(m.sum())}" in card and "neighbours:" in card
 
     # the plain graph fed the golden preprocessed tensors
     ref = run_onnx(plain.path, x)

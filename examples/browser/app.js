@@ -167,6 +167,7 @@ async function runPlan(url) {
     render();
     result.in_graph = state.items.map((i) => ({ name: i.name, embedding: i.embedding, mask: i.mask, cluster: i.cluster,
                                                 maskType: i.maskType, maskData: i.maskData, rgb: Array.from(i.rgb) }));
+    result.cards = Array.from(document.querySelectorAll(".card"), (c) => c.textContent);
     const plain = plan.plain;
     const { session } = await createSession(plain.model, params.get("ep") || "wasm");
     const buf = await (await fetch(plain.tensors)).arrayBuffer();
