@@ -74,6 +74,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     if theta is None and spec.theta_note and not no_itae:
         click.echo(f"warning: {spec.name}: {spec.theta_note}", err=True)
     options = build_options(spec, theta, source, group, strategy, rows, lsa, no_itae)
+    if preprocess_in_graph and quantize:
+        raise click.UsageError("--preprocess-in-graph starts from a float graph; drop --quantize int8")
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **loaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,

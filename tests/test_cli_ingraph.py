@@ -27,3 +27,9 @@ def test_preprocess_in_graph_and_triton(tiny_weights, tmp_path):  # noqa: F811
     assert 'data_type: TYPE_UINT8' in (tmp_path / "repo" / "m_image" / "config.pbtxt").read_text()
     res = CliRunner().invoke(validate_cli.main, [str(tmp_path / "m_image.onnx")])  # itae-validate on it
     assert res.exit_code == 0 and "validation PASSED" in res.output, res.output
+
+
+def test_preprocess_in_graph_with_int8_is_a_usage_error(tmp_path):
+    res = CliRunner().invoke(export_cli.main, ["--model", "vits14", "--preprocess-in-graph", "--quantize", "int8",
+                                               "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2 and "--preprocess-in-graph" in res.output and not list(tmp_path.iterdir())
