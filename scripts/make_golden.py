@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import struct
 import sys
 import zlib
@@ -172,7 +173,9 @@ def main() -> None:
     if not args.keep_inputs:
         make_inputs(args.out / "inputs")
     golden = build(args.out, args.onnx, args.tensors)
-    (args.out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    text = json.dumps(golden, indent=1)
+    text = re.sub(r"\[\s*(-?[0-9][^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    (args.out / "golden.json").write_text(text + "\n")  # number lists on one line each
     print(f"{args.out / 'golden.json'}: {len(golden['files'])} files")
 
 
