@@ -9,6 +9,7 @@ import click
 from itae_export.cli._common import itae_flags, model_choice, to_click_error, weight_flags
 
 from itae_export.cluster.job import MAX_N_INIT
+from itae_export.cluster.tensors import write_inputs_and_masks
 from itae_export.errors import ITAEError
 from itae_export.images import DEFAULT_MAX_PIXELS
 from itae_export.registry import DEFAULT_CLUSTER_MODEL
@@ -80,12 +81,14 @@ interruption embeds only the images that are missing or changed.
               help="[--labels-from-dirs] A labelled ImageFolder: adds 10-NN classification accuracy of FOLDER's "
                    "images against it (cosine, weighted vote).")
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
+@click.option("--save-inputs", is_flag=True, help="Also write pixel_values.npy and artifact_mask.npy (rows as in "
+              "embeddings.npy; one more decode and CPU pass) for comparing a port (docs/onnx-contract.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
          resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, max_pixels,
          labels_from_dirs,
          protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
-         quiet):
+         save_inputs, quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
     with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
@@ -136,6 +139,8 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         )
         if report:
             log(f"Report: {write_report(summary['out_dir'])}")
+        if save_inputs:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
+            log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'])['rows']} rows")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "
                    "to resume.", err=True)

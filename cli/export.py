@@ -28,11 +28,17 @@ from itae_export.cli._common import itae_flags, model_choice, report_errors, wei
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Dynamic int8 MatMuls (ITAE norms stay float32), validated against fp32 on real images "
                    "(--validate-images DIR, else Fashion-MNIST where installed).")
+@click.option("--preprocess-in-graph", is_flag=True,
+              help="Also write <name>_image.onnx: uint8 [batch, h, w, 3] RGB images in, resize and normalisation "
+                   "as ONNX ops (validated against PyTorch with the same resize; docs/onnx-contract.md).")
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
+              help="Also write a Triton model repository: DIR/<name>/1/model.onnx and config.pbtxt "
+                   "(and DIR/<name>_image/ with --preprocess-in-graph).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors
 def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
          output, attention_output, inline, validate, validate_images, calibration_images, external_data, optimize,
-         quantize, quiet):
+         quantize, preprocess_in_graph, triton_repo, quiet):
     """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
 
     \b
@@ -44,6 +50,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
     from itae_export.onnx.export import export_onnx
     from itae_export.onnx.optimize import format_int8_report
+    from itae_export.onnx.preprocess_graph import export_in_graph
+    from itae_export.onnx.triton import write_triton_repository
     from itae_export.onnx.validate import format_report
     from itae_export.registry import get_model_spec
 
@@ -51,6 +59,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     if theta == "auto" and not calibration_images:
         raise click.UsageError("--theta auto needs --calibration-images DIR")
     spec = get_model_spec(model_name)
+    if preprocess_in_graph and quantize:
+        raise click.UsageError("--preprocess-in-graph starts from a float graph; drop --quantize int8")
     options, preloaded = resolve_options(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
                                          lsa=lsa, enabled=not no_itae, calibration_images=calibration_images,
                                          weights=weights, pos_rule=pos_rule, log=log)
@@ -67,6 +77,10 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
         if result.inline_path:
             click.echo(f"inlined copy: {result.inline_path}", err=True)
     click.echo(str(result.path))
+    extra = [export_in_graph(result.path, model=preloaded.get("model"), weights=weights, validate=validate,
+                             log=log).path] if preprocess_in_graph else []  # post-processing steps
+    for path in ([result.path, *extra] if triton_repo else extra):
+        click.echo(str(write_triton_repository(path, triton_repo) if triton_repo else path))
 
 
 if __name__ == "__main__":

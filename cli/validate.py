@@ -17,9 +17,11 @@ def main(onnx_path, weights, validate_images):
     """Compare ONNX_PATH in ONNX Runtime with the PyTorch ITAE model it came from; exit 1 on mismatch."""
     from itae_export.errors import ToleranceError
     from itae_export.onnx.export import revalidate
+    from itae_export.onnx.preprocess_graph import is_in_graph, revalidate_in_graph
     from itae_export.onnx.validate import format_report
 
-    report = revalidate(onnx_path, weights=weights, images_dir=validate_images)
+    again = revalidate_in_graph if is_in_graph(onnx_path) else revalidate  # --preprocess-in-graph variant
+    report = again(onnx_path, weights=weights, images_dir=validate_images)
     click.echo(format_report(report))
     if not report["passed"]:
         raise ToleranceError(f"{onnx_path}: {report['failure']}", report)

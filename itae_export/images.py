@@ -209,11 +209,22 @@ class PreprocessSpec:
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
 
 
+def pil_resize(img, pre: PreprocessSpec):
+    """RGB PIL image -> RGB PIL image of (pre.width, pre.height): the squash resize, none when the
+    size already fits. Two single-axis Pillow resizes, the width first, then the height, each
+    rounded to uint8 (docs/onnx-contract.md): one two-axis ``Image.resize`` picks the order of its
+    passes by the shape, which a port could not know. ``reducing_gap=None``: no draft or reduce."""
+    resample = _RESAMPLE[pre.interpolation]
+    if img.width != pre.width:
+        img = img.resize((pre.width, img.height), resample=resample)
+    if img.height != pre.height:
+        img = img.resize((pre.width, pre.height), resample=resample)
+    return img
+
+
 def preprocess(img, pre: PreprocessSpec) -> np.ndarray:
     """RGB PIL image -> float32 [3, H, W]: squash-resize, scale, normalise."""
-    if img.size != (pre.width, pre.height):
-        img = img.resize((pre.width, pre.height), resample=_RESAMPLE[pre.interpolation])
-    a = np.asarray(img)  # uint8 [H, W, 3]
+    a = np.asarray(pil_resize(img, pre))  # uint8 [H, W, 3]
     lut = _normalize_lut(pre.scale, pre.mean, pre.std)
     out = np.empty((3, pre.height, pre.width), np.float32)
     for c in range(3):  # one gather per channel writes NCHW directly (5x faster than float math)

@@ -53,5 +53,10 @@ if [ "$want_test" = 1 ]; then
     (cd examples/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
       || echo "warning: npm could not install onnxruntime-node; the Node.js test will skip" >&2
   fi
+  # the browser example (onnxruntime-web: its WASM files are inside the package)
+  if command -v npm >/dev/null && [ ! -d examples/browser/node_modules/onnxruntime-web ]; then
+    (cd examples/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
+      || echo "warning: npm could not install onnxruntime-web; the browser test will skip" >&2
+  fi
 fi
 echo "$fingerprint" > "$stamp"

@@ -58,3 +58,26 @@ def test_node_rejects_wrong_input_size(node_example, tmp_path):
     proc = subprocess.run(["node", str(node_example), str(r.path), str(tmp_path / "bad.f32")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bad.f32" in proc.stderr
+
+
+def test_node_in_graph_variant_equals_python_ort(node_example, tmp_path):
+    """The --preprocess-in-graph variant fed decoded RGB bytes from Node.js, against Python ORT."""
+    from itae_export.onnx.preprocess_graph import export_in_graph
+    from itae_export.onnx.validate import onnx_session
+
+    spec = tiny_spec("dinov2_vits14")
+    model = random_model(spec, seed=3)
+    r = export_onnx(spec, ITAEOptions(theta=theta_for_varied_artifacts(model, spec)), tmp_path / "m.onnx",
+                    model=model, resolution=56, validate=False)
+    img = export_in_graph(r.path, model=model)  # validated against PyTorch with the same resize
+    rgb = np.random.default_rng(4).integers(0, 256, (2, 131, 77, 3), dtype=np.uint8)
+    (tmp_path / "x.u8").write_bytes(rgb.tobytes())
+    proc = subprocess.run(["node", str(node_example), str(img.path), str(tmp_path / "x.u8"), "131", "77"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    emb_ref, mask_ref = onnx_session(img.path).run(None, {"image": rgb})
+    emb = np.asarray(got["embedding"], dtype=np.float32)
+    assert np.abs(emb - emb_ref).max() <= 1e-5 * np.abs(emb_ref).max()
+    np.testing.assert_array_equal(np.asarray(got["artifact_mask"]), mask_ref)
+    assert mask_ref.any() and (got["mask_type"], got["mask_data"]) == ("bool", "Uint8Array")

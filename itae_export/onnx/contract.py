@@ -10,6 +10,9 @@ INPUT_NAME = "pixel_values"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_MASK = "artifact_mask"
 OUTPUT_CLS_ATTENTION = "cls_attention"
+# the in-graph preprocessing variant (itae_export.onnx.preprocess_graph): uint8 [batch, h, w, 3] RGB
+IMAGE_INPUT_NAME = "image"
+IN_GRAPH_SUFFIX = "_image"  # model.onnx -> model_image.onnx
 
 # the manifest, stored in metadata_props under METADATA_KEY and beside the graph as <stem>.json
 METADATA_KEY = "itae.manifest"

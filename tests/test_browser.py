@@ -1,0 +1,153 @@
+"""examples/browser in headless Chromium (onnxruntime-web, WASM) against Python ONNX Runtime.
+
+The page is served from a local 127.0.0.1 server. It decodes real lossless photos (PNG crops of
+scikit-learn's sample images) through createImageBitmap and a canvas and feeds the RGB bytes to
+the in-graph preprocessing variant; it feeds the plain graph the Python path's preprocessed
+tensors, and the same graph the page's JavaScript port of the contract (preprocess.mjs). Both must agree with Python ORT to <= 1e-4 of the output scale, masks equal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_report import CHROMIUM_FLAGS, find_or_install_chromium
+from tiny import random_model, theta_for_varied_artifacts, tiny_spec
+
+from itae_export.images import decode_image, load_image
+from itae_export.onnx.contract import FP32_REL_TOL
+from itae_export.onnx.export import export_onnx
+from itae_export.onnx.preprocess_graph import export_in_graph
+from itae_export.onnx.validate import onnx_session, run_onnx
+from itae_export.registry import ITAEOptions
+
+pytestmark = pytest.mark.browser
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "browser"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    path, why = find_or_install_chromium()
+    if path is None:
+        pytest.skip(why)
+    if not (EXAMPLE / "node_modules" / "onnxruntime-web").is_dir():
+        if not shutil.which("npm"):
+            pytest.skip("npm is not installed (needed for onnxruntime-web)")
+        try:
+            subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLE, check=True,
+                           capture_output=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"npm could not install onnxruntime-web (offline?): {type(e).__name__}")
+    return path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """/ -> examples/browser, /data/ -> the test's folder, POST /report -> the page's results."""
+
+    def __init__(self, *a, data: Path, sink: dict, **kw):
+        self.data, self.sink = data, sink
+        super().__init__(*a, directory=str(EXAMPLE), **kw)
+
+    def translate_path(self, path):
+        if path.startswith("/data/"):
+            return str(self.data / path[len("/data/"):].split("?")[0])
+        return super().translate_path(path)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.sink["result"] = json.loads(body)
+        self.send_response(204)
+        self.end_headers()
+        self.sink["event"].set()
+
+    def log_message(self, *args):
+        pass
+
+
+def _photos(folder: Path) -> list[Path]:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    china, flower = load_sample_images().images
+    crops = {"china_131x97.png": china[40:137, 60:191], "flower_160x120.png": flower[100:220, 200:360],
+             "china_300x250.png": china[150:400, 300:600], "flower_61x203.png": flower[0:203, 500:561]}
+    paths = []
+    for name, a in crops.items():
+        Image.fromarray(a).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_browser_page_equals_python_ort(chromium, tmp_path):
+    spec = tiny_spec("dinov2_vits14_reg")
+    model = random_model(spec, seed=7)
+    theta = theta_for_varied_artifacts(model, spec)
+    plain = export_onnx(spec, ITAEOptions(theta=theta), tmp_path / "m.onnx", model=model, resolution=56, validate=False)
+    img = export_in_graph(plain.path, validate=False)
+    photos = _photos(tmp_path)
+    x = np.stack([load_image(p, plain.manifest["preprocessing"]) for p in photos])  # the golden tensors
+    (tmp_path / "x.f32").write_bytes(x.astype("<f4").tobytes())
+    plan = {"in_graph": {"model": "/data/m_image.onnx", "manifest": "/data/m_image.json",
+                         "images": [f"/data/{p.name}" for p in photos]},
+            "plain": {"model": "/data/m.onnx", "manifest": "/data/m.json", "tensors": "/data/x.f32",
+                      "shape": list(x.shape)},
+            "report": "/report"}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+
+    sink = {"event": threading.Event()}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, data=tmp_path, sink=sink))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/index.html?test=/data/plan.json&ep=wasm"
+    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        done = sink["event"].wait(120)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server.shutdown()
+    assert done, "the page did not report within 120 s"
+    got = sink["result"]
+    assert "error" not in got, got.get("error")
+    assert got["ep"] == "wasm" and "ViT-g/14" in got["limits"] and "does not fit" in got["limits"]
+
+    # the in-graph variant, fed from the page's canvas, against Python ORT fed the same decoded RGB
+    sess = onnx_session(img.path)
+    ref_e, ref_m = [], []
+    for p, r in zip(photos, got["in_graph"]):
+        rgb = np.asarray(decode_image(p)[0])
+        np.testing.assert_array_equal(np.asarray(r["rgb"], np.uint8).reshape(rgb.shape), rgb)  # canvas == Pillow
+        e, m = sess.run(None, {"image": rgb[None]})
+        ref_e.append(e[0])
+        ref_m.append(m[0])
+    ref_e, ref_m = np.stack(ref_e), np.stack(ref_m)
+    emb = np.asarray([r["embedding"] for r in got["in_graph"]], np.float32)
+    assert np.abs(emb - ref_e).max() <= FP32_REL_TOL * np.abs(ref_e).max()
+    np.testing.assert_array_equal(np.asarray([r["mask"] for r in got["in_graph"]]), ref_m)
+    assert ref_m.any()
+    assert (got["in_graph"][0]["maskType"], got["in_graph"][0]["maskData"]) == ("bool", "Uint8Array")
+    assert {r["cluster"] for r in got["in_graph"]} <= {0, 1}
+    # one card per image on the page, with its artifact count and its neighbours
+    assert len(got["cards"]) == len(photos)
+    for card, p, m in zip(got["cards"], photos, ref_m):
+        assert p.name in card and f"artifact tokens: {int(m.sum())}" in card and "neighbours:" in card
+
+    # the plain graph fed the golden preprocessed tensors
+    ref = run_onnx(plain.path, x)
+    emb = np.asarray([r["embedding"] for r in got["plain"]], np.float32)
+    assert np.abs(emb - ref["embedding"]).max() <= FP32_REL_TOL * np.abs(ref["embedding"]).max()
+    np.testing.assert_array_equal(np.asarray([r["mask"] for r in got["plain"]]), ref["artifact_mask"])
+    # and fed the JavaScript port of the contract (examples/browser/preprocess.mjs) from the canvas
+    emb = np.asarray([r["embedding"] for r in got["plain_js"]], np.float32)
+    assert np.abs(emb - ref["embedding"]).max() <= FP32_REL_TOL * np.abs(ref["embedding"]).max()
+    np.testing.assert_array_equal(np.asarray([r["mask"] for r in got["plain_js"]]), ref["artifact_mask"])
