@@ -38,7 +38,7 @@ from itae_export.onnx.preprocess_graph import (
     in_graph_path,
     reference_resize,
 )
-from itae_export.onnx.validate import onnx_session
+from itae_export.runtime import ort_session as onnx_session
 
 
 def images(n_textiles: int) -> list[tuple[str, object]]:

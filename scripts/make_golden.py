@@ -131,7 +131,7 @@ def python_path(path: Path) -> dict:
 
 
 def model_outputs(onnx_path: Path, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from itae_export.onnx.validate import run_onnx
+    from itae_export.runtime import run_onnx
 
     out = run_onnx(onnx_path, xs)
     return out["embedding"], out["artifact_mask"]

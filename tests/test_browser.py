@@ -25,8 +25,9 @@ from itae_export.images import decode_image, load_image
 from itae_export.onnx.contract import FP32_REL_TOL
 from itae_export.onnx.export import export_onnx
 from itae_export.onnx.preprocess_graph import export_in_graph
-from itae_export.onnx.validate import onnx_session, run_onnx
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import ort_session as onnx_session
+from itae_export.runtime import run_onnx
 
 pytestmark = pytest.mark.browser
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "browser"

@@ -63,7 +63,7 @@ def test_node_rejects_wrong_input_size(node_example, tmp_path):
 def test_node_in_graph_variant_equals_python_ort(node_example, tmp_path):
     """The --preprocess-in-graph variant fed decoded RGB bytes from Node.js, against Python ORT."""
     from itae_export.onnx.preprocess_graph import export_in_graph
-    from itae_export.onnx.validate import onnx_session
+    from itae_export.runtime import ort_session as onnx_session
 
     spec = tiny_spec("dinov2_vits14")
     model = random_model(spec, seed=3)

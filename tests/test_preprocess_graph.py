@@ -17,8 +17,9 @@ from itae_export.onnx.preprocess_graph import (
     export_in_graph,
     reference_resize,
 )
-from itae_export.onnx.validate import onnx_session, run_onnx
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import ort_session as onnx_session
+from itae_export.runtime import run_onnx
 
 
 def _ort(model):

@@ -15,7 +15,7 @@ from itae_export.cluster.tensors import write_inputs_and_masks
 from itae_export.errors import InputError
 from itae_export.images import load_image
 from itae_export.onnx.manifest import read_manifest
-from itae_export.onnx.validate import run_onnx
+from itae_export.runtime import run_onnx
 
 
 def _folder(root):
@@ -56,5 +56,5 @@ def test_save_inputs_writes_tensors_and_masks_in_row_order(tiny_model, tmp_path)
 
 
 def test_save_inputs_needs_a_finished_run(tmp_path):
-    with pytest.raises(InputError, match="not a finished itae-cluster output folder"):
+    with pytest.raises(InputError, match="not an itae-cluster output folder"):
         write_inputs_and_masks(tmp_path)

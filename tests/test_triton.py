@@ -40,7 +40,7 @@ def test_plain_repository(exported, tmp_path):
     n_tokens = r.manifest["num_tokens"]
     assert outputs == {"embedding": ("TYPE_FP32", [64]), "artifact_mask": ("TYPE_BOOL", [n_tokens - 1])}
     # the copied graph runs from its new place (external data found beside it)
-    from itae_export.onnx.validate import run_onnx
+    from itae_export.runtime import run_onnx
 
     x = np.random.default_rng(0).standard_normal((2, 3, 56, 56), dtype=np.float32)
     np.testing.assert_array_equal(run_onnx(folder / "1" / "model.onnx", x)["embedding"], run_onnx(r.path, x)["embedding"])
