@@ -188,17 +188,13 @@ def _stamp_identity(path: Path, identity: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps(manifest))
 
 
-def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path, monkeypatch):
+def _fake_export(tiny_model: Path, calls: list, record=lambda spec, options, output, kw: None):
+    """Stands in for the real-size export: copies the tiny graph with the identity a real export records."""
     import itae_export.onnx.export as export_mod
-    from itae_export.registry import ITAEOptions, get_model_spec
     from itae_export.weights.checkpoints import weights_identity
 
-    monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
-    spec = get_model_spec("dinov2_vits14")
-    calls = []
-
-    def fake_export(spec_, options, output, **kw):  # stands in for the real-size export
-        calls.append((spec_.name, options, Path(output), kw))
+    def fake(spec_, options, output, **kw):
+        calls.append(record(spec_, options, output, kw))
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_model, output)
         req = export_mod.ExportRequest.make(spec_, options, output, resolution=kw["resolution"],
@@ -207,6 +203,18 @@ def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path,
                                                                  kw["pos_rule"]))
         return export_mod.ExportResult(Path(output), {})
 
+    return fake
+
+
+def test_model_flag_uses_and_exports_default_path(fashion, tiny_model, tmp_path, monkeypatch):
+    import itae_export.onnx.export as export_mod
+    from itae_export.registry import ITAEOptions, get_model_spec
+
+    monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
+    spec = get_model_spec("dinov2_vits14")
+    calls = []
+    fake_export = _fake_export(tiny_model, calls, lambda spec_, options, output, kw: (spec_.name, options,
+                                                                                      Path(output), kw))
     monkeypatch.setattr(export_mod, "export_onnx", fake_export)
     base = [str(fashion[0]), "--k", "3", "--model", "vits14", "--resolution", "56", "--quiet"]
     res = CliRunner().invoke(cluster_cli, base + ["--no-itae", "--out", str(tmp_path / "o1")])
@@ -247,24 +255,13 @@ def test_the_everyday_command_uses_the_default_model(fashion, tiny_model, tmp_pa
 def test_other_weights_are_exported_again_not_reused(fashion, tiny_model, tmp_path, monkeypatch):
     """--weights A.pth then --weights B.pth: the same file name, but B's run must not use A's export."""
     import itae_export.onnx.export as export_mod
-    from itae_export.weights.checkpoints import weights_identity
 
     monkeypatch.setenv("ITAE_EXPORT_DIR", str(tmp_path / "exported"))
     a, b = tmp_path / "A.pth", tmp_path / "B.pth"
     a.write_bytes(b"weights A")
     b.write_bytes(b"weights B")
     calls = []
-
-    def fake_export(spec_, options, output, **kw):
-        calls.append(kw["weights"])
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_model, output)
-        req = export_mod.ExportRequest.make(spec_, options, output, resolution=kw["resolution"],
-                                            precision=kw["precision"])
-        _stamp_identity(Path(output), export_mod.export_identity(req, weights_identity(spec_, kw["weights"]),
-                                                                 kw["pos_rule"]))
-        return export_mod.ExportResult(Path(output), {})
-
+    fake_export = _fake_export(tiny_model, calls, lambda spec_, options, output, kw: kw["weights"])
     monkeypatch.setattr(export_mod, "export_onnx", fake_export)
     base = [str(fashion[0]), "--k", "3", "--model", "vits14", "--resolution", "56"]
     for i, w in enumerate([a, b, b, a]):
