@@ -11,6 +11,12 @@ OUTPUT_EMBEDDING = "embedding"
 OUTPUT_MASK = "artifact_mask"
 OUTPUT_CLS_ATTENTION = "cls_attention"
 
+# the CLIP text tower (itae-search export-text): token ids in, the joint-space embedding out
+TEXT_INPUT_NAME = "input_ids"  # int64 [batch, TEXT_CONTEXT_LENGTH]
+TEXT_OUTPUT_EMBEDDING = "text_embedding"  # float32 [batch, E], not normalised
+TEXT_CONTEXT_LENGTH = 77
+TEXT_ONNX_NAME, TEXT_MANIFEST_NAME = "text.onnx", "text.json"  # in the export folder, beside vocab.json, merges.txt
+
 # the manifest, stored in metadata_props under METADATA_KEY and beside the graph as <stem>.json
 METADATA_KEY = "itae.manifest"
 MANIFEST_SCHEMA = 1

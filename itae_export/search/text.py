@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError
+from itae_export.onnx.contract import TEXT_CONTEXT_LENGTH, TEXT_INPUT_NAME, TEXT_MANIFEST_NAME, TEXT_ONNX_NAME, TEXT_OUTPUT_EMBEDDING
 from itae_export.runtime import CPU_EP, CUDA_EP, resolve_device
 from itae_export.search.index import SearchIndex
 from itae_export.search.tokenizer import ClipTokenizer
 
-TEXT_ONNX, TEXT_MANIFEST = "text.onnx", "text.json"
-TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embedding"
+TEXT_ONNX, TEXT_MANIFEST = TEXT_ONNX_NAME, TEXT_MANIFEST_NAME
 
 
 def read_text_manifest(folder: str | os.PathLike) -> dict:
@@ -37,7 +37,7 @@ class TextEncoder:
 
         self.folder = Path(folder)
         self.manifest = read_text_manifest(self.folder)
-        self.tokenizer = ClipTokenizer(self.folder, self.manifest.get("context_length", 77))
+        self.tokenizer = ClipTokenizer(self.folder, self.manifest.get("context_length", TEXT_CONTEXT_LENGTH))
         provider, _ = resolve_device(device)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -57,5 +57,5 @@ class TextEncoder:
                 f"{(index.weights_sha256 or 'unknown')[:12]}…; export the text tower from the same checkpoint")
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        (out,) = self.session.run([TEXT_OUTPUT], {TEXT_INPUT: self.tokenizer(texts)})
+        (out,) = self.session.run([TEXT_OUTPUT_EMBEDDING], {TEXT_INPUT_NAME: self.tokenizer(texts)})
         return np.asarray(out, np.float32)
