@@ -176,18 +176,20 @@ def build_ivf(vectors: np.ndarray, *, nlist: int | None = None, seed: int = 0, t
               probe_queries: int = 200, log=None):
     """(faiss IndexIVFFlat with inner product, nprobe, build info).
 
-    nlist = 4 sqrt(n) (rounded to a power of two); k-means trained on at most 64 nlist points.
+    nlist = 2 sqrt(n) (rounded to a power of two); k-means (10 iterations) trained on at most 50 nlist
+    points.
     nprobe is the smallest power of two whose recall@10 against exact search, on ``probe_queries``
     rows of the collection itself, reaches ``target_recall``."""
     faiss = _import_faiss()
     n, d = vectors.shape
-    nlist = nlist or max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
+    nlist = nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(n))))
     nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per centroid
     rng = np.random.default_rng(seed)
-    train = vectors[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
+    train = vectors[np.sort(rng.choice(n, min(n, 50 * nlist), replace=False))]
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
+    index.cp.niter = 10
     index.train(np.ascontiguousarray(train, np.float32))
     for start in range(0, n, 262144):
         index.add(np.ascontiguousarray(vectors[start:start + 262144], np.float32))
