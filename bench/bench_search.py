@@ -49,14 +49,15 @@ def labels_of(index: SearchIndex) -> np.ndarray:
     return y
 
 
-def simulate(index: SearchIndex, y: np.ndarray, qrow: int, method: str, k: int, rounds: int) -> list[tuple[float, float]]:
+def simulate(index: SearchIndex, y: np.ndarray, qrow: int, method: str, k: int, rounds: int,
+             params: fb.FeedbackParams | None = None) -> list[tuple[float, float]]:
     """[(precision@k, cumulative recall@k)] for rounds 0..rounds of one simulated user."""
     target = y[qrow]
     n_relevant = int((y == target).sum()) - 1  # the query itself is not to be found
     judged: dict[int, bool] = {qrow: True}
     found, out = 0, []
     for _ in range(rounds + 1):
-        ids, _ = fb.rank(index, index.vectors[qrow], judged, k, method)
+        ids, _ = fb.rank(index, index.vectors[qrow], judged, k, method, params)
         hits = y[ids] == target
         found += int(hits.sum())
         out.append((float(hits.mean()), found / n_relevant))
@@ -64,17 +65,26 @@ def simulate(index: SearchIndex, y: np.ndarray, qrow: int, method: str, k: int, 
     return out
 
 
-def feedback_bench(out_dir: Path, n_queries: int, k: int, rounds: int, seed: int = 0) -> dict:
+SWEEP = {  # not the defaults: how sensitive the two training-free methods are to their parameters
+    "knn k=3": ("knn", fb.FeedbackParams(knn_k=3)),
+    "knn k=5": ("knn", fb.FeedbackParams(knn_k=5)),
+    "rocchio 1/1/0.5": ("rocchio", fb.FeedbackParams(beta=1.0, gamma=0.5)),
+    "rocchio 1/2/1": ("rocchio", fb.FeedbackParams(beta=2.0, gamma=1.0)),
+}
+
+
+def feedback_bench(out_dir: Path, n_queries: int, k: int, rounds: int, seed: int = 0, sweep: bool = False) -> dict:
     index = load_index(out_dir, kind="exact")
     y = labels_of(index)
     rng = np.random.default_rng(seed)
     queries = rng.choice(len(index), min(n_queries, len(index)), replace=False)
     table, seconds = {}, {}
-    for method in METHODS:
+    variants = SWEEP if sweep else {m: (m, None) for m in METHODS}
+    for name, (method, params) in variants.items():
         t0 = time.perf_counter()
-        runs = np.asarray([simulate(index, y, int(q), method, k, rounds) for q in queries])  # [q, rounds+1, 2]
-        seconds[method] = time.perf_counter() - t0
-        table[method] = {"precision": runs[:, :, 0].mean(0).round(4).tolist(),
+        runs = np.asarray([simulate(index, y, int(q), method, k, rounds, params) for q in queries])  # [q, rounds+1, 2]
+        seconds[name] = time.perf_counter() - t0
+        table[name] = {"precision": runs[:, :, 0].mean(0).round(4).tolist(),
                          "precision_se": (runs[:, :, 0].std(0) / np.sqrt(len(queries))).round(4).tolist(),
                          "recall": runs[:, :, 1].mean(0).round(4).tolist(),
                          "improved_queries": float((runs[:, -1, 0] > runs[:, 0, 0]).mean())}
@@ -161,6 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--feedback", action="store_true")
     ap.add_argument("--textiles", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="with --feedback: other parameters of knn and rocchio")
     ap.add_argument("--ann", action="store_true")
     ap.add_argument("--sizes", action="store_true")
     ap.add_argument("--per-class", type=int, default=250, help="Fashion-MNIST test images per class [250]")
@@ -175,6 +186,10 @@ def main() -> None:
     if args.feedback:
         results["fashion_mnist"] = feedback_bench(fashion_collection(args.per_class), args.queries, args.k, args.rounds)
         print_feedback(results["fashion_mnist"])
+        if args.sweep:
+            results["fashion_mnist_sweep"] = feedback_bench(fashion_collection(args.per_class), args.queries, args.k,
+                                                            args.rounds, sweep=True)
+            print_feedback(results["fashion_mnist_sweep"])
     if args.textiles:
         out = textile_collection()
         if out is None:

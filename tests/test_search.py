@@ -11,12 +11,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import imagefolders as datasets
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from itae_export.cli.cluster import main as cluster_cli
 from itae_export.cli.search import main as search_cli
 from itae_export.errors import InputError
 from itae_export.search import feedback as fb
@@ -153,18 +151,6 @@ def test_logreg_without_negatives_ranks_like_rocchio(tmp_path):
 
 
 # ---------------------------------------------------------------- real collection, CLI, sessions
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory, tiny_model):
-    base = tmp_path_factory.mktemp("search")
-    root = base / "photos"
-    datasets.fashion_folder(root, per_class=6, classes=4)
-    out = base / "out"
-    res = CliRunner().invoke(cluster_cli, [str(root), "--k", "4", "--onnx", str(tiny_model), "--out", str(out),
-                                           "--quiet", "--workers", "1"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return out
 
 
 def _ranked(text: str) -> list[str]:

@@ -16,7 +16,6 @@ import time
 
 import pytest
 from test_report import CHROMIUM_FLAGS, chromium  # noqa: F401 - the fixture
-from test_search import collection  # noqa: F401 - the fixture
 
 from itae_export.search.index import load_index
 from itae_export.search.server import SearchApp, make_server
@@ -112,7 +111,7 @@ def _shown(dt: DevTools) -> list[int]:
 
 
 @pytest.mark.browser
-def test_marks_refine_and_judged_images_are_gone(collection, chromium, tmp_path):  # noqa: F811
+def test_marks_refine_and_judged_images_are_gone(collection, chromium, tmp_path):
     index = load_index(collection)
     session = new_session(index, collection, {"kind": "like", "value": index.paths[0]}, index.vectors[0],
                           index.model_id, k=8, method="knn")
