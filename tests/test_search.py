@@ -278,13 +278,15 @@ def _get(url):
         return e.code, e.read()
 
 
-def _raw_get(base, path):
+def _raw_get(base, path, host_header=None):
     """A request line sent as is (urllib would normalise '..')."""
     import http.client
 
     host, port = base.split("//")[1].split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=10)
-    c.putrequest("GET", path, skip_accept_encoding=True)
+    c.putrequest("GET", path, skip_host=host_header is not None, skip_accept_encoding=True)
+    if host_header is not None:
+        c.putheader("Host", host_header)
     c.endheaders()
     r = c.getresponse()
     return r.status, r.read()
@@ -302,6 +304,11 @@ def test_server_serves_only_files_of_the_index(served, collection):
         status, body = _raw_get(base, path)
         assert status == 404, (path, status)
         assert body != secret.read_bytes()
+    # DNS rebinding: a request for a foreign host name is refused, a loopback one is served
+    port = base.rsplit(":", 1)[1]
+    assert _raw_get(base, "/img/3", f"evil.example:{port}")[0] == 403
+    assert _raw_get(base, "/api/results", "evil.example")[0] == 403
+    assert _raw_get(base, "/img/3", f"localhost:{port}")[0] == 200
 
 
 def test_server_refine_api(served):

@@ -6,7 +6,9 @@ The session is saved after every refinement, so a closed page or a restarted ser
 
 Safety: the server binds to 127.0.0.1 unless told otherwise (``allow_remote``), and it serves
 only the page, its JSON API and the images of the index, by row number (``/img/<row>``): no
-request names a path on disk, so there is nothing to traverse.
+request names a path on disk, so there is nothing to traverse. Bound locally, it answers only
+requests whose Host header names a loopback address (403 otherwise), so that a web page
+elsewhere cannot reach it through DNS rebinding.
 """
 
 from __future__ import annotations
@@ -88,9 +90,27 @@ class SearchApp:
         return path if path.is_file() else None
 
 
-def make_handler(app: SearchApp):
+def _is_local_host_header(value: str | None) -> bool:
+    if not value:
+        return False
+    host = value.rsplit(":", 1)[0] if not value.startswith("[") else value[1:].split("]", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_handler(app: SearchApp, local_only: bool = True):
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "itae-search"
+
+        def _foreign(self) -> bool:
+            if local_only and not _is_local_host_header(self.headers.get("Host")):
+                self._send(403, b"forbidden: not a local Host\n", "text/plain")
+                return True
+            return False
 
         def log_message(self, fmt, *args):  # quiet: the CLI prints the one address line
             pass
@@ -108,6 +128,8 @@ def make_handler(app: SearchApp):
             self._send(code, json.dumps(obj).encode(), "application/json")
 
         def do_GET(self):  # noqa: N802 - http.server's name
+            if self._foreign():
+                return
             path = urlsplit(self.path).path
             if path == "/":
                 return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -122,6 +144,8 @@ def make_handler(app: SearchApp):
             self._send(404, b"not found\n", "text/plain")
 
         def do_POST(self):  # noqa: N802
+            if self._foreign():
+                return
             if urlsplit(self.path).path != "/api/refine":
                 return self._send(404, b"not found\n", "text/plain")
             n = int(self.headers.get("Content-Length") or 0)
@@ -140,7 +164,7 @@ def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, allow
     """A ThreadingHTTPServer for ``app`` (port 0: any free port; read ``server.server_address``)."""
     check_bind(host, allow_remote)
     try:
-        return http.server.ThreadingHTTPServer((host, port), make_handler(app))
+        return http.server.ThreadingHTTPServer((host, port), make_handler(app, local_only=not allow_remote))
     except OSError as e:
         raise InputError(f"--host {host} --port {port}: cannot listen ({e.strerror or e})") from None
 
