@@ -93,6 +93,22 @@ def test_ivf_index_recall_persistence_and_exclusion(tmp_path):
     excl = set(got[0][:5].tolist())
     ids, _ = again.search(q[:1], 10, exclude=excl)
     assert not excl & set(ids[0].tolist()) and (ids[0] >= 0).all()
+    # feedback on the approximate index agrees with the same feedback on the exact one
+    exact = load_index(out, kind="exact")
+    judged = {int(i): bool(j % 3) for j, i in enumerate(got[0][:6])}
+    for method in ("rocchio", "logreg"):
+        a, _ = fb.rank(again, q[0], judged, 20, method)
+        b, _ = fb.rank(exact, q[0], judged, 20, method)
+        assert not set(a.tolist()) & set(judged) and len(a) == 20
+        assert len(set(a.tolist()) & set(b.tolist())) >= 17, method
+    # knn re-scores the pool of the index's neighbours of the query and the relevant images exactly
+    a, sa = fb.rank(again, q[0], judged, 20, "knn")
+    anchors = np.concatenate([q[:1], again.vectors[[i for i, r in judged.items() if r]]])
+    pool, _ = again.search(anchors, fb.FeedbackParams().pool, exclude=set(judged))
+    pool = np.unique(pool[pool >= 0])
+    s = fb.knn_scores(exact.vectors[pool], anchors, exact.vectors[[i for i, r in judged.items() if not r]])
+    np.testing.assert_array_equal(a, pool[np.argsort(-s, kind="stable")[:20]])
+    assert not set(a.tolist()) & set(judged)
 
 
 def test_model_identity_is_checked(tmp_path):
