@@ -1,6 +1,7 @@
 """CLIP's text tower and tokenizer: parity with open_clip and transformers on random weights of the
-real ViT-B/16 text architecture, in their own checkpoint formats, and the exported ONNX graph
-used for a text query against a collection of the same checkpoint.
+real ViT-B/16 text architecture, in their own checkpoint formats (open_clip state dict, Hugging
+Face CLIPModel directory, OpenAI TorchScript archive), and the exported ONNX graph used for a text
+query against a collection of the same checkpoint.
 
 Error: ``rel = max|ours - ref| / max|ref|`` over the text embeddings, required <= 1e-5.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -196,3 +198,31 @@ def test_exported_text_graph_answers_text_queries(tmp_path, tok_dir):
     build_index(coll2)  # the collection itself is fine
     r = CliRunner().invoke(search_cli, ["export-text", "--model", "vits14", "--weights", str(path), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "has no text tower" in r.output
+
+
+class _OpenAITree(torch.nn.Module):
+    """OpenAI CLIP's attribute tree (text tower at the top level, ``visual``, ``logit_scale``), traced."""
+
+    def __init__(self, clip):
+        super().__init__()
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+                     "visual", "logit_scale"):
+            setattr(self, name, getattr(clip, name))
+
+    def forward(self, x):
+        return self.visual(x) * self.logit_scale.exp()
+
+
+def test_text_tower_from_an_openai_torchscript_archive(tmp_path, tok_dir):
+    ref = _open_clip_model(seed=2, layers=1)
+    path = tmp_path / "ViT-B-16.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about open_clip's shape checks
+        torch.jit.save(torch.jit.trace(_OpenAITree(ref).eval(), R.images(1), check_trace=False), str(path))
+    raw, fmt = read_checkpoint(path)  # the restricted unpickler, no pickle code runs
+    assert fmt == "openai-clip"
+    model = build_text_model(DEPTH1, convert_text_state_dict(raw, str(path))[0], str(path))
+    ids = _ids(tok_dir)
+    with torch.no_grad():
+        err = R.rel_err(model(ids), ref.encode_text(ids, normalize=False))
+    assert err <= TOL
