@@ -199,9 +199,10 @@ def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
 
 def test_scriptable_feedback_and_session_resume(collection, tmp_path):
     runner = CliRunner()
-    first = _ranked(runner.invoke(search_cli, ["query", str(collection), "--like", "dress/" + _any(collection, "dress"),
-                                              "-k", "6", "--method", "none"]).stdout)
-    like = first[0]
+    like = "dress/" + _any(collection, "dress")
+    first = _ranked(runner.invoke(search_cli, ["query", str(collection), "--like", like, "-k", "6", "--method",
+                                              "none"]).stdout)
+    assert len(first) == 6 and like not in first  # more like this one: not this one itself
     session = tmp_path / "s.json"
     fbk = tmp_path / "fb.csv"
     fbk.write_text("path,label\n" + "".join(f"{p},{'relevant' if p.startswith('dress/') else 'irrelevant'}\n"
@@ -211,7 +212,7 @@ def test_scriptable_feedback_and_session_resume(collection, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads((tmp_path / "r.json").read_text())
     shown = [e["path"] for e in out["results"]]
-    assert len(shown) == 6 and not set(first[1:4]) & set(shown) and like not in shown[:0]
+    assert len(shown) == 6 and not set(first[1:4]) & set(shown) and like not in shown
     saved = json.loads(session.read_text())
     assert saved["query"] == {"kind": "like", "value": like} and len(saved["judgments"]) == 3
     # resume: no query given, more judgments from a JSON file; nothing judged comes back
@@ -223,6 +224,12 @@ def test_scriptable_feedback_and_session_resume(collection, tmp_path):
     judged = json.loads(session.read_text())["judgments"]
     assert len(judged) == 6 and not set(judged) & set(again)
     assert len(json.loads(session.read_text())["rounds"]) == 2
+    # a session of another model's collection is refused
+    saved = json.loads(session.read_text())
+    saved["model_id"] = "sha256:" + "e" * 64
+    session.write_text(json.dumps(saved))
+    r = runner.invoke(search_cli, ["query", str(collection), "--session", str(session)])
+    assert r.exit_code == 1 and "holds vectors of model" in r.output
 
 
 def _any(collection, cls):

@@ -75,10 +75,11 @@ def logreg_weights(q: np.ndarray, positives: np.ndarray, negatives: np.ndarray, 
 
 
 def rank(index: SearchIndex, query: np.ndarray, judgments: dict[int, bool], k: int, method: str = "knn",
-         params: FeedbackParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+         params: FeedbackParams | None = None, exclude: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(row ids [<= k], scores) of the best unjudged images after feedback, best first.
 
-    ``query``: the query's unit vector [D]; ``judgments``: {row id: True relevant / False irrelevant}."""
+    ``query``: the query's unit vector [D]; ``judgments``: {row id: True relevant / False irrelevant};
+    ``exclude``: more rows never returned (the query image itself, for a query by an image of the collection)."""
     if method not in METHODS:
         raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
     if k < 1:
@@ -91,7 +92,7 @@ def rank(index: SearchIndex, query: np.ndarray, judgments: dict[int, bool], k: i
     pos_ids = sorted(i for i, rel in judgments.items() if rel)
     neg_ids = sorted(i for i, rel in judgments.items() if not rel)
     positives, negatives = index.vectors[pos_ids], index.vectors[neg_ids]
-    exclude = set(judgments)
+    exclude = set(judgments) | set(exclude or ())
 
     if method == "none" or (method != "knn" and not pos_ids and not neg_ids):
         ids, scores = index.search(q, k, exclude=exclude)

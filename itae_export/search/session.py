@@ -76,9 +76,11 @@ class Session:
             self.rounds[-1].setdefault("judged", {}).update({p: bool(v) for p, v in marks.items()})
 
     def results(self, index: SearchIndex, params: FeedbackParams | None = None, record: bool = True) -> list[tuple[str, float]]:
-        """The next page: the best ``k`` images not judged yet, after all the feedback so far."""
+        """The next page: the best ``k`` images not judged yet (nor the query image itself), after all
+        the feedback so far."""
         judged = {index.row(p): rel for p, rel in self.judgments.items()}
-        ids, scores = rank(index, np.asarray(self.vector, np.float32), judged, self.k, self.method, params)
+        itself = {index.row(self.query["value"])} if self.query.get("kind") == "like" else set()
+        ids, scores = rank(index, np.asarray(self.vector, np.float32), judged, self.k, self.method, params, itself)
         out = [(index.paths[i], float(s)) for i, s in zip(ids, scores)]
         if record:
             self.rounds.append({"method": self.method, "shown": [p for p, _ in out], "judged": {}})
