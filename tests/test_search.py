@@ -78,6 +78,7 @@ def test_exact_index_is_persisted_and_reused_and_rebuilt_when_stale(tmp_path):
 
 
 def test_ivf_index_recall_persistence_and_exclusion(tmp_path):
+    pytest.importorskip("faiss", reason="the approximate index needs faiss-cpu (the search extra)")
     x, _ = clustered(20000, 32, 50, spread=0.5)
     out = fake_collection(tmp_path / "c", x)
     idx = build_index(out, kind="ivf")
