@@ -202,6 +202,36 @@ _clip("clip_vitb32", 32, 768, 12, 12, 512, "40d365715913c9da98579312b702a82c18be
       "ViT-B-32.pt", "openai/clip-vit-base-patch32", "clip-b32")
 
 
+@dataclass(frozen=True)
+class TextArchConfig:
+    """CLIP's text tower (itae_export.model.text.TextTransformer): a causal pre-norm transformer
+    pooled at the end-of-text token, then projected into the image embedding space."""
+
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int  # the joint space; equals the image tower's proj_dim
+    vocab_size: int = 49408
+    context_length: int = 77
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+
+
+# the text towers of the CLIP entries above (OpenAI's configs, as in open_clip's model_configs)
+TEXT_ARCHS: dict[str, TextArchConfig] = {
+    "clip_vitb16": TextArchConfig(width=512, layers=12, heads=8, embed_dim=512),
+    "clip_vitb32": TextArchConfig(width=512, layers=12, heads=8, embed_dim=512),
+    "clip_vitl14": TextArchConfig(width=768, layers=12, heads=12, embed_dim=768),
+}
+
+
+def get_text_arch(name: str) -> TextArchConfig:
+    canonical = resolve_name(name)
+    if canonical not in TEXT_ARCHS:
+        raise InputError(f"--model: {canonical} has no text tower (CLIP models: {', '.join(sorted(TEXT_ARCHS))})")
+    return TEXT_ARCHS[canonical]
+
+
 def _deit3(name: str, dim: int, depth: int, heads: int, theta: float, file: str, alias: str, timm_name: str) -> None:
     register(
         ModelSpec(

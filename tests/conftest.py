@@ -23,3 +23,21 @@ def tiny_model(tmp_path_factory):
     import imagefolders
 
     return imagefolders.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56)
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory, tiny_model):
+    """An itae-cluster output folder (tiny model, 24 Fashion-MNIST images of 4 classes) for the itae-search tests."""
+    from click.testing import CliRunner
+
+    import imagefolders
+    from itae_export.cli.cluster import main as cluster_cli
+
+    base = tmp_path_factory.mktemp("search")
+    root = base / "photos"
+    imagefolders.fashion_folder(root, per_class=6, classes=4)
+    out = base / "out"
+    res = CliRunner().invoke(cluster_cli, [str(root), "--k", "4", "--onnx", str(tiny_model), "--out", str(out),
+                                           "--quiet", "--workers", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out

@@ -14,6 +14,12 @@ OUTPUT_CLS_ATTENTION = "cls_attention"
 IMAGE_INPUT_NAME = "image"
 IN_GRAPH_SUFFIX = "_image"  # model.onnx -> model_image.onnx
 
+# the CLIP text tower (itae-search export-text): token ids in, the joint-space embedding out
+TEXT_INPUT_NAME = "input_ids"  # int64 [batch, TEXT_CONTEXT_LENGTH]
+TEXT_OUTPUT_EMBEDDING = "text_embedding"  # float32 [batch, E], not normalised
+TEXT_CONTEXT_LENGTH = 77
+TEXT_ONNX_NAME, TEXT_MANIFEST_NAME = "text.onnx", "text.json"  # in the export folder, beside vocab.json, merges.txt
+
 # the manifest, stored in metadata_props under METADATA_KEY and beside the graph as <stem>.json
 METADATA_KEY = "itae.manifest"
 MANIFEST_SCHEMA = 1

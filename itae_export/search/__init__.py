@@ -1,0 +1,1 @@
+"""itae-search: retrieval with relevance feedback over the embeddings itae-cluster wrote."""
