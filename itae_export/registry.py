@@ -228,7 +228,7 @@ TEXT_ARCHS: dict[str, TextArchConfig] = {
 def get_text_arch(name: str) -> TextArchConfig:
     canonical = resolve_name(name)
     if canonical not in TEXT_ARCHS:
-        raise InputError(f"--model: {canonical} has no text tower (CLIP models: {', '.join(sorted(TEXT_ARCHS))})")
+        raise OptionError(f"--model: {canonical} has no text tower (CLIP models: {', '.join(sorted(TEXT_ARCHS))})")
     return TEXT_ARCHS[canonical]
 
 

@@ -186,12 +186,19 @@ def test_query_by_image_file_uses_the_same_graph(collection, tmp_path):
 
 
 def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
-    # the same graph with another manifest is another model (its fingerprint differs)
+    # the same graph with another preprocessing is another model (its fingerprint differs)
+    import onnx
+
+    from itae_export.onnx.contract import METADATA_KEY
+
     tiny = Path(json.loads((collection / "summary.json").read_text())["onnx"])
     other = tmp_path / "other.onnx"
-    other.write_bytes(tiny.read_bytes())
-    manifest = json.loads(tiny.with_suffix(".json").read_text())
-    manifest["itae"]["theta"] += 1.0
+    proto = onnx.load(str(tiny))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    manifest = json.loads(prop.value)
+    manifest["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
+    prop.value = json.dumps(manifest)  # in the graph (the authority) and beside it, consistently
+    onnx.save(proto, str(other))
     other.with_suffix(".json").write_text(json.dumps(manifest))
     img = next(Path(json.loads((collection / "summary.json").read_text())["folder"]).rglob("*.png"))
     r = CliRunner().invoke(search_cli, ["query", str(collection), "--image", str(img), "--onnx", str(other)])

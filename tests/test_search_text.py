@@ -197,7 +197,7 @@ def test_exported_text_graph_answers_text_queries(tmp_path, tok_dir):
     assert r.exit_code == 1 and "same checkpoint" in r.output
     build_index(coll2)  # the collection itself is fine
     r = CliRunner().invoke(search_cli, ["export-text", "--model", "vits14", "--weights", str(path), "--out", str(tmp_path / "x")])
-    assert r.exit_code == 1 and "has no text tower" in r.output
+    assert r.exit_code == 2 and "has no text tower" in r.output  # a bad --model value: a usage error
 
 
 class _OpenAITree(torch.nn.Module):

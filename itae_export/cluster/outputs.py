@@ -115,7 +115,7 @@ def read_outputs(out_dir: str | os.PathLike) -> dict:
             raise InputError(f"{p}: not the file that run {summary.get('run_id')} wrote (summary.json's sha256 "
                              "differs): the folder mixes two runs; run itae-cluster again")
     rows = read_csv(out / ASSIGNMENTS)
-    emb = np.load(out / EMBEDDINGS, allow_pickle=False)
+    emb = np.load(out / EMBEDDINGS, allow_pickle=False, mmap_mode="r")  # millions of rows: not read twice
     if len(rows) != len(emb):
         raise InputError(f"{out}: {ASSIGNMENTS} has {len(rows)} rows but {EMBEDDINGS} {len(emb)}")
     skipped = read_csv(out / SKIPPED) if (out / SKIPPED).is_file() else []

@@ -11,7 +11,6 @@ for the approximate kind, ``index.faiss``. Both are written atomically.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.outputs import read_outputs
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 
@@ -47,24 +47,12 @@ def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.nda
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise InputError(f"{out_dir}: no such folder (expected an itae-cluster output folder)")
-    summary_path = out_dir / "summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{out_dir}: not an itae-cluster output folder (no summary.json)")
-    summary = _read_json(summary_path, "the itae-cluster summary")
+    data = read_outputs(out_dir)  # one set, checked; names as on disk
+    summary, paths, emb = data["summary"], [row["path"] for row in data["rows"]], data["embeddings"]
     if not summary.get("model_id"):
-        raise InputError(f"{summary_path}: no model_id; run itae-cluster again to write one")
-    try:
-        with open(out_dir / "assignments.csv", newline="", encoding="utf-8") as f:
-            paths = [row["path"] for row in csv.DictReader(f)]
-    except (FileNotFoundError, KeyError) as e:
-        raise InputError(f"{out_dir / 'assignments.csv'}: missing or without a 'path' column ({e})") from None
-    try:
-        emb = np.load(out_dir / "embeddings.npy", mmap_mode="r")
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{out_dir / 'embeddings.npy'}: cannot be read ({e})") from None
-    if emb.ndim != 2 or len(emb) != len(paths):
-        raise InputError(f"{out_dir}: embeddings.npy has shape {emb.shape} but assignments.csv lists "
-                         f"{len(paths)} images")
+        raise InputError(f"{out_dir / 'summary.json'}: no model_id; run itae-cluster again to write one")
+    if emb.ndim != 2:
+        raise InputError(f"{out_dir}: embeddings.npy has shape {emb.shape}, not [n, D]")
     return summary, paths, emb
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError
-from itae_export.onnx.contract import TEXT_CONTEXT_LENGTH, TEXT_INPUT_NAME, TEXT_MANIFEST_NAME, TEXT_ONNX_NAME, TEXT_OUTPUT_EMBEDDING
+from itae_export.onnx.contract import (
+    TEXT_CONTEXT_LENGTH,
+    TEXT_INPUT_NAME,
+    TEXT_MANIFEST_NAME,
+    TEXT_ONNX_NAME,
+    TEXT_OUTPUT_EMBEDDING,
+)
 from itae_export.runtime import CPU_EP, CUDA_EP, resolve_device
 from itae_export.search.index import SearchIndex
 from itae_export.search.tokenizer import ClipTokenizer
