@@ -151,14 +151,16 @@ def test_float64_round_trip_leaves_the_weights_bit_identical():
 
 def test_theta_equal_to_a_token_norm_exports(tmp_path):
     """theta equal to one token's norm to the last ulp: ONNX Runtime's norms differ from PyTorch's
-    by a few ulps, and at a minority tie one ulp swaps the mask. The export passes, and says so."""
-    spec = tiny_spec("dinov2_vits14")
+    by a few ulps, and at a minority tie one ulp swaps the mask. The export passes, and says so.
+    The position grid is the native one here, so the manifest names no interpolation."""
+    spec = tiny_spec("dinov2_vits14", pos_grid=RES // 14)
     model = random_model(spec, seed=1)
     n32, n64 = _norms(model, spec)
     b, tok, theta = _tie_theta(n32, n64)
     result = export_onnx(spec, ITAEOptions(theta=theta), tmp_path / "tie.onnx", model=model, resolution=RES)
     v = result.validation
     assert v["passed"], v["failure"]
+    assert result.manifest["pos_rule"] == "none"
     # float32 PyTorch puts the token at theta (<= theta), float64 above it: the graph disagreed
     # with float32 PyTorch (the old gate failed the export) or with float64 (a reported flip)
     assert v["float32_torch"]["mask_mismatch"] >= len(n32[b]) - 1
@@ -185,3 +187,4 @@ def test_deep_model_no_itae_exports_with_validation(tmp_path):
     assert v["rel_max_abs_diff"] <= FLOAT32_REACH * e32
     assert v["tolerance"]["rel_max_abs_diff"] == pytest.approx(max(FP32_REL_TOL, FLOAT32_REACH * e32))
     assert v["mask_mismatch"] == 0 and v["reference"] == "float64 PyTorch"
+    assert result.manifest["pos_rule"] == "dinov2-offset"  # 37 x 37 table resized to 4 x 4
