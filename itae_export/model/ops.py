@@ -17,8 +17,9 @@ STRATEGY_MIN, STRATEGY_NEG_INF, STRATEGY_MEAN = (STRATEGY_CODES[s] for s in ("mi
 
 
 def token_norms(x_BTC: torch.Tensor, scale: float) -> torch.Tensor:
-    """Norms of every non-CLS token, in float32: ||x[b, t, :] * scale||_2 for t >= 1."""
-    y = x_BTC[:, 1:].float() * scale
+    """Norms of every non-CLS token, in float32 (float64 for a float64 input, the validation
+    reference): ||x[b, t, :] * scale||_2 for t >= 1."""
+    y = x_BTC[:, 1:].to(torch.promote_types(x_BTC.dtype, torch.float32)) * scale
     return (y * y).sum(-1).sqrt()
 
 

@@ -177,6 +177,13 @@ class VisionTransformer(nn.Module):
         self._fixed_grid = (height // p, width // p)
         return self
 
+    def applied_pos_rule(self, height: int, width: int | None = None) -> str:
+        """The position rule a ``height x width`` input really goes through: ``none`` on the
+        checkpoint's own grid (the table is used as stored), else the model's ``pos_rule``."""
+        width = width or height
+        p, G = self.cfg.patch_size, self.cfg.pos_grid
+        return "none" if (height // p, width // p) == (G, G) else self.pos_rule
+
     def prepare_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixel_values.shape
         p = self.cfg.patch_size
@@ -191,9 +198,12 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
         return self.norm_pre(x)
 
-    def forward_features(self, pixel_values: torch.Tensor, cls_only: bool = False) -> dict:
+    def forward_features(self, pixel_values: torch.Tensor, cls_only: bool = False,
+                         artifact_mask: torch.Tensor | None = None) -> dict:
         """Every output; ``cls_only`` (needs ITAE injected) runs the last block's attention row,
-        projection and MLP for the CLS token only, and returns the CLS entries and ITAE's."""
+        projection and MLP for the CLS token only, and returns the CLS entries and ITAE's.
+        ``artifact_mask`` [B, T-1] (bool, needs ITAE injected): use this mask instead of the
+        one ITAE would compute (validation replays a graph's mask through the float64 model)."""
         x = self.prepare_tokens(pixel_values)
         cls_kw = {"cls_only": True} if cls_only else {}
         for blk in self.blocks[:-1]:
@@ -201,7 +211,9 @@ class VisionTransformer(nn.Module):
         last = self.blocks[-1]
         aux = {}
         attn = last.attn
-        if getattr(attn, "needs_unpatched_output", False):
+        if artifact_mask is not None:
+            x, aux = last(x, artifact_mask=(artifact_mask, None), **cls_kw)
+        elif getattr(attn, "needs_unpatched_output", False):
             # source=output: the norms of the unpatched last block's output tokens
             x_plain, _ = last(x, bypass=True)
             x, aux = last(x, artifact_mask=attn.mask_from_output(x_plain), **cls_kw)

@@ -395,7 +395,7 @@ class _ExportJob:
         spec, res = req.spec, req.resolution
         num_tokens = 1 + spec.arch.num_register_tokens + (res // spec.arch.patch_size) ** 2
         self.manifest = build_manifest(spec, req.options, resolution=res, precision=req.precision,
-                                       attention_output=req.attention_output, pos_rule=model.pos_rule,
+                                       attention_output=req.attention_output, pos_rule=model.applied_pos_rule(res),
                                        weights_info=weights_info, num_tokens=num_tokens)
         self.reference = None  # the PyTorch reference outputs, computed once per export
         self.folded = None

@@ -1,0 +1,54 @@
+"""The resume key of the embedding store: a stored vector is reused only when the file's size AND
+its mtime still match (issue 12: a store that compared the size alone passed the whole suite)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import imagefolders as datasets
+import numpy as np
+
+from itae_export.cluster.job import run_cluster_job
+from itae_export.cluster.store import EmbeddingStore, file_key
+
+
+def test_lookup_needs_size_and_mtime(tmp_path):
+    with EmbeddingStore(tmp_path / "s.sqlite") as store:
+        store.add("m", [("a.png", 100, 5_000), ("b.png", 200, 6_000)], np.eye(2, 3, dtype=np.float32))
+        hit = store.lookup("m", {"a.png": (100, 5_000), "b.png": (200, 6_000)})
+        assert set(hit) == {"a.png", "b.png"}
+        np.testing.assert_array_equal(hit["b.png"], [0, 1, 0])
+        assert store.lookup("m", {"a.png": (100, 5_001)}) == {}, "same size, another mtime: reused"
+        assert store.lookup("m", {"a.png": (101, 5_000)}) == {}, "same mtime, another size: reused"
+        assert store.lookup("other", {"a.png": (100, 5_000)}) == {}, "another model's row reused"
+
+
+def test_file_key_sees_an_mtime_change_alone(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"1234")
+    before = file_key(p)
+    os.utime(p, ns=(time.time_ns(), before[1] + 1_000_000))
+    assert file_key(p)[0] == before[0] and file_key(p) != before
+
+
+def test_same_size_new_content_is_embedded_again(tiny_model, tmp_path):
+    """A BMP of the same dimensions has the same byte size whatever its pixels: rewriting one
+    with other pixels (a new mtime, the same size) must not reuse its old vector."""
+    from PIL import Image
+
+    root = tmp_path / "bmp"
+    labels = datasets.fashion_folder(root, per_class=3, classes=2, fmt="bmp")
+    out = tmp_path / "out"
+    first = run_cluster_job(root, tiny_model, 2, out, progress=False)
+    assert first["counts"]["embedded_new"] == 6
+    victim = sorted(labels)[2]
+    size = (root / victim).stat().st_size
+    old = np.load(out / "embeddings.npy")[2]
+    old_mtime = (root / victim).stat().st_mtime_ns
+    Image.fromarray(np.full((28, 28), 200, np.uint8), mode="L").save(root / victim)
+    os.utime(root / victim, ns=(time.time_ns(), old_mtime + 10_000_000))
+    assert (root / victim).stat().st_size == size, "setup: the rewritten BMP changed size"
+    again = run_cluster_job(root, tiny_model, 2, out, progress=False)
+    assert again["counts"]["embedded_new"] == 1 and again["counts"]["reused"] == 5
+    assert not np.allclose(np.load(out / "embeddings.npy")[2], old)
