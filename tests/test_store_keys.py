@@ -1,5 +1,6 @@
-"""The resume key of the embedding store: a stored vector is reused only when the file's size AND
-its mtime still match (issue 12: a store that compared the size alone passed the whole suite)."""
+"""The resume key of the embedding store: a stored vector is reused only when the file's size, its
+mtime AND its ctime still match (issue 12: a store that compared the size alone passed the whole
+suite; cp -p and rsync keep size and mtime, not the ctime)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from itae_export.cluster.job import run_cluster_job
 from itae_export.cluster.store import EmbeddingStore, file_key
 
 
-def test_lookup_needs_size_and_mtime(tmp_path):
+def test_lookup_needs_size_mtime_and_ctime(tmp_path):
     with EmbeddingStore(tmp_path / "s.sqlite") as store:
-        store.add("m", [("a.png", 100, 5_000), ("b.png", 200, 6_000)], np.eye(2, 3, dtype=np.float32))
-        hit = store.lookup("m", {"a.png": (100, 5_000), "b.png": (200, 6_000)})
+        store.add("m", [("a.png", 100, 5_000, 7), ("b.png", 200, 6_000, 8)], np.eye(2, 3, dtype=np.float32))
+        hit = store.lookup("m", {"a.png": (100, 5_000, 7), "b.png": (200, 6_000, 8)})
         assert set(hit) == {"a.png", "b.png"}
         np.testing.assert_array_equal(hit["b.png"], [0, 1, 0])
-        assert store.lookup("m", {"a.png": (100, 5_001)}) == {}, "same size, another mtime: reused"
-        assert store.lookup("m", {"a.png": (101, 5_000)}) == {}, "same mtime, another size: reused"
-        assert store.lookup("other", {"a.png": (100, 5_000)}) == {}, "another model's row reused"
+        assert store.lookup("m", {"a.png": (100, 5_001, 7)}) == {}, "same size, another mtime: reused"
+        assert store.lookup("m", {"a.png": (101, 5_000, 7)}) == {}, "same mtime, another size: reused"
+        assert store.lookup("m", {"a.png": (100, 5_000, 9)}) == {}, "same size and mtime, another ctime: reused"
+        assert store.lookup("other", {"a.png": (100, 5_000, 7)}) == {}, "another model's row reused"
 
 
 def test_file_key_sees_an_mtime_change_alone(tmp_path):

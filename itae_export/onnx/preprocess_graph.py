@@ -56,8 +56,9 @@ from itae_export.onnx.contract import (
 )
 from itae_export.onnx.export import ExportResult, spec_from_manifest
 from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
-from itae_export.onnx.validate import compare, format_report, run_torch, sample_photos
+from itae_export.onnx.validate import format_report, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
+from itae_export.runtime import ort_session
 from itae_export.weights import checkpoints
 
 CUBIC_COEFF_A = -0.5  # Pillow's BICUBIC (ONNX's default is -0.75)
@@ -307,24 +308,19 @@ def pil_gap(images: list[np.ndarray], pre: PreprocessSpec) -> dict:
 def validate_in_graph(path: str | os.PathLike, model, manifest: dict, *, images_dir=None,
                       log: Callable[[str], None] = lambda m: None) -> dict:
     """The composed graph in ONNX Runtime against PyTorch fed :func:`reference_pixels`."""
-    import onnxruntime as ort
-
     pre = PreprocessSpec.from_manifest(manifest["preprocessing"])
     images, names, batches = validation_images(images_dir=images_dir)
     x = reference_pixels(images, pre)
-    ref = run_torch(model, x)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ref = reference_for(model, x, names)  # judged like every export: against float64 PyTorch
+    sess = ort_session(path)
     outs = [OUTPUT_EMBEDDING, OUTPUT_MASK]
-    embs, masks = np.zeros_like(ref[OUTPUT_EMBEDDING]), np.zeros_like(ref[OUTPUT_MASK])
+    embs, masks = np.zeros_like(ref.emb32), np.zeros_like(ref.mask64)
     for b in batches:
         e, m = sess.run(outs, {IMAGE_INPUT_NAME: np.stack([images[i] for i in b])})
         embs[b], masks[b] = e, m
-    report = compare(ref[OUTPUT_EMBEDDING], ref[OUTPUT_MASK], embs, masks, manifest["precision"])
+    report = judge(ref, embs, masks, manifest, model)
     # the preprocessing subgraph alone: bit-identical pixel_values
-    pre_sess = ort.InferenceSession(build_preprocess_graph(pre).SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
+    pre_sess = ort_session(build_preprocess_graph(pre))
     mismatch = 0
     for b in batches:
         (got,) = pre_sess.run(None, {IMAGE_INPUT_NAME: np.stack([images[i] for i in b])})

@@ -174,9 +174,14 @@ class Reference:
 def torch_reference(model, manifest: dict, images_dir=None) -> Reference:
     """The inputs and the PyTorch runs that :func:`validate_model` judges a graph by: float64 (the
     reference) and float32 (the measure of what float32 can reach on these inputs)."""
+    x, names = validation_inputs(manifest, images_dir)
+    return reference_for(model, x, names)
+
+
+def reference_for(model, x: np.ndarray, names: list[str]) -> Reference:
+    """The float64 and float32 PyTorch runs over the pixels ``x`` (named ``names``)."""
     import torch
 
-    x, names = validation_inputs(manifest, images_dir)
     with in_float64(model):
         emb64, mask64, norms64 = _forward(model, x, torch.float64)
     emb32, mask32, norms32 = _forward(model, x, torch.float32)
