@@ -18,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.evaluation import choose_k, knn_accuracy, neighbour_label_consistency, over_clustering_scores
+from itae_export.cluster.evaluation import (choose_k, head_advice, knn_accuracy, neighbour_label_consistency,
+                                           over_clustering_scores)
 from itae_export.cluster.head_export import append_head, check_composed, export_head
-from itae_export.cluster.heads import fit_head
+from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
 from itae_export.cluster.store import EmbeddingStore, file_key, model_fingerprint
 from itae_export.errors import InputError
@@ -371,7 +372,12 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     if method == "kmeans":
         assign, dist, inertia = kmeans_assign(res.embeddings, k, seed=seed, n_init=n_init)
     else:
-        head_result = fit_head(res.embeddings, k, method, seed=seed, progress=progress, **(head_params or {}))
+        hp = {**(TSP_DEFAULTS if method == "tsp" else TEMI_DEFAULTS), **(head_params or {})}
+        advice = head_advice(res.embeddings, k, method, seed=seed, graph_neighbors=hp["n_neighbors"])
+        if advice.warning:
+            log(advice.warning)
+        head_result = fit_head(res.embeddings, k, method, seed=seed, progress=progress, neighbors=advice.neighbors,
+                               **(head_params or {}))
         assign = np.asarray(head_result.labels_)
         dist, inertia = centroid_distances(res.embeddings, assign)
     t_cluster = time.perf_counter() - t0
@@ -424,7 +430,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         summary["k_auto"] = k_auto
     if head_result is not None:
         summary["head"] = {"method": method, "hparams": head_result.hparams,
-                           "clusters_used": int(len(np.unique(assign)))}
+                           "clusters_used": int(len(np.unique(assign))), "schedule": head_result.schedule,
+                           "neighbour_advice": advice.as_dict()}
         if head_out is not None:
             summary["head"].update(_export_head(head_result, res, root, onnx_path, Path(head_out), manifest, log))
 
