@@ -341,7 +341,7 @@ def cpu_flags() -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=ALL_SETS)
+    p.add_argument("--sets", nargs="*", default=list(ALL_SETS), choices=ALL_SETS, help="none: the cost check only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["kmeans", "tsp", "temi"])
     p.add_argument("--fmnist-n", type=int, default=2000, help="first n Fashion-MNIST test images")

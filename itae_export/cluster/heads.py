@@ -56,11 +56,11 @@ TEMI_DEFAULTS: dict[str, Any] = {
     "min_epochs": 200,
     "min_steps": 2000,
     "batch_size": 256,
-    "lr": 1e-4,             # AdamW
+    "lr": 1e-3,             # AdamW (the official code: 1e-4 over tens of thousands of steps)
     "weight_decay": 1e-4,
     "student_temp": 0.1,
     "teacher_temp": 0.1,
-    "teacher_momentum": 0.996,  # EMA of the teacher weights, cosine schedule to 1
+    "teacher_momentum": 0.9,  # EMA of the teacher weights, cosine schedule to 1 (official: 0.996)
     "probs_momentum": 0.9,      # EMA of the teacher's cluster marginal q~_t(c)
 }
 
@@ -215,62 +215,69 @@ def _modules():
             return torch.softmax(self.logits(x), dim=-1)
 
     class MultiMLPHead(nn.Module):
-        """H independent 3-layer MLPs on x / ||x||.
+        """H independent 3-layer MLPs on sqrt(D) x / ||x||, each ending in a cosine layer.
 
-        The first layers of all heads are one [D, H * hidden] matrix (one GEMM over the batch);
-        the second and third layers are batched matmuls with the bias fused in (baddbmm).
+        As the DINO head of the official TEMI code, the last layer is weight-normalised and sees
+        the L2-normalised hidden state, so the logits are cosines in [-1, 1] and the softmax
+        temperature (0.1) sets their scale: a plain last layer starts with logits near 0,
+        uniform predictions, and the PMI loss has no gradient to leave them. The sqrt(D) puts
+        the unit vector on the per-coordinate scale that PyTorch's initialisation assumes.
+        The first layers of all heads are one [D, H * hidden] matrix (one GEMM over the
+        batch); the second and last layers are batched matmuls, the bias fused in (baddbmm).
         """
 
         def __init__(self, dim: int, k: int, n_heads: int, hidden: int):
             super().__init__()
-            self.n_heads, self.hidden = n_heads, hidden
+            self.n_heads, self.hidden, self.scale = n_heads, hidden, math.sqrt(dim)
             self.w1 = nn.Parameter(torch.empty(dim, n_heads * hidden))
             self.b1 = nn.Parameter(torch.zeros(n_heads * hidden))
             self.w2 = nn.Parameter(torch.empty(n_heads, hidden, hidden))
             self.b2 = nn.Parameter(torch.zeros(n_heads, 1, hidden))
             self.w3 = nn.Parameter(torch.empty(n_heads, hidden, k))
-            self.b3 = nn.Parameter(torch.zeros(n_heads, 1, k))
             for w, fan_in in ((self.w1, dim), (self.w2, hidden), (self.w3, hidden)):
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(w, -bound, bound)
 
-        def forward(self, x):  # [B, D] -> logits [H, B, k]
+        def forward(self, x):  # [B, D] -> logits [H, B, k], cosines
             b = x.shape[0]
-            h = torch.addmm(self.b1, F.normalize(x, dim=-1), self.w1)  # [B, H * hidden]
+            h = torch.addmm(self.b1, F.normalize(x, dim=-1) * self.scale, self.w1)  # [B, H * hidden]
             h = F.gelu(h).view(b, self.n_heads, self.hidden).transpose(0, 1)  # [H, B, hidden]
-            h = F.gelu(torch.baddbmm(self.b2, h, self.w2))
-            return torch.baddbmm(self.b3, h, self.w3)
+            h = F.normalize(F.gelu(torch.baddbmm(self.b2, h, self.w2)), dim=-1)
+            return torch.bmm(h, F.normalize(self.w3, dim=1))
 
         def head_weights(self, i: int):
-            """(w1 [D, hidden], b1, w2 [hidden, hidden], b2, w3 [hidden, k], b3) of head i."""
+            """(w1 [D, hidden], b1, w2 [hidden, hidden], b2, w3 [hidden, k] column-normalised) of head i."""
             sl = slice(i * self.hidden, (i + 1) * self.hidden)
-            return (self.w1[:, sl], self.b1[sl], self.w2[i], self.b2[i, 0], self.w3[i], self.b3[i, 0])
+            return (self.w1[:, sl], self.b1[sl], self.w2[i], self.b2[i, 0], F.normalize(self.w3[i], dim=0))
 
     class MLPClusterHead(nn.Module):
-        """One TEMI head (the selected teacher head): softmax(MLP(x / ||x||) / temperature)."""
+        """One TEMI head (the selected teacher head): softmax(cos(MLP(sqrt(D) x / ||x||), W3) / temperature)."""
 
         def __init__(self, dim: int, k: int, hidden: int, temperature: float):
             super().__init__()
             self.fc1 = nn.Linear(dim, hidden)
             self.fc2 = nn.Linear(hidden, hidden)
-            self.fc3 = nn.Linear(hidden, k)
+            self.fc3 = nn.Linear(hidden, k, bias=False)  # rows of unit norm
+            self.scale = math.sqrt(dim)
             self.temperature = float(temperature)
 
         def logits(self, x):
-            h = F.gelu(self.fc1(F.normalize(x, dim=-1)))
-            return self.fc3(F.gelu(self.fc2(h)))
+            h = F.gelu(self.fc1(F.normalize(x, dim=-1) * self.scale))
+            return self.fc3(F.normalize(F.gelu(self.fc2(h)), dim=-1))
 
         def forward(self, x):
             return torch.softmax(self.logits(x) / self.temperature, dim=-1)
 
         @classmethod
         def from_multi(cls, multi: "MultiMLPHead", i: int, temperature: float) -> "MLPClusterHead":
-            w1, b1, w2, b2, w3, b3 = multi.head_weights(i)
+            w1, b1, w2, b2, w3 = multi.head_weights(i)
             head = cls(w1.shape[0], w3.shape[1], multi.hidden, temperature)
             with torch.no_grad():
-                for fc, w, b in ((head.fc1, w1, b1), (head.fc2, w2, b2), (head.fc3, w3, b3)):
-                    fc.weight.copy_(w.T)
-                    fc.bias.copy_(b)
+                head.fc1.weight.copy_(w1.T)
+                head.fc1.bias.copy_(b1)
+                head.fc2.weight.copy_(w2.T)
+                head.fc2.bias.copy_(b2)
+                head.fc3.weight.copy_(w3.T)
             return head
 
     _MODULES = {"LinearClusterHead": LinearClusterHead, "MultiMLPHead": MultiMLPHead,
