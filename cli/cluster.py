@@ -73,7 +73,8 @@ interruption embeds only the images that are missing or changed.
               help="kmeans, or a clustering head trained on the embeddings: tsp (TSP, linear head, neighbour "
                    "consistency) or temi (TEMI, MLP heads with a PMI loss). See docs/heads.md.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI).")
+              help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI, or "
+                   "more to reach 2,000 optimiser steps on small collections).")
 @click.option("--head-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="[--method tsp|temi] Write the trained head as ONNX here, and the encoder with the head "
                    "appended as <name>.with_encoder.onnx (image -> embedding, cluster_probs, cluster).")

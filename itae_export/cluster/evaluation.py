@@ -9,11 +9,15 @@ over-clustering scores, and choosing the number of clusters.
   (cosine, the query excluded) that share the query's label, averaged over queries.
 * :func:`over_clustering_scores` scores k > number of classes: many-to-one accuracy (each cluster
   takes its majority class) and AMI, both of which do not penalise splitting a class.
+* :func:`head_advice` estimates without labels whether a TSP/TEMI head can help (K-Means labels
+  in place of true ones in the neighbour consistency) and words a warning when it cannot.
 * :func:`choose_k` picks k by the mean silhouette of K-Means (cosine) or by the largest eigengap
   of the normalised Laplacian of a symmetric k-NN graph.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -136,3 +140,63 @@ def _eigengap_curve(x: np.ndarray, ks: list[int], n_neighbors: int) -> dict[int,
         shifted = sp.identity(n, format="csr") * 2.0 - lap
         evals = np.sort(2.0 - eigsh(shifted, k=m, which="LA", return_eigenvectors=False))
     return {k: float(evals[k] - evals[k - 1]) for k in ks}
+
+
+# A head trains its clusters to agree with the K nearest neighbours; where a point's neighbours
+# mostly fall in other K-Means clusters, the graph carries no cluster structure for it to use.
+# Calibrated on the bench sets of docs/heads.md (bench/bench_heads.py prints this estimate
+# beside the labelled kNN@20 consistency).
+ADVICE_NEIGHBOURS = 20
+ADVICE_THRESHOLD = 0.80
+
+
+@dataclass
+class NeighbourAdvice:
+    """What :func:`head_advice` measured, with the graph it built (reusable by ``fit_head``)."""
+
+    estimate: float  # mean fraction of the K nearest neighbours in the point's own K-Means cluster
+    threshold: float
+    n_neighbors: int
+    warning: str | None
+    neighbors: tuple[np.ndarray, np.ndarray] = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"kmeans_neighbour_agreement": round(self.estimate, 4), "n_neighbors": self.n_neighbors,
+                "threshold": self.threshold, "warning": self.warning}
+
+
+def kmeans_neighbour_agreement(embeddings, k: int, *, n_neighbors: int = ADVICE_NEIGHBOURS, seed: int = 0,
+                               neighbors=None, n_init: int = 3) -> float:
+    """A label-free stand-in for kNN@``n_neighbors`` label consistency: K-Means (k clusters, on the
+    L2-normalised embeddings) labels take the place of the true labels."""
+    from sklearn.cluster import KMeans
+
+    x = l2_normalize(embeddings).astype(np.float32)
+    idx = nearest_neighbors(x, n_neighbors)[1] if neighbors is None else np.asarray(neighbors[1])[:, :n_neighbors]
+    pseudo = KMeans(k, n_init=n_init, random_state=seed).fit_predict(x)
+    return float((pseudo[idx] == pseudo[:, None]).mean())
+
+
+def head_advice(embeddings, k: int, method: str, *, seed: int = 0, graph_neighbors: int = 0,
+                n_neighbors: int = ADVICE_NEIGHBOURS, threshold: float = ADVICE_THRESHOLD) -> NeighbourAdvice:
+    """Whether a ``method`` (tsp or temi) head is likely to help on these embeddings, without labels.
+
+    Builds one neighbour graph with max(``n_neighbors``, ``graph_neighbors``) columns (pass the
+    head's n_neighbors so that ``fit_head(..., neighbors=advice.neighbors)`` reuses it) and
+    measures :func:`kmeans_neighbour_agreement`. Below ``threshold`` the returned ``warning`` says
+    that the head may not beat K-Means; otherwise it is None.
+    """
+    x = l2_normalize(embeddings).astype(np.float32)
+    cols = min(max(n_neighbors, graph_neighbors), len(x) - 1)
+    if cols < 1:
+        raise InputError(f"need at least 2 embeddings for a neighbour graph, got {len(x)}")
+    graph = nearest_neighbors(x, cols)
+    kk = min(n_neighbors, cols)
+    est = kmeans_neighbour_agreement(x, k, n_neighbors=kk, seed=seed, neighbors=graph)
+    warning = None
+    if est < threshold:
+        warning = (f"--method {method}: only {100 * est:.0f}% of each embedding's {kk} nearest neighbours share "
+                   f"its K-Means cluster (below {100 * threshold:.0f}%); the neighbours carry little cluster "
+                   f"structure, so a {method.upper()} head may not beat K-Means here: compare with --method kmeans "
+                   f"(see docs/heads.md)")
+    return NeighbourAdvice(estimate=est, threshold=threshold, n_neighbors=kk, warning=warning, neighbors=graph)

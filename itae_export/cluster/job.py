@@ -13,9 +13,15 @@ import numpy as np
 
 from itae_export.cluster import outputs
 from itae_export.cluster.embed import EmbedResult, FolderScan, default_out_dir, embed_folder, progress_bar
-from itae_export.cluster.evaluation import choose_k, knn_accuracy, neighbour_label_consistency, over_clustering_scores
+from itae_export.cluster.evaluation import (
+    choose_k,
+    head_advice,
+    knn_accuracy,
+    neighbour_label_consistency,
+    over_clustering_scores,
+)
 from itae_export.cluster.head_export import append_head, check_composed, export_head
-from itae_export.cluster.heads import fit_head
+from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
 from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
 from itae_export.cluster.store import STORE_NAME, EmbeddingStore
@@ -126,6 +132,7 @@ class Clustering:
     distances: np.ndarray
     inertia: float
     head: object = None  # the fitted TSP/TEMI head, if any
+    advice: object = None  # the head's neighbour-consistency estimate (evaluation.head_advice)
 
 
 def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: int | str,
@@ -159,7 +166,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         raise InputError(f"{folder}: none of the {res.n_found} images could be embedded (see {out_dir / 'skipped.csv'})")
     k, k_auto = _resolve_k(res, opts, log)
     t0 = time.perf_counter()
-    clustering = cluster_embeddings(res.embeddings, k, opts)
+    clustering = cluster_embeddings(res.embeddings, k, opts, log)
     t_cluster = time.perf_counter() - t0
 
     summary = _summary(scan.root, out_dir, onnx_path, manifest, res, opts, k, clustering)
@@ -171,7 +178,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         summary["k_auto"] = k_auto
     if clustering.head is not None:
         summary["head"] = {"method": opts.method, "hparams": clustering.head.hparams,
-                           "clusters_used": int(len(np.unique(clustering.labels)))}
+                           "clusters_used": int(len(np.unique(clustering.labels))),
+                           "schedule": clustering.head.schedule, "neighbour_advice": clustering.advice.as_dict()}
         if opts.head_out is not None:
             summary["head"].update(_export_head(clustering.head, res, onnx_path, Path(opts.head_out), manifest, log))
     summary["timings"] = {"scan_s": round(t_scan, 4), "embed_s": round(res.embed_seconds, 4),
@@ -222,13 +230,24 @@ def _resolve_k(res: EmbedResult, opts: ClusterOptions, log) -> tuple[int, dict |
                "chosen": k}
 
 
-def cluster_embeddings(embeddings: np.ndarray, k: int, opts: ClusterOptions) -> Clustering:
-    """K-Means on the L2-normalised embeddings, or a TSP/TEMI head trained on them."""
+def cluster_embeddings(embeddings: np.ndarray, k: int, opts: ClusterOptions,
+                       log: Callable[[str], None] = lambda m: None) -> Clustering:
+    """K-Means on the L2-normalised embeddings, or a TSP/TEMI head trained on them (with a warning
+    when the neighbours of the data say a head is unlikely to help)."""
     if opts.method == "kmeans":
         return Clustering(*kmeans_assign(embeddings, k, seed=opts.seed, n_init=opts.n_init))
-    head = fit_head(embeddings, k, opts.method, seed=opts.seed, progress=opts.progress, **(opts.head_params or {}))
+    hp = {**(TSP_DEFAULTS if opts.method == "tsp" else TEMI_DEFAULTS), **(opts.head_params or {})}
+    advice = head_advice(embeddings, k, opts.method, seed=opts.seed, graph_neighbors=hp["n_neighbors"])
+    if advice.warning:
+        log(advice.warning)
+    head = fit_head(embeddings, k, opts.method, seed=opts.seed, progress=opts.progress, neighbors=advice.neighbors,
+                    **(opts.head_params or {}))
     labels = np.asarray(head.labels_)
-    return Clustering(labels, *centroid_distances(embeddings, labels), head=head)
+    used = len(np.unique(labels))
+    if used < k:
+        log(f"warning: the {opts.method.upper()} head left {k - used} of the {k} clusters empty "
+            "(summary.json: head.clusters_used); K-Means (--method kmeans) fills every cluster")
+    return Clustering(labels, *centroid_distances(embeddings, labels), head=head, advice=advice)
 
 
 def _summary(root: Path, out_dir: Path, onnx_path, manifest: dict, res: EmbedResult, opts: ClusterOptions, k: int,

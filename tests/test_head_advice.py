@@ -1,0 +1,150 @@
+"""Issue 17: the heads' schedule (a budget of optimiser steps), the shared neighbour graph, and the
+label-free warning of ``--method tsp|temi`` (library function and its hook in itae-cluster)."""
+
+import json
+import math
+
+import imagefolders
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from itae_export.cli.cluster import main as cluster_cli  # noqa: E402
+from itae_export.cluster.evaluation import (  # noqa: E402
+    ADVICE_THRESHOLD,
+    head_advice,
+    kmeans_neighbour_agreement,
+)
+from itae_export.cluster.heads import (  # noqa: E402
+    TEMI_DEFAULTS,
+    TSP_DEFAULTS,
+    fit_head,
+    nearest_neighbors,
+    schedule,
+    temi_step_flops,
+)
+from itae_export.cluster.metrics import l2_normalize  # noqa: E402
+from itae_export.errors import InputError  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n_per=50, k=4, dim=16, spread=0.12, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:k] * 3
+    x = np.concatenate([c + spread * 3 * rng.normal(size=(n_per, dim)) for c in centres])
+    return x.astype(np.float32), np.repeat(np.arange(k), n_per)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("method", ["tsp", "temi"])
+def test_schedule_small_collections_get_the_step_budget(method):
+    d = TSP_DEFAULTS if method == "tsp" else TEMI_DEFAULTS
+    for n in (300, 1797, 5000, 20000):
+        plan = schedule(n, d["batch_size"], None, d["min_epochs"], d["min_steps"])
+        assert plan["steps_per_epoch"] == math.ceil(n / d["batch_size"])
+        assert plan["steps"] == plan["epochs"] * plan["steps_per_epoch"]
+        assert plan["steps"] >= d["min_steps"] and plan["epochs"] >= d["min_epochs"]
+        # no more than one epoch beyond what the budget or the paper's epochs need
+        assert plan["epochs"] == max(d["min_epochs"], math.ceil(d["min_steps"] / plan["steps_per_epoch"]))
+    # the paper's collection size (CIFAR, 50,000 images): the paper's epochs, unchanged
+    assert schedule(50000, 256, None, d["min_epochs"], d["min_steps"])["epochs"] == d["min_epochs"]
+
+
+def test_schedule_by_hand_and_explicit_epochs():
+    assert schedule(1797, 256, None, 100, 2000) == {"epochs": 250, "steps_per_epoch": 8, "steps": 2000}
+    assert schedule(50000, 256, None, 100, 2000) == {"epochs": 100, "steps_per_epoch": 196, "steps": 19600}
+    assert schedule(1797, 256, 7, 100, 2000) == {"epochs": 7, "steps_per_epoch": 8, "steps": 56}
+    with pytest.raises(InputError, match="epochs"):
+        schedule(100, 10, -1, 1, 1)
+
+
+def test_fit_runs_the_scheduled_epochs_and_records_them():
+    x, _ = blobs(n_per=10)  # 40 points, 3 batches of 16 per epoch
+    r = fit_head(x, 4, "tsp", progress=False, batch_size=16, min_epochs=2, min_steps=30, n_neighbors=5,
+                 kmeans_n_init=1)
+    assert r.schedule == {"epochs": 10, "steps_per_epoch": 3, "steps": 30}
+    assert len(r.history) == 10
+    r = fit_head(x, 4, "tsp", progress=False, batch_size=16, epochs=3, n_neighbors=5, kmeans_n_init=1)
+    assert r.schedule["epochs"] == 3 and len(r.history) == 3
+
+
+def test_step_budget_moves_the_tsp_head_where_paper_epochs_do_not():
+    """200 points: the paper's 100 epochs are 100 steps; the default budget gives 2,000."""
+    x, _ = blobs(n_per=50)
+    few = fit_head(x, 4, "tsp", progress=False, epochs=100, lr=1e-4, kmeans_n_init=1)
+    budget = fit_head(x, 4, "tsp", progress=False, lr=1e-4, kmeans_n_init=1)
+    assert budget.schedule["steps"] == TSP_DEFAULTS["min_steps"]
+    # the neighbour-consistency term (log k = 1.39 at uniform predictions) goes down with the budget
+    assert budget.history[-1]["consistency"] < few.history[-1]["consistency"] - 0.3
+
+
+# ---------------------------------------------------------------- neighbour graph and cost model
+
+
+def test_precomputed_neighbors_give_the_same_fit_and_are_checked():
+    x, _ = blobs(n_per=15)
+    graph = nearest_neighbors(l2_normalize(x).astype(np.float32), 12)
+    hp = dict(epochs=3, batch_size=16, n_neighbors=6, kmeans_n_init=1)
+    a = fit_head(x, 4, "tsp", progress=False, **hp)
+    b = fit_head(x, 4, "tsp", progress=False, neighbors=graph, **hp)
+    np.testing.assert_array_equal(a.probs_, b.probs_)
+    with pytest.raises(InputError, match="columns"):
+        fit_head(x, 4, "tsp", progress=False, neighbors=(graph[0][:, :3], graph[1][:, :3]), **hp)
+
+
+def test_temi_step_flops_by_hand():
+    # 2 rows, D=3, h=4, k=2, 1 head: forward 3*4 + 4*4 + 4*2 = 36 MACs per row, twice (student,
+    # teacher); backward 12 (dW1) + 32 (dW2, dX2) + 16 (dW3, dX3) = 60; x2 FLOPs x 2 rows.
+    assert temi_step_flops(2, 3, 2, 1, 4) == 2 * 2 * (2 * 36 + 60)
+    assert temi_step_flops(2, 3, 2, 5, 4) == 5 * temi_step_flops(2, 3, 2, 1, 4)
+
+
+# ---------------------------------------------------------------- the warning
+
+
+def test_head_advice_quiet_on_clusters_warns_on_noise():
+    x, _ = blobs()
+    good = head_advice(x, 4, "tsp", graph_neighbors=TSP_DEFAULTS["n_neighbors"])
+    assert good.warning is None and good.estimate > 0.95
+    assert good.neighbors[1].shape == (len(x), 20)
+    noise = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32)
+    bad = head_advice(noise, 10, "temi", graph_neighbors=50)
+    assert bad.estimate < ADVICE_THRESHOLD and bad.neighbors[1].shape == (400, 50)
+    assert bad.warning.startswith("--method temi:") and "may not beat K-Means" in bad.warning
+    assert bad.as_dict()["warning"] == bad.warning
+    # the estimate is K-Means-label agreement among the 20 nearest neighbours, nothing else
+    assert bad.estimate == pytest.approx(kmeans_neighbour_agreement(noise, 10, neighbors=bad.neighbors))
+
+
+def test_cluster_job_logs_and_records_the_advice(tiny_model, tmp_path, monkeypatch):
+    """The hook in run_cluster_job: the warning goes to the log and into summary["head"]."""
+    from itae_export.cluster import job
+
+    seen = []
+
+    def strict(*args, **kwargs):  # a threshold no data meets, so that the warning must appear
+        seen.append(kwargs)
+        return head_advice(*args, **kwargs, threshold=1.01)
+
+    monkeypatch.setattr(job, "head_advice", strict)
+    imagefolders.fashion_folder(tmp_path / "q", per_class=8, classes=3)
+    res = CliRunner().invoke(cluster_cli, [str(a) for a in (
+        tmp_path / "q", "--onnx", tiny_model, "--k", 3, "--method", "tsp", "--epochs", 2, "--out", tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert seen and seen[0]["graph_neighbors"] == TSP_DEFAULTS["n_neighbors"]
+    head = json.loads((tmp_path / "out" / "summary.json").read_text())["head"]
+    advice = head["neighbour_advice"]
+    assert advice["threshold"] == 1.01 and 0 <= advice["kmeans_neighbour_agreement"] <= 1
+    assert advice["warning"].startswith("--method tsp: only") and advice["warning"] in res.stderr
+    assert head["schedule"] == {"epochs": 2, "steps_per_epoch": 1, "steps": 2}
