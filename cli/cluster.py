@@ -92,6 +92,8 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
          save_inputs, quiet):
     """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
     with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
+    # Long only by its parameter list: Click passes every option; the body parses, calls
+    # resolve_options/ensure_export/run_cluster_job, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
     from itae_export.cluster.job import format_summary, run_cluster_job
     from itae_export.cluster.report import write_report

@@ -188,6 +188,8 @@ def temi_loss(s1, s2, t1, t2, marginal, beta: float):
 
 def _modules():
     """The head classes, built on first use so that torch is imported lazily."""
+    # Long by design: the class definitions themselves live here, inside the one function that
+    # may import torch; splitting them would only spread the lazy import over several functions.
     global _MODULES
     if _MODULES is not None:
         return _MODULES

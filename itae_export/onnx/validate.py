@@ -301,26 +301,33 @@ def judge(ref: Reference, got_emb, got_mask, manifest: dict, model) -> dict:
     k = min(4, len(got_emb) - 1)  # independent K-Means runs on both, the same seed
     report["kmeans_ari"] = kmeans_ari(l2_normalize(ref.emb64), l2_normalize(got_emb), k)[1] if finite and k >= 2 else None
 
-    failure = None
-    if not finite:
-        failure = "the ONNX embedding has NaN or inf"
-    elif unexplained:
-        i, e = unexplained[0]
-        n_tok = sum(len(e["tokens"]) for _, e in unexplained)
-        failure = (f"{n_tok} artifact-mask tokens of {len(unexplained)} inputs differ from float64 PyTorch away from "
-                   f"theta (margin {margin:.3g}); first: {e['input']} tokens {e['tokens'][:8]}")
-    elif max_abs / scale > tol_rel:
-        failure = (f"embedding max abs diff {max_abs:.3g} is {max_abs / scale:.3g} of the output scale "
-                   f"(> {tol['rel_max_abs_diff_rule']} = {tol_rel:.3g})")
-    elif precision != "fp32":
-        cos_floor = min(FP16_MIN_COSINE, 1 - FLOAT32_REACH * (1 - f32["min_cosine"]))
-        tol["min_cosine"] = cos_floor
-        if min_cos < cos_floor:
-            failure = f"fp16 min cosine {min_cos:.5f} < {cos_floor:.5f}"
+    failure = _failure(finite, unexplained, margin, max_abs, scale, tol, precision, min_cos, f32)
     report["tolerance"] = tol
     report["passed"] = failure is None
     report["failure"] = failure
     return report
+
+
+def _failure(finite: bool, unexplained: list, margin: float, max_abs: float, scale: float, tol: dict, precision: str,
+             min_cos: float, f32: dict) -> str | None:
+    """The gate's verdict: why the graph fails, or None. Sets ``tol["min_cosine"]`` for fp16."""
+    if not finite:
+        return "the ONNX embedding has NaN or inf"
+    if unexplained:
+        i, e = unexplained[0]
+        n_tok = sum(len(e["tokens"]) for _, e in unexplained)
+        return (f"{n_tok} artifact-mask tokens of {len(unexplained)} inputs differ from float64 PyTorch away from "
+                f"theta (margin {margin:.3g}); first: {e['input']} tokens {e['tokens'][:8]}")
+    tol_rel = tol["rel_max_abs_diff"]
+    if max_abs / scale > tol_rel:
+        return (f"embedding max abs diff {max_abs:.3g} is {max_abs / scale:.3g} of the output scale "
+                f"(> {tol['rel_max_abs_diff_rule']} = {tol_rel:.3g})")
+    if precision != "fp32":
+        cos_floor = min(FP16_MIN_COSINE, 1 - FLOAT32_REACH * (1 - f32["min_cosine"]))
+        tol["min_cosine"] = cos_floor
+        if min_cos < cos_floor:
+            return f"fp16 min cosine {min_cos:.5f} < {cos_floor:.5f}"
+    return None
 
 
 def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Callable[[str], None] = lambda m: None,
