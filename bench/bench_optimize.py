@@ -73,7 +73,7 @@ def main() -> None:
     for bs in [int(b) for b in args.batches.split(",")]:
         x = np.random.default_rng(0).standard_normal((bs, 3, res, res), dtype=np.float32)
         log(f"batch {bs}: {args.repeats} turns of {len(sessions)} graphs ...")
-        t = interleaved({v: (lambda s=s: s.run(["embedding"], {"pixel_values": x})) for v, s in sessions.items()},
+        t = interleaved({v: (lambda s=s, x=x: s.run(["embedding"], {"pixel_values": x})) for v, s in sessions.items()},
                         repeats=args.repeats)
         chosen = "folded" if choice["chosen"] == "none" else "folded + " + choice["chosen"]
         for v in paths:

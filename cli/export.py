@@ -31,7 +31,7 @@ from itae_export.cli._common import (
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
 @click.option("--optimize", is_flag=True,
               help="Fold LayerScale and fuse attention/LayerNorm/GELU for ONNX Runtime (com.microsoft ops; "
-                   "validated before and after).")
+                   "only the fusions that run fastest on this CPU, timed at export; validated before and after).")
 @click.option("--quantize", type=click.Choice(["int8", "int8-static"]), default=None,
               help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ calibrated on real images with "
                    "the layers that move the clusters kept float32; validated against fp32 on real images "

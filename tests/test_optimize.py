@@ -22,6 +22,7 @@ from itae_export.onnx.optimize import (
     mask_source_matmuls,
     quantize_static_int8,
     weight_matmul_layers,
+    with_fp32_layers,
 )
 from itae_export.onnx.validate import run_onnx, validation_inputs
 from itae_export.registry import ITAEOptions
@@ -260,6 +261,14 @@ def test_weight_matmul_labels_and_static_exclusions(folded, tmp_path):
     got = run_onnx(tmp_path / "q.onnx", x)["embedding"]
     ref = run_onnx(folded.path, x)["embedding"]
     assert ((ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)).min() > 0.9
+    # the fast variants of the layer search: every layer float32 again is the fp32 graph, exactly
+    names = [n for n, _ in layers]
+    back = with_fp32_layers(q, proto, names)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in back.graph.node}
+    onnx.save_model(back, str(tmp_path / "back.onnx"))
+    np.testing.assert_array_equal(run_onnx(tmp_path / "back.onnx", x)["embedding"], ref)
+    one = with_fp32_layers(q, proto, [n for n in names if n != layers[0][0]])  # only blocks.0.attn.qkv int8
+    assert sum(n.op_type == "DequantizeLinear" for n in one.graph.node) == 2
     # a second variant from the cached calibration, without images; unknown layers are refused
     quantize_static_int8(folded.path, tmp_path / "q2.onnx", None, cache=cache)
     with pytest.raises(InputError, match="blocks.7.mlp.fc1"):

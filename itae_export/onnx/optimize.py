@@ -2,13 +2,21 @@
 
 - :func:`fold_layerscale_`: LayerScale folded into the Linear before it (``W' = diag(g) W``,
   ``b' = g * b``), in the PyTorch model that is exported. One Mul less per residual branch.
-- :func:`fuse_for_ort`: onnxscript's ORT fusions on the exported graph: ``MultiHeadAttention``
-  for the unpatched blocks, ``SkipLayerNormalization``, ``BiasGelu`` (``com.microsoft`` ops, so
-  the result runs in ONNX Runtime only). The ``itae`` functions are detached while the rewriter
-  runs, so it cannot inline or rewrite them, and attached again unchanged.
-- :func:`quantize_int8`: dynamic int8 quantization of the weight MatMuls. The MatMul whose output
-  feeds ``ArtifactMask`` stays float32, so the norms and the threshold are those of the fp32
-  graph; ``ArtifactMask`` and ``AttenuateLogits`` are functions and are never quantized.
+- :func:`fuse_for_ort`: onnxscript's ORT fusions on the exported graph, all of them or the groups
+  of :data:`FUSION_GROUPS` (``SkipLayerNormalization``, ``MultiHeadAttention`` for the unpatched
+  blocks, ``BiasGelu``; ``com.microsoft`` ops, so the result runs in ONNX Runtime only). The
+  ``itae`` functions are detached while the rewriter runs, so it cannot inline or rewrite them,
+  and attached again unchanged.
+- :func:`choose_fusions`: ``--optimize`` times every candidate set of fusion groups against none
+  on the CPU at hand and keeps the fastest; the manifest records the timings and the CPU kind
+  (:mod:`itae_export.hardware`), since another kind may choose otherwise.
+- :func:`quantize_int8`: dynamic int8 quantization of the weight MatMuls (``--quantize int8``).
+- :func:`quantize_static_int8` and :func:`plan_static_int8` (``--quantize int8-static``): static
+  QDQ int8 calibrated on real images, per-channel weights, with the layers that move the clusters
+  most, measured end to end one layer at a time, kept float32 (as few as the clusters allow).
+- In both, the MatMul whose output feeds ``ArtifactMask`` stays float32, so the norms and the
+  threshold are those of the fp32 graph; ``ArtifactMask`` and ``AttenuateLogits`` are functions
+  and are never quantized.
 - :func:`validate_int8`: cosine to the fp32 graph's embeddings, artifact-mask agreement, and the
   ARI between fp32 and int8 K-Means assignments of real images; below :data:`INT8_MIN_ARI` it fails.
 
@@ -352,7 +360,9 @@ def quantize_static_int8(src: str | os.PathLike, dst: str | os.PathLike, calibra
     done, for the manifest.
 
     ONNX Runtime's ``quantize_static``: QDQ format, int8 symmetric weights (per output channel by
-    default), uint8 activations with scales from the MinMax of ``calibration`` (pixels [n, 3, H, W]).
+    default), uint8 activations with scales from the MinMax of ``calibration`` (pixels [n, 3, H, W]);
+    the MatMul outputs are not quantized (ORT quantizes them by default in QDQ; here they go on in
+    float32 into the bias adds, the residual and GELU, and ORT runs ``MatMulIntegerToFloat``).
     The ranges are cached in ``cache`` (JSON; computed once, then read back, so that variants with
     other layers kept in float32 share one calibration; pass ``calibration=None`` to use the cache
     only). ``keep_fp32``: node names or :func:`weight_matmul_layers` labels that stay float32; the
@@ -380,7 +390,9 @@ def quantize_static_int8(src: str | os.PathLike, dst: str | os.PathLike, calibra
                     per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_quantize=to_quantize,
                     calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
-                    extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False})
+                    extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False,
+                                   # the MatMul outputs (into the bias adds and the residual) stay float32
+                                   "OpTypesToExcludeOutputQuantization": ["MatMul"]})
     label = dict(layers)
     return {"method": "onnxruntime.quantization.quantize_static (QDQ)",
             "weights": "int8 (symmetric)" + (", 7-bit range" if reduce_range else ""),
