@@ -36,11 +36,13 @@ from itae_export.cli._common import (
               help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ calibrated on real images with "
                    "the layers that move the clusters kept float32; validated against fp32 on real images "
                    "(--validate-images DIR, else Fashion-MNIST where installed).")
+@click.option("--int8-plan", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --quantize int8-static: reuse this layer plan (bench/bench_int8_static.py --save-plan).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors
 def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
          output, attention_output, inline, validate, validate_images, calibration_images, external_data, optimize,
-         quantize, quiet):
+         quantize, int8_plan, quiet):
     """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
 
     \b
@@ -70,7 +72,7 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **loaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,
-                         optimize=optimize, quantize=quantize, log=log)
+                         optimize=optimize, quantize=quantize, int8_plan=int8_plan, log=log)
     if not quiet:
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log
             click.echo(format_report(result.validation), err=True)

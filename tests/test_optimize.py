@@ -20,6 +20,7 @@ from itae_export.onnx.optimize import (
     fold_layerscale_,
     fuse_for_ort,
     mask_source_matmuls,
+    quantize_graph,
     quantize_static_int8,
     weight_matmul_layers,
     with_fp32_layers,
@@ -299,13 +300,11 @@ def test_int8_static_export_publishes_with_its_plan(tiny, tmp_path, monkeypatch)
     assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(r.path)).graph.node}
 
 
-def test_int8_static_refuses_when_no_layer_can_be_int8(tiny, tmp_path, monkeypatch):
-    spec, model, opts = tiny
+def test_int8_static_refuses_when_no_layer_can_be_int8(folded, tmp_path, monkeypatch):
     monkeypatch.setattr("itae_export.onnx.optimize.INT8_MIN_ARI", 1.01)  # no ARI can pass the layer selection
     with pytest.raises(ToleranceError, match="no weight MatMul can be int8"):
-        export_onnx(spec, opts, tmp_path / "s.onnx", model=copy.deepcopy(model), quantize="int8-static",
-                    int8_images=40)
-    assert list(tmp_path.iterdir()) == []
+        quantize_graph("int8-static", folded.path, tmp_path / "s.onnx", folded.manifest, workdir=tmp_path / "w")
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_int8_static_guard_refuses_and_publishes_nothing(tiny, tmp_path, monkeypatch):
@@ -322,3 +321,19 @@ def test_int8_static_guard_refuses_and_publishes_nothing(tiny, tmp_path, monkeyp
     assert e.value.report["passed"] is False and e.value.report["kmeans_ari"] is not None
     assert "without --quantize" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_static_reuses_a_plan(folded, tmp_path, monkeypatch):
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep_fp32": ["blocks.0.mlp.fc2"], "selection": "120 images", "sensitivity": [],
+                                "trials": [], "min_ari_selection": 0.97}))
+    q = quantize_graph("int8-static", folded.path, tmp_path / "p.onnx", folded.manifest, workdir=tmp_path / "w",
+                       plan=plan)
+    assert q["kept_fp32_layers"] == ["blocks.0.mlp.fc2", "blocks.1.attn.qkv"] and "plan.json" in q["selection"]
+    assert q["quantized"] == q["weight_matmuls"] - 2 and (tmp_path / "p.onnx").is_file()
+    plan.write_text("{}")
+    with pytest.raises(InputError, match="--int8-plan"):
+        quantize_graph("int8-static", folded.path, tmp_path / "bad.onnx", folded.manifest, workdir=tmp_path / "w",
+                       plan=plan)

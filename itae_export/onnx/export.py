@@ -237,6 +237,7 @@ def export_onnx(
     quantize: str | None = None,
     quantize_per_channel: bool = True,
     int8_images: int = 256,
+    int8_plan: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda msg: None,
     _tamper: Callable | None = None,
 ) -> ExportResult:
@@ -336,7 +337,7 @@ def export_onnx(
             log("quantizing the MatMuls to int8 ...")
             staged = _stage(tmpdir, tmp_path, location, "fp32")
             info = quantize_graph(quantize, staged, tmp_path, manifest, workdir=tmpdir / "int8", images_dir=validate_images,
-                                  per_channel=quantize_per_channel, log=log)
+                                  per_channel=quantize_per_channel, plan=int8_plan, log=log)
             location = manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
             log("validating int8 against the fp32 graph ...")
             report = validate_int8(staged, tmp_path, manifest, images_dir=validate_images, n_images=int8_images,

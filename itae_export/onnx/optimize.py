@@ -162,10 +162,12 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, *, external: bo
     return {k: int(v) for k, v in counts.items() if v}
 
 
-def time_graphs(paths: dict[str, str | os.PathLike], x: np.ndarray, *, turns: int = 3,
+def time_graphs(paths: dict[str, str | os.PathLike], x: np.ndarray, *, turns: int = 5,
                 threads: int | None = None) -> dict[str, float]:
-    """Median seconds per run of each graph on ``x``, in interleaved turns (A B C A B C ...) after
-    one warm-up turn, each in an ORT CPU session as ``itae-cluster`` opens it (spinning off)."""
+    """Fastest seconds per run of each graph on ``x`` over interleaved turns (A B C A B C ...) after
+    one warm-up turn, each in an ORT CPU session as ``itae-cluster`` opens it (spinning off). The
+    minimum, not the median: on a shared machine the other load only ever adds time, so the
+    fastest turn is the closest to what the graph itself costs."""
     import time
 
     import onnxruntime as ort
@@ -185,15 +187,16 @@ def time_graphs(paths: dict[str, str | os.PathLike], x: np.ndarray, *, turns: in
             sess.run([OUTPUT_EMBEDDING], feed)
             if turn:
                 times[name].append(time.perf_counter() - t0)
-    return {n: float(np.median(t)) for n, t in times.items()}
+    return {n: float(np.min(t)) for n, t in times.items()}
 
 
 def choose_fusions(src: str | os.PathLike, dst: str | os.PathLike, manifest: dict, *, external: bool = False,
-                   candidates=FUSION_CANDIDATES, batch: int = 8, turns: int = 3,
+                   candidates=FUSION_CANDIDATES, batch: int = 8, turns: int = 5,
                    log: Callable[[str], None] = lambda m: None) -> dict:
     """``--optimize`` that never loses: fuse ``src`` with each candidate set of fusion groups, time
     them against ``src`` itself (no fusions: ONNX Runtime's own session fusions only) on this CPU
-    (random pixels of ``batch`` images, interleaved turns) and write the fastest to ``dst``.
+    (random pixels of ``batch`` images, interleaved turns, fastest turn of each: :func:`time_graphs`)
+    and write the fastest to ``dst``.
 
     Returns the decision for the manifest: which groups, the counts, seconds per run of every
     candidate, and the CPU kind it was measured on (another kind may choose otherwise)."""
@@ -728,22 +731,43 @@ def image_classes(images_dir: str | os.PathLike | None) -> int:
 
 def quantize_graph(kind: str, fp32_path: str | os.PathLike, dst: str | os.PathLike, manifest: dict, *,
                    workdir: str | os.PathLike, images_dir=None, per_channel: bool = True,
-                   log: Callable[[str], None] = lambda m: None) -> dict:
+                   plan: str | os.PathLike | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
     """``--quantize int8`` (dynamic, :func:`quantize_int8`) or ``int8-static`` (QDQ calibrated on real
     images, the layers that hurt the clusters kept float32 by :func:`plan_static_int8`) of the
-    validated fp32 graph; returns the manifest's ``quantization`` (without the guard's validation)."""
+    validated fp32 graph; returns the manifest's ``quantization`` (without the guard's validation).
+
+    ``plan``: a plan JSON written by ``bench/bench_int8_static.py --save-plan`` for this model:
+    the layers it names (``blocks.<i>.<layer>`` labels, the same whatever fusions ``--optimize``
+    chose) stay float32 and the search is skipped; the calibration runs again on this graph. The
+    guard still runs."""
     if kind == "int8":
         return quantize_int8(fp32_path, dst, per_channel=per_channel)
     if kind != "int8-static":
         raise InputError(f"--quantize: {kind!r} is not one of int8, int8-static")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
-    sel, sel_what = calibration_images(images_dir, manifest, 120, part=1)
-    plan = plan_static_int8(fp32_path, workdir, cal, sel, image_classes(images_dir), log=log)
-    info = quantize_static_int8(fp32_path, dst, None, cache=plan["cache"], keep_fp32=plan["keep_fp32"],
-                                per_channel=per_channel)
-    if not info["quantized"]:
+    if plan is not None:
+        import json
+
+        path = Path(plan)
+        try:
+            plan = json.loads(path.read_text())
+            plan["keep_fp32"], sel_what = list(plan["keep_fp32"]), plan["selection"] + f" (plan {path.name})"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--int8-plan: {path} is not a readable plan ({e})") from e
+        log(f"int8 static: the plan {path} ({len(plan['keep_fp32'])} layers float32); calibrating ...")
+        cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
+        plan["cache"] = str(workdir / "calibration.json")
+        quantize_static_int8(fp32_path, workdir / "int8_all.onnx", cal, cache=plan["cache"])
+    else:
+        cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
+        sel, sel_what = calibration_images(images_dir, manifest, 120, part=1)
+        plan = plan_static_int8(fp32_path, workdir, cal, sel, image_classes(images_dir), log=log)
+    everything = bool(plan["sensitivity"]) and len(plan["keep_fp32"]) >= len(plan["sensitivity"])
+    info = None if everything else quantize_static_int8(fp32_path, dst, None, cache=plan["cache"],
+                                                         keep_fp32=plan["keep_fp32"], per_channel=per_channel)
+    if info is None or not info["quantized"]:
+        Path(dst).unlink(missing_ok=True)
         raise ToleranceError("int8 validation failed: no weight MatMul can be int8 without moving the K-Means "
                              f"assignments of {sel_what} below ARI {plan['min_ari_selection']:.2f}; nothing was "
                              "written. The float32 graph passed: export it without --quantize",
