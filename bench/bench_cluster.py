@@ -6,6 +6,7 @@ batch size on pre-decoded pixels: decoding hides behind inference.
 
     .venv/bin/python bench/bench_cluster.py                 # real-size ViT-S/14, random weights
     .venv/bin/python bench/bench_cluster.py --pool process --workers 2 --n 256
+    .venv/bin/python bench/bench_cluster.py --onnx fp32.onnx --against int8.onnx   # two graphs, in turns
 
 Bare inference is timed before and after the job and averaged, so a load change on a shared
 machine does not favour either side.
@@ -27,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import imagefolders as datasets  # noqa: E402  (tests/imagefolders.py: real-image folders)
+
+sys.path.insert(0, str(HERE))
+from common import print_machine  # noqa: E402
 
 
 def ensure_model(path: Path, name: str) -> Path:
@@ -54,17 +58,50 @@ def build_folder(root: Path, dataset: str, n: int) -> int:
     return min(n, len(labels))
 
 
-def bare_inference(onnx_path: Path, pixels: np.ndarray, batch_size: int, threads: int | None) -> float:
+def bare_inference(onnx_path: Path, pixels: np.ndarray, batch_size: int, threads: int | None,
+                   device: str = "cpu") -> float:
     """images/s of session.run alone on already preprocessed batches, same session options as the job."""
     from itae_export.runtime import Embedder, open_session
 
-    sess, provider = open_session(onnx_path, "cpu", intra_op_threads=threads, spinning=False)
+    sess, provider = open_session(onnx_path, device, intra_op_threads=threads, spinning=False)
     embed = Embedder(sess, provider)
     embed(pixels[:batch_size])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
         embed(pixels[i:i + batch_size])
     return len(pixels) / (time.perf_counter() - t0)
+
+
+def compare_jobs(root: Path, a: Path, b: Path, bare_px: np.ndarray, n: int, tmp: Path, args) -> None:
+    """itae-cluster end to end on graph ``a`` against graph ``b``: jobs in turns (a b a b ...),
+    medians of images/s, and bare inference of both before and after."""
+    import statistics
+
+    from itae_export.cluster.job import run_cluster_job
+
+    graphs = {"A": a, "B": b}
+    bare = {k: [bare_inference(p, bare_px, args.batch_size, args.threads, args.device)] for k, p in graphs.items()}
+    job: dict[str, list[float]] = {k: [] for k in graphs}
+    for turn in range(args.turns):
+        for k, p in graphs.items():
+            t0 = time.perf_counter()
+            run_cluster_job(root, p, 3, tmp / f"out_{k}_{turn}", batch_size=args.batch_size, workers=args.workers,
+                            pool=args.pool, device=args.device, intra_op_threads=args.threads, progress=False)
+            job[k].append(n / (time.perf_counter() - t0))
+            print(f"turn {turn + 1}: job {k} ({p.name}) {job[k][-1]:.2f} images/s", file=sys.stderr, flush=True)
+    for k, p in graphs.items():
+        bare[k].append(bare_inference(p, bare_px, args.batch_size, args.threads, args.device))
+    med = {k: statistics.median(v) for k, v in job.items()}
+    for k, p in graphs.items():
+        print(f"{k} {p}: itae-cluster {med[k]:.2f} images/s end to end ({n} images, {args.turns} turns: "
+              f"{', '.join(f'{v:.2f}' for v in job[k])}); bare ORT before/after {bare[k][0]:.2f}/{bare[k][1]:.2f}")
+    ratio = med["B"] / med["A"]
+    print(f"end to end B / A: {ratio:.3f}x; bare B / A: {sum(bare['B']) / sum(bare['A']):.3f}x")
+    result = {"a": str(a), "b": str(b), "images": n, "batch_size": args.batch_size, "turns": args.turns,
+              "job_images_per_s": job, "bare_images_per_s": bare, "ratio_b_over_a": round(ratio, 3)}
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -80,14 +117,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     ap.add_argument("--min-ratio", type=float, default=0.85)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="a second graph (e.g. the int8 one): both jobs run in turns on the same files")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--turns", type=int, default=1, help="with --against: turns of (job A, job B)")
     args = ap.parse_args()
+    print_machine(args.threads)
 
     from itae_export.cluster.embed import default_batch_size, default_workers
     from itae_export.cluster.job import run_cluster_job
     from itae_export.images import PreprocessSpec, load_image, scan_images
     from itae_export.onnx.manifest import read_manifest
 
-    args.batch_size = args.batch_size or default_batch_size("CPUExecutionProvider")
+    provider = "CUDAExecutionProvider" if args.device == "cuda" else "CPUExecutionProvider"
+    args.batch_size = args.batch_size or default_batch_size(provider)
     onnx_path = ensure_model(args.onnx or Path("exported") / f"bench_{args.model}_random.onnx", args.model)
     tmp = Path(tempfile.mkdtemp(prefix="itae-bench-"))
     try:
@@ -97,12 +140,15 @@ def main() -> None:
         pixels = np.stack([load_image(p, pre) for p in scan_images(root)])
 
         bare_px = pixels[: max(args.batch_size, args.bare_n)]
-        bare1 = bare_inference(onnx_path, bare_px, args.batch_size, args.threads)
+        if args.against:
+            compare_jobs(root, onnx_path, args.against, bare_px, n, tmp, args)
+            return
+        bare1 = bare_inference(onnx_path, bare_px, args.batch_size, args.threads, args.device)
         t0 = time.perf_counter()
         summary = run_cluster_job(root, onnx_path, 3, tmp / "out", batch_size=args.batch_size, workers=args.workers,
-                                  pool=args.pool, device="cpu", intra_op_threads=args.threads, progress=False)
+                                  pool=args.pool, device=args.device, intra_op_threads=args.threads, progress=False)
         job_wall = time.perf_counter() - t0
-        bare2 = bare_inference(onnx_path, bare_px, args.batch_size, args.threads)
+        bare2 = bare_inference(onnx_path, bare_px, args.batch_size, args.threads, args.device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -110,7 +156,7 @@ def main() -> None:
     job = n / job_wall
     result = {
         "model": args.model, "images": n, "dataset": args.dataset, "batch_size": args.batch_size,
-        "workers": args.workers or default_workers(), "pool": args.pool, "ort_threads": args.threads or "default",
+        "workers": args.workers or default_workers(provider), "device": args.device, "pool": args.pool, "ort_threads": args.threads or "default",
         "bare_images_per_s": round(bare, 2), "bare_before_after": [round(bare1, 2), round(bare2, 2)],
         "job_images_per_s": round(job, 2), "job_embed_only_images_per_s": summary["images_per_s"],
         "job_timings": summary["timings"], "ratio": round(job / bare, 3),

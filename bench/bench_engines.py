@@ -1,6 +1,7 @@
 """PyTorch eager against the exported graphs in ONNX Runtime (CPU), side by side in one run.
 
-For each model: the sgemm ceiling, PyTorch eager (same weights, same ITAE options), the exported
+For each model: the GEMM ceiling (the best of ORT's MLAS, torch and numpy at n x n, and the
+theoretical peak from clock and SIMD width), PyTorch eager (same weights, same ITAE options), the exported
 ITAE graph, the same export with --no-itae, the --optimize graph (and its --no-itae twin) and the
 --optimize --quantize int8 graph, at each batch size. All variants of one model and batch size run
 in turns (see bench/common.py) and report medians, so the machine's load hits all alike.
@@ -34,14 +35,16 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     format_table,
+    gemm_calls,
     interleaved,
-    machine_info,
     median,
     physical_cores,
-    sgemm_call,
+    print_machine,
     spread,
     vit_flops,
 )
+
+from itae_export import hardware  # noqa: E402
 
 VARIANTS = ("torch", "ort_itae", "ort_noitae", "opt_itae", "opt_noitae", "int8_itae")
 LABELS = {
@@ -171,7 +174,8 @@ def bench_model(name: str, args, log) -> dict:
     flops_full = vit_flops(spec.arch, res)
     flops_cls = vit_flops(spec.arch, res, cls_only_last=True)
     sessions = {v: ort_session(p, args.threads, args.spin) for v, p in paths.items()}
-    gemm, gemm_flops = sgemm_call(args.sgemm_n)
+    gemms = gemm_calls(args.threads, args.sgemm_n)  # the ceiling: the best of ORT's MLAS, torch, numpy
+    peak, peak_how = hardware.read_cpu().fp32_peak_gflops(args.threads)
     torch.set_num_threads(args.threads)
     rows, ratios = [], {}
     rng = np.random.default_rng(0)
@@ -186,14 +190,16 @@ def bench_model(name: str, args, log) -> dict:
                     fn()
             return run
 
-        fns = {"sgemm": gemm}
+        fns = {f"gemm:{lib}": call for lib, (call, _) in gemms.items()}
         with torch.no_grad():
             fns["torch"] = many(lambda: model(xt))
             for v, s in sessions.items():
                 fns[v] = many(lambda s=s: s.run(["embedding"], {"pixel_values": x}))
             log(f"{name} batch {bs}: {args.repeats} turns of {len(fns)} variants ...")
             times = interleaved(fns, repeats=args.repeats, warmup=1)
-        ceiling = gemm_flops / median(times["sgemm"]) / 1e9
+        rates = {lib: f / median(times[f"gemm:{lib}"]) / 1e9 for lib, (_, f) in gemms.items()}
+        best = max(rates, key=rates.get)
+        ceiling = rates[best]
         per_img = {v: median(times[v]) / (calls * bs) for v in VARIANTS if v in times}
         for v in VARIANTS:
             if v not in per_img:
@@ -203,8 +209,13 @@ def bench_model(name: str, args, log) -> dict:
             rows.append({"model": name, "batch": bs, "variant": LABELS[v], "images_s": 1 / per_img[v],
                          "ms_image": 1e3 * per_img[v], "gflop_s": achieved, "of_ceiling": achieved / ceiling,
                          "vs_torch": per_img["torch"] / per_img[v], "spread": spread(times[v])})
-        rows.append({"model": name, "batch": bs, "variant": f"sgemm n={args.sgemm_n} (ceiling)", "gflop_s": ceiling,
-                     "of_ceiling": 1.0, "spread": spread(times["sgemm"])})
+        for lib, rate in rates.items():
+            rows.append({"model": name, "batch": bs, "spread": spread(times[f"gemm:{lib}"]), "gflop_s": rate,
+                         "of_ceiling": rate / ceiling,
+                         "variant": f"GEMM n={args.sgemm_n} {lib}" + (" (ceiling)" if lib == best else "")})
+        if peak:
+            rows.append({"model": name, "batch": bs, "variant": "theoretical fp32 peak", "gflop_s": peak,
+                         "of_ceiling": peak / ceiling})
         ratios[bs] = {
             "ort_itae_vs_torch": per_img["torch"] / per_img["ort_itae"],
             "opt_itae_vs_torch": per_img["torch"] / per_img["opt_itae"],
@@ -215,7 +226,8 @@ def bench_model(name: str, args, log) -> dict:
             "int8_vs_exported_fp32": per_img["ort_itae"] / per_img["int8_itae"],
             "ort_itae_of_ceiling": flops_cls.total / per_img["ort_itae"] / 1e9 / ceiling,
             "opt_itae_of_ceiling": flops_cls.total / per_img["opt_itae"] / 1e9 / ceiling,
-            "ceiling_gflop_s": ceiling,
+            "ceiling_gflop_s": ceiling, "ceiling_library": best, "gemm_gflop_s": rates,
+            "peak_gflop_s": peak, "peak_how": peak_how,
         }
     return {"model": name, "weights": what, "rows": rows, "ratios": ratios, "int8_validation": notes.get("int8"),
             "int8_failed_guard": bool(notes.get("int8_failed")),
@@ -245,7 +257,9 @@ def print_report(results: list[dict], info: dict, args) -> None:
                   f"{q['itae_cost_optimized']:.3f} (optimized); optimized / exported {q['optimized_vs_exported']:.3f}x; "
                   f"int8 / optimized fp32 {q['int8_vs_optimized_fp32']:.3f}x, int8 / exported fp32 "
                   f"{q['int8_vs_exported_fp32']:.3f}x; of ceiling {q['ort_itae_of_ceiling']:.0%} (exported), "
-                  f"{q['opt_itae_of_ceiling']:.0%} (optimized)")
+                  f"{q['opt_itae_of_ceiling']:.0%} (optimized); ceiling {q['ceiling_gflop_s']:.0f} GFLOP/s "
+                  f"({q['ceiling_library']}), theoretical peak "
+                  + (f"{q['peak_gflop_s']:.0f} GFLOP/s ({q['peak_how']})" if q["peak_gflop_s"] else "unknown"))
         v = r["int8_validation"]
         if v:
             flag = "FAILED its guard, not published" if r["int8_failed_guard"] else "passed"
@@ -275,7 +289,7 @@ def main() -> None:
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.weights = dict(w.split("=", 1) for w in args.weights)
     args.cache.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = print_machine(args.threads)
 
     def log(m):
         print(m, file=sys.stderr, flush=True)

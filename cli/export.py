@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
 
+from itae_export.onnx.contract import QUANTIZATIONS
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", "model_name", type=model_choice(), required=True, metavar="NAME",
@@ -24,9 +26,10 @@ from itae_export.cli._common import itae_flags, model_choice, report_errors, wei
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
 @click.option("--optimize", is_flag=True,
               help="Fold LayerScale and fuse attention/LayerNorm/GELU for ONNX Runtime (com.microsoft ops; "
-                   "validated before and after).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Dynamic int8 MatMuls (ITAE norms stay float32), validated against fp32 on real images "
+                   "only the fusions that run fastest on this CPU, timed at export; validated before and after).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ calibrated on real images with "
+                   "the layers that move the clusters kept float32; validated against fp32 on real images "
                    "(--validate-images DIR, else Fashion-MNIST where installed).")
 @click.option("--preprocess-in-graph", is_flag=True,
               help="Also write <name>_image.onnx: uint8 [batch, h, w, 3] RGB images in, resize and normalisation "
@@ -34,11 +37,13 @@ from itae_export.cli._common import itae_flags, model_choice, report_errors, wei
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton model repository: DIR/<name>/1/model.onnx and config.pbtxt "
                    "(and DIR/<name>_image/ with --preprocess-in-graph).")
+@click.option("--int8-plan", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --quantize int8-static: reuse this layer plan (bench/bench_int8_static.py --save-plan).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors
 def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
          output, attention_output, inline, validate, validate_images, calibration_images, external_data, optimize,
-         quantize, preprocess_in_graph, triton_repo, quiet):
+         quantize, int8_plan, preprocess_in_graph, triton_repo, quiet):
     """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
 
     \b
@@ -67,7 +72,7 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **preloaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,
-                         optimize=optimize, quantize=quantize, log=log)
+                         optimize=optimize, quantize=quantize, int8_plan=int8_plan, log=log)
     if not quiet:
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log
             click.echo(format_report(result.validation), err=True)

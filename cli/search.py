@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from itae_export.cli._common import model_choice, report_errors
+
 from itae_export.errors import InputError
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -13,7 +13,18 @@ from itae_export.errors import InputError, ToleranceError
 from itae_export.onnx.contract import ITAE_DOMAIN
 from itae_export.onnx.export import export_onnx
 from itae_export.onnx.manifest import manifest_path
-from itae_export.onnx.optimize import fold_layerscale_, mask_source_matmuls
+from itae_export.onnx.optimize import (
+    FUSION_CANDIDATES,
+    FUSION_GROUPS,
+    fewest_fp32,
+    fold_layerscale_,
+    fuse_for_ort,
+    mask_source_matmuls,
+    quantize_graph,
+    quantize_static_int8,
+    weight_matmul_layers,
+    with_fp32_layers,
+)
 from itae_export.onnx.validate import validation_inputs
 from itae_export.registry import ITAEOptions
 from itae_export.runtime import run_onnx
@@ -82,8 +93,13 @@ def test_optimized_graph_keeps_itae_functions_and_validates(optimized):
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
     assert (ITAE_DOMAIN, "ArtifactMask") in ops and (ITAE_DOMAIN, "AttenuateLogits") in ops
     assert {f.name for f in proto.functions} == {"ArtifactMask", "AttenuateLogits"}
-    assert ("com.microsoft", "MultiHeadAttention") in ops  # the unpatched block is fused
-    assert ("com.microsoft", "SkipLayerNormalization") in ops
+    choice = r.manifest["optimization"]["fusion_choice"]  # the fastest on this CPU, measured at export
+    assert choice["chosen"] in choice["seconds_per_run"] and choice["cpu_kind"] and choice["vs_none"] >= 1.0
+    assert set(choice["seconds_per_run"]) == {"none", *("+".join(c) for c in FUSION_CANDIDATES)}
+    if "attention" in choice["chosen"]:
+        assert ("com.microsoft", "MultiHeadAttention") in ops  # the unpatched block is fused
+    if "skip_layer_norm" in choice["chosen"]:
+        assert ("com.microsoft", "SkipLayerNormalization") in ops
     assert not any(t.name.endswith("gamma") for t in proto.graph.initializer)  # LayerScale folded
     v = r.validation
     assert v["passed"] and v["rel_max_abs_diff"] <= 1e-4 and v["mask_mismatch"] == 0
@@ -187,4 +203,138 @@ def test_cli_optimize_quantize_flags_in_help():
     from itae_export.cli.export import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    assert "--optimize" in out and "--quantize [int8]" in out
+    assert "--optimize" in out and "--quantize [int8|int8-static]" in out
+
+
+@pytest.fixture(scope="module")
+def folded(tiny, tmp_path_factory):
+    """The LayerScale-folded graph without fusions (what --optimize fuses)."""
+    spec, model, opts = tiny
+    m = copy.deepcopy(model)
+    fold_layerscale_(m)
+    return export_onnx(spec, opts, tmp_path_factory.mktemp("folded") / "f.onnx", model=m)
+
+
+def test_fusion_groups_each_alone(folded, tmp_path):
+    """Each fusion group rewrites its own pattern only, and the itae functions survive every one."""
+    wanted = {"skip_layer_norm": "SkipLayerNormalization", "attention": "MultiHeadAttention", "gelu": "BiasGelu"}
+    for group in FUSION_GROUPS:
+        out = tmp_path / f"{group}.onnx"
+        counts = fuse_for_ort(folded.path, out, groups=(group,))
+        proto = onnx.load(str(out))
+        ops = {n.op_type for n in proto.graph.node}
+        assert {f.name for f in proto.functions} == {"ArtifactMask", "AttenuateLogits"}
+        assert wanted[group] in ops and counts, group
+        assert not (set(wanted.values()) - {wanted[group]}) & ops, group
+        x, _ = validation_inputs(folded.manifest)
+        ref, got = run_onnx(folded.path, x), run_onnx(out, x)
+        np.testing.assert_allclose(got["embedding"], ref["embedding"], atol=1e-4)
+    with pytest.raises(ValueError, match="unknown fusion groups"):
+        fuse_for_ort(folded.path, tmp_path / "bad.onnx", groups=("conv",))
+
+
+def test_weight_matmul_labels_and_static_exclusions(folded, tmp_path):
+    """Static QDQ int8: the layers named in keep_fp32 and the mask source stay float MatMuls fed by
+    float tensors; every other weight MatMul reads DequantizeLinear outputs."""
+    proto = onnx.load(str(folded.path))
+    layers = weight_matmul_layers(proto)
+    depth = 2
+    assert [lab for _, lab in layers] == [f"blocks.{i}.{r}" for i in range(depth)
+                                          for r in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    x, _ = validation_inputs(folded.manifest)
+    cache = tmp_path / "cal.json"
+    info = quantize_static_int8(folded.path, tmp_path / "q.onnx", x, cache=cache, keep_fp32=["blocks.0.mlp.fc2"])
+    assert cache.is_file()  # the calibration is kept for the next variant
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    by_name = {n.name: n for n in q.graph.node}
+    mask_src = mask_source_matmuls(proto)
+    assert mask_src == [layers[4][0]]  # the last block's qkv
+    assert set(info["kept_fp32_layers"]) == {"blocks.0.mlp.fc2", "blocks.1.attn.qkv"}
+    assert info["quantized"] == len(layers) - 2
+    for name, label in layers:
+        node = by_name[name]
+        fed = {producer.get(i) for i in node.input}
+        if label in info["kept_fp32_layers"]:
+            assert node.op_type == "MatMul" and "DequantizeLinear" not in fed, label
+        else:
+            assert fed == {"DequantizeLinear"}, label
+    assert {f.name for f in q.functions} == {"ArtifactMask", "AttenuateLogits"}
+    got = run_onnx(tmp_path / "q.onnx", x)["embedding"]
+    ref = run_onnx(folded.path, x)["embedding"]
+    assert ((ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)).min() > 0.9
+    # the fast variants of the layer search: every layer float32 again is the fp32 graph, exactly
+    names = [n for n, _ in layers]
+    back = with_fp32_layers(q, proto, names)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in back.graph.node}
+    onnx.save_model(back, str(tmp_path / "back.onnx"))
+    np.testing.assert_array_equal(run_onnx(tmp_path / "back.onnx", x)["embedding"], ref)
+    one = with_fp32_layers(q, proto, [n for n in names if n != layers[0][0]])  # only blocks.0.attn.qkv int8
+    assert sum(n.op_type == "DequantizeLinear" for n in one.graph.node) == 2
+    # a second variant from the cached calibration, without images; unknown layers are refused
+    quantize_static_int8(folded.path, tmp_path / "q2.onnx", None, cache=cache)
+    with pytest.raises(InputError, match="blocks.7.mlp.fc1"):
+        quantize_static_int8(folded.path, tmp_path / "q3.onnx", None, cache=cache, keep_fp32=["blocks.7.mlp.fc1"])
+    with pytest.raises(InputError, match="calibration"):
+        quantize_static_int8(folded.path, tmp_path / "q4.onnx", None, cache=tmp_path / "none.json")
+
+
+def test_fewest_fp32_is_the_smallest_passing_count():
+    calls = []
+    for need in (0, 1, 5, 17, 47):
+        calls.clear()
+        assert fewest_fp32(47, lambda n, need=need: calls.append(n) or n >= need) == need
+        assert len(calls) <= 7 and 47 not in calls  # binary search; all-float32 is never built
+    assert fewest_fp32(0, lambda n: False) == 0
+
+
+def test_int8_static_export_publishes_with_its_plan(tiny, tmp_path, monkeypatch):
+    spec, model, opts = tiny
+    monkeypatch.setattr("itae_export.onnx.optimize.INT8_MIN_ARI", 0.0)  # tiny random nets cluster unstably
+    r = export_onnx(spec, opts, tmp_path / "s.onnx", model=copy.deepcopy(model), quantize="int8-static",
+                    int8_images=40)
+    q = r.manifest["quantization"]
+    assert q["type"] == "int8-static" and "QDQ" in q["method"] and q["validation"]["passed"]
+    assert q["quantized"] == q["weight_matmuls"] - 1 and q["kept_fp32_layers"] == ["blocks.1.attn.qkv"]
+    assert len(q["sensitivity"]) == q["weight_matmuls"] - 1 and q["trials"][0]["fp32_layers"] == 0
+    assert "Fashion-MNIST train" in q["calibration"] and q["measured_on"]["cpu_kind"]
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(r.path)).graph.node}
+
+
+def test_int8_static_refuses_when_no_layer_can_be_int8(folded, tmp_path, monkeypatch):
+    monkeypatch.setattr("itae_export.onnx.optimize.INT8_MIN_ARI", 1.01)  # no ARI can pass the layer selection
+    with pytest.raises(ToleranceError, match="no weight MatMul can be int8"):
+        quantize_graph("int8-static", folded.path, tmp_path / "s.onnx", folded.manifest, workdir=tmp_path / "w")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_int8_static_guard_refuses_and_publishes_nothing(tiny, tmp_path, monkeypatch):
+    """The layer selection passes (its threshold lowered to 0), the guard on other images does not."""
+    from itae_export.onnx import optimize
+
+    spec, model, opts = tiny
+    plan = optimize.plan_static_int8
+    monkeypatch.setattr(optimize, "plan_static_int8", lambda *a, **kw: plan(*a, **kw, min_ari=0.0, margin=0.0))
+    monkeypatch.setattr(optimize, "INT8_MIN_ARI", 1.01)
+    with pytest.raises(ToleranceError, match="ARI") as e:
+        export_onnx(spec, opts, tmp_path / "s.onnx", model=copy.deepcopy(model), quantize="int8-static",
+                    int8_images=40)
+    assert e.value.report["passed"] is False and e.value.report["kmeans_ari"] is not None
+    assert "without --quantize" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_static_reuses_a_plan(folded, tmp_path, monkeypatch):
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep_fp32": ["blocks.0.mlp.fc2"], "selection": "120 images", "sensitivity": [],
+                                "trials": [], "min_ari_selection": 0.97}))
+    q = quantize_graph("int8-static", folded.path, tmp_path / "p.onnx", folded.manifest, workdir=tmp_path / "w",
+                       plan=plan)
+    assert q["kept_fp32_layers"] == ["blocks.0.mlp.fc2", "blocks.1.attn.qkv"] and "plan.json" in q["selection"]
+    assert q["quantized"] == q["weight_matmuls"] - 2 and (tmp_path / "p.onnx").is_file()
+    plan.write_text("{}")
+    with pytest.raises(InputError, match="--int8-plan"):
+        quantize_graph("int8-static", folded.path, tmp_path / "bad.onnx", folded.manifest, workdir=tmp_path / "w",
+                       plan=plan)

@@ -26,7 +26,7 @@ MANIFEST_SCHEMA = 1
 MANIFEST_SUFFIX = ".json"
 
 PRECISIONS = ("fp32", "fp16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int8-static")  # dynamic; static QDQ calibrated on real images
 MAX_BATCH = 4096  # the dynamic batch axis of the exported graph: 1..MAX_BATCH
 # weights above this many bytes go to an external data file (protobuf's hard limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000

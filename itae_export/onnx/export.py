@@ -43,7 +43,7 @@ from itae_export.onnx.contract import (
 )
 from itae_export.onnx.functions import attach_functions, translation_table
 from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
-from itae_export.onnx.optimize import fold_layerscale_, fuse_for_ort, quantize_int8, validate_int8
+from itae_export.onnx.optimize import choose_fusions, fold_layerscale_, quantize_graph, validate_int8
 from itae_export.onnx.validate import torch_reference, validate_model
 from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
 from itae_export.weights import checkpoints
@@ -241,6 +241,7 @@ class ExportRequest:
     quantize: str | None = None
     quantize_per_channel: bool = True
     int8_images: int = 256
+    int8_plan: str | os.PathLike | None = None  # --int8-plan: a saved layer plan of --quantize int8-static
 
     @classmethod
     def make(cls, spec_or_name: ModelSpec | str, options: ITAEOptions | None, output, **kw) -> "ExportRequest":
@@ -252,7 +253,7 @@ class ExportRequest:
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise OptionError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
         if quantize and (precision != "fp32" or not kw.get("validate", True)):
-            raise OptionError("--quantize int8 starts from the validated fp32 graph: use --precision fp32 and --validate")
+            raise OptionError(f"--quantize {quantize} starts from the validated fp32 graph: use --precision fp32 and --validate")
         resolution = kw.pop("resolution", None)
         resolution = spec.preprocessing.resolution if resolution is None else resolution
         p = spec.arch.patch_size
@@ -446,8 +447,10 @@ class _ExportJob:
                 steps["exported"] = self._validate()
             self.log("fusing attention, LayerNorm and GELU for ONNX Runtime ...")
             staged = _stage(self.tmpdir, self.tmp_path, self.location, "unfused")
-            fusions = fuse_for_ort(staged, self.tmp_path, external=self.external)
-            self.manifest["optimization"] = {"layerscale_folded": self.folded, "fusions": fusions,
+            choice = choose_fusions(staged, self.tmp_path, self.manifest, external=self.external,
+                                    log=self.log)  # only the fusions that are faster on this CPU
+            self.manifest["optimization"] = {"layerscale_folded": self.folded, "fusions": choice["fusions"],
+                                             "fusion_choice": choice,
                                              "runtime": "ONNX Runtime only (com.microsoft ops)"}
         if not req.validate:
             self.manifest["validation"] = {"skipped": True}
@@ -464,7 +467,9 @@ class _ExportJob:
             return
         self.log("quantizing the MatMuls to int8 ...")
         staged = _stage(self.tmpdir, self.tmp_path, self.location, "fp32")
-        info = quantize_int8(staged, self.tmp_path, per_channel=req.quantize_per_channel)
+        info = quantize_graph(req.quantize, staged, self.tmp_path, self.manifest, workdir=self.tmpdir / "int8",
+                              images_dir=req.validate_images, per_channel=req.quantize_per_channel,
+                              plan=req.int8_plan, log=self.log)
         self.location = self.manifest["external_data"] = None  # int8 weights stay well under protobuf's limit
         self.log("validating int8 against the fp32 graph ...")
         report = validate_int8(staged, self.tmp_path, self.manifest, images_dir=req.validate_images,
@@ -472,7 +477,7 @@ class _ExportJob:
         self.manifest["quantization"] = {"type": req.quantize, **info, "validation": report}
         if not report["passed"]:
             raise ToleranceError(f"int8 validation failed: {report['failure']}; nothing was written. The float32 "
-                                 "graph passed: export it without --quantize int8 (see docs/performance.md, int8)",
+                                 f"graph passed: export it without --quantize {req.quantize} (see docs/performance.md, int8)",
                                  report)
 
     def write_inline_copy(self) -> Path | None:
