@@ -30,3 +30,7 @@ class ToleranceError(ITAEError):
 
 class InputError(ITAEError):
     """Bad user input: an option value, a folder, an image set."""
+
+
+class MissingDependencyError(ITAEError):
+    """An optional extra (pyarrow, faiss, ray) that the asked-for feature needs is not installed."""

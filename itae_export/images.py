@@ -7,6 +7,7 @@ there is no second copy of it to keep in sync with the exporter.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -131,18 +132,29 @@ def decode_image(path: str | os.PathLike):
     Raises ImageDecodeError with a reason for a corrupt, truncated, oversized (PIL's
     decompression-bomb limit) or non-image file.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    note: list[str] = []
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError(path, "empty file")
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read: {e.strerror or e}") from None
+    return _decode(path, path)
+
+
+def decode_bytes(data: bytes, name: str):
+    """:func:`decode_image` for an image held in memory (a tar member, say); ``name`` labels errors."""
+    if not data:
+        raise ImageDecodeError(name, "empty file")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(src, path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    note: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 img.load()  # decode now: a truncated file fails here, not later
                 try:
                     img = ImageOps.exif_transpose(img)
