@@ -251,6 +251,8 @@ class ShardRun:
                     self.state.drop(p.id)  # killed after the rename, before the rows were dropped
             else:
                 self.todo.append(p)
+                for stale in self.out.glob(f".{part_name(p.id)}.*.tmp"):  # a write killed half-way
+                    stale.unlink(missing_ok=True)
         (log or (lambda m: None))(
             f"Shard {shard[0]}/{shard[1]}: {len(mine)} parts, {self.stats.parts_done_before} already complete")
 
