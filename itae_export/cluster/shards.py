@@ -220,6 +220,7 @@ class RunStats:
     skipped: int = 0  # images this run could not decode
     seconds: float = 0.0
     conversions: dict = field(default_factory=dict)
+    actor_pids: list = field(default_factory=list)  # Ray engine: the processes that ran inference
 
     @property
     def images_per_s(self) -> float:
