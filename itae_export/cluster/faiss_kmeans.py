@@ -51,9 +51,12 @@ def default_sample_size(n: int, k: int) -> int:
     return int(min(n, max(SAMPLE_PER_CENTROID * k, MIN_SAMPLE)))
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``x`` with unit rows (zero rows stay zero)."""
-    x = np.array(x, dtype=np.float32, copy=True)
+def normalize_rows(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """``x`` with unit rows (zero rows stay zero): a float32 copy, or ``x`` itself when ``inplace``
+    (it must then be a C-contiguous float32 array)."""
+    if inplace and not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+        raise ValueError("normalize_rows(inplace=True) needs a writeable C-contiguous float32 array")
+    x = x if inplace else np.array(x, dtype=np.float32, copy=True)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.maximum(n, 1e-12)
     return x
@@ -77,14 +80,15 @@ class SphericalKMeans:
 
 
 def train(sample: np.ndarray, k: int, *, niter: int = DEFAULT_NITER, nredo: int = 1, seed: int = 0,
-          threads: int | None = None) -> SphericalKMeans:
-    """Train on ``sample`` [m, D] (normalised here); faiss is told to use all m points."""
+          threads: int | None = None, inplace: bool = False) -> SphericalKMeans:
+    """Train on ``sample`` [m, D] (normalised here, in place with ``inplace``: no second copy of the
+    sample); faiss is told to use all m points."""
     faiss = _faiss()
     if k < 2 or k > len(sample):
         raise InputError(f"--k: {k} must be between 2 and the training sample size ({len(sample)})")
     if threads:
         faiss.omp_set_num_threads(int(threads))
-    xs = normalize_rows(sample)
+    xs = normalize_rows(sample, inplace=inplace)
     km = faiss.Kmeans(xs.shape[1], int(k), niter=int(niter), nredo=int(nredo), spherical=True, seed=int(seed),
                       verbose=False, max_points_per_centroid=int(np.ceil(len(xs) / k)) + 1, min_points_per_centroid=1)
     km.train(xs, init_centroids=kmeans_plus_plus(xs, k, seed=seed))
@@ -176,8 +180,9 @@ def faiss_kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, sample
     """The faiss counterpart of :func:`itae_export.cluster.job.kmeans_assign`: (labels, distances, inertia)."""
     n = len(embeddings)
     size = sample_size or default_sample_size(n, k)
-    sample = embeddings if size >= n else sample_rows([embeddings], [n], size, seed)
-    model = train(sample, k, niter=niter, nredo=nredo, seed=seed)
+    own = size < n
+    sample = sample_rows([embeddings], [n], size, seed) if own else embeddings
+    model = train(sample, k, niter=niter, nredo=nredo, seed=seed, inplace=own)
     del sample
     labels, dist = assign([embeddings], model.centroids, chunk)
     return labels, dist, float((dist ** 2).sum())

@@ -71,7 +71,7 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
     else:
         size = sample_size or fk.default_sample_size(n, k)
         sample = fk.sample_rows(shards.vectors, shards.counts, size, seed=seed)
-        model = fk.train(sample, k, niter=niter, seed=seed)
+        model = fk.train(sample, k, niter=niter, seed=seed, inplace=True)
         del sample
         centroids = model.centroids
         kinfo = model.summary()
