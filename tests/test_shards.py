@@ -214,6 +214,7 @@ def test_cluster_stage_from_shards(photos, tiny_model, reference, tmp_path):
     labels, dist, _ = kmeans_assign(np.stack(list(reference.values())), 10, seed=0)
     assert t.column("cluster").to_numpy().tolist() == labels.tolist()
     np.testing.assert_allclose(t.column("distance").to_numpy(), dist, atol=1e-5)
+    pytest.importorskip("faiss", reason="faiss K-Means needs the [scale] extra (faiss-cpu)")
     s = cluster_shards(out, 10, out / "f", backend="faiss", sample_size=100, seed=0)
     assert s["kmeans"]["backend"] == "faiss" and s["kmeans"]["sample_size"] == 100
     assert sum(s["cluster_sizes"]) == 120
