@@ -325,7 +325,7 @@ def _real_child(tars: str, out: str, onnx: str, n: int, batch: int) -> None:
     t = pq.read_table(Path(out) / "clusters" / "assignments.parquet")
     idx = np.array([int(k.rsplit("/", 1)[1]) for k in t.column("key").to_pylist()])
     y = np.load(Path(tars) / "labels.npy")[idx]
-    emit({"bench": "real_vits14", "n": n, "embedded": st.embedded, "wall_s": round(wall, 1),
+    emit({"bench": "real_model_fmnist", "model": Path(onnx).name, "n": n, "embedded": st.embedded, "wall_s": round(wall, 1),
           "images_per_s": round(st.embedded / wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
           "cluster_backend": summary["kmeans"]["backend"], **clustering_scores(y, t.column("cluster").to_numpy())})
 
