@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from itae_export.cli._common import report_errors
+from itae_export.errors import InputError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -70,7 +71,7 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
 
     try:
         parse_shard(shard)
-    except Exception as e:  # noqa: BLE001 - a usage error: exit 2
+    except InputError as e:  # a usage error: exit 2
         raise click.BadParameter(str(e).split(": ", 1)[-1], param_hint="--shard") from None
     ray_only = {"--ray-address": ray_address, "--actors": actors, "--actor-cpus": actor_cpus}
     local_only = {"--workers": workers, "--threads": intra_op_threads}
