@@ -250,7 +250,9 @@ def _costs_child(tar: str, onnx: str, batch: int, n: int = 2000, threads: int = 
 
 def _child(fn: str, *a) -> dict:
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_scale as b; b.{fn}(*{a!r})"
-    p = subprocess.run(["nice", "-n", "10", sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    p = subprocess.run(["nice", "-n", "10", sys.executable, "-c", code], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{fn} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -304,7 +306,7 @@ def cmd_real(args) -> None:
     work = Path(args.work)
     tars = write_fmnist_tars(work / "fmnist_tars", 70_000)
     onnx = Path(args.onnx) if args.onnx else real_model(work)
-    out = work / f"real_shards_{args.n}"
+    out = work / f"real_shards_{onnx.stem}_{args.n}"  # resumable: rerun the same command after a kill
     r = _child("_real_child", str(tars), str(out), str(onnx), args.n, args.batch)
     r["machine"] = machine_info()
     emit(r)
