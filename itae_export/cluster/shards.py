@@ -1,0 +1,374 @@
+"""A directory of embedding shards: per-part parquet files, one manifest, a transactional resume record.
+
+Layout of ``OUT/``::
+
+    manifest.json              the plan: model identity, input, part size, every part's file
+    part-00000.parquet         idx int64, key string, vector fixed_size_list<float32>[D]
+    part-00001.parquet         ... (each written atomically: temporary file, fsync, rename)
+    _state/shard-0003-of-0008.sqlite   rows of the parts worker 3 of 8 has begun, one transaction
+                                        per batch; a part's rows are dropped once its file is written
+
+A part is complete exactly when its file exists (the rename is atomic) and its footer names the
+manifest's plan id. ``manifest.json`` is the same for every worker (it is derived from the input
+and the model only), so N workers of a Slurm array can all create it; a worker whose input or model
+differ from an existing manifest stops with an error instead of mixing two models in one directory.
+Skipped images of a part are listed in its footer (``itae.skipped``, JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from itae_export.cluster.sources import Part, Source, require_pyarrow, shard_parts
+from itae_export.errors import InputError
+from itae_export.files import atomic_write_bytes, atomic_write_json
+
+FORMAT = "itae-shards/1"
+MANIFEST = "manifest.json"
+STATE_DIR = "_state"
+PLAN_KEY = b"itae.plan_id"
+SKIPPED_KEY = b"itae.skipped"
+MODEL_KEY = b"itae.model_id"
+
+
+def part_name(part_id: int) -> str:
+    return f"part-{part_id:05d}.parquet"
+
+
+def state_name(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]:04d}-of-{shard[1]:04d}.sqlite"
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def build_manifest(source: Source, model: dict, part_size: int) -> dict:
+    """The plan. ``model``: {"id": fingerprint, "name", "embed_dim", "itae", "precision", "preprocessing"}."""
+    plan_id = "sha256:" + hashlib.sha256(f"{FORMAT}\0{model['id']}\0{source.fingerprint}".encode()).hexdigest()
+    return {
+        "format": FORMAT,
+        "plan_id": plan_id,
+        "model": model,
+        "input": source.describe(),
+        "part_size": part_size,
+        "embed_dim": model.get("embed_dim"),
+        "vector_column": "vector",
+        "vector_type": f"fixed_size_list<float32>[{model.get('embed_dim')}]",
+        "parts": [{"id": p.id, "file": part_name(p.id), "source": p.source, "n_items": p.n_items}
+                  for p in source.parts],
+    }
+
+
+def open_manifest(out: Path, manifest: dict) -> dict:
+    """Create ``out/manifest.json``, or check that the one there is the same plan; returns it."""
+    path = out / MANIFEST
+    if path.is_file():
+        old = read_manifest(out)
+        if old.get("plan_id") != manifest["plan_id"]:
+            what = ("model" if old.get("model", {}).get("id") != manifest["model"]["id"] else "input")
+            raise InputError(f"{path}: this directory holds shards of another {what} "
+                             f"({old.get('model', {}).get('name')} on {old.get('input', {}).get('location')}); "
+                             "use another --out")
+        return old
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)  # every worker writes the same bytes: a race is harmless
+    return manifest
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{out}: no {MANIFEST} (not a shard directory written by itae-embed)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if m.get("format") != FORMAT:
+        raise InputError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
+    return m
+
+
+# ---------------------------------------------------------------- part files
+
+
+def part_table(idx: np.ndarray, keys: list[str], vectors: np.ndarray):
+    """An Arrow table with the vector column as fixed_size_list<float32>[D] (not Ray's tensor type,
+    which plain pyarrow reads back as a variable-length list)."""
+    pa, _ = require_pyarrow("shard files")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    d = vectors.shape[1]
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), d)
+    return pa.table({"idx": pa.array(np.asarray(idx, np.int64)), "key": pa.array(keys, type=pa.string()),
+                     "vector": vec})
+
+
+def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarray, *, plan_id: str,
+               model_id: str, skipped: list[tuple[str, str]]) -> Path:
+    """Write one part file atomically (the vector column uncompressed: float32 does not compress)."""
+    pa, pq = require_pyarrow("shard files")
+    table = part_table(idx, keys, vectors)
+    meta = {PLAN_KEY: plan_id.encode(), MODEL_KEY: model_id.encode(),
+            SKIPPED_KEY: json.dumps(skipped).encode()}
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression={"idx": "zstd", "key": "zstd", "vector": "none"},
+                   use_dictionary=["key"], row_group_size=65_536)
+    path = out / part_name(part_id)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def part_complete(out: Path, part_id: int, plan_id: str) -> bool:
+    path = out / part_name(part_id)
+    if not path.is_file():
+        return False
+    try:
+        _, pq = require_pyarrow("shard files")
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - a torn or foreign file is simply not complete
+        return False
+    return meta.get(PLAN_KEY) == plan_id.encode()
+
+
+def read_part(path: str | os.PathLike, columns=("idx", "key", "vector")):
+    """(table, vectors float32 [n, D] viewing the table's buffer: no copy) of one part file."""
+    _, pq = require_pyarrow("shard files")
+    t = pq.read_table(path, columns=list(columns), memory_map=True)
+    vecs = None
+    if "vector" in columns:
+        col = t.column("vector").combine_chunks()
+        d = col.type.list_size
+        vecs = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, d) if len(col) else np.zeros((0, d), np.float32)
+    return t, vecs
+
+
+# ---------------------------------------------------------------- resume record
+
+
+class ShardState:
+    """Rows of the parts a worker has begun: one SQLite transaction per batch (all or nothing)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript("""
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS rows (
+                    part INTEGER NOT NULL, pos INTEGER NOT NULL, key TEXT NOT NULL,
+                    vector BLOB, reason TEXT, PRIMARY KEY (part, pos));
+            """)
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{path}: not a usable resume record ({e}); delete it to start the shard afresh") from e
+        self.path = path
+
+    def close(self) -> None:
+        self.db.close()
+
+    def check_plan(self, plan_id: str) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='plan_id'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('plan_id', ?)", (plan_id,))
+        elif row[0] != plan_id:
+            raise InputError(f"{self.path}: resume record of another plan; delete it")
+
+    def add(self, part: int, rows: list[tuple[int, str, np.ndarray | None, str | None]]) -> None:
+        """Commit one batch: (pos, key, vector or None, skip reason or None) per image."""
+        data = [(part, int(pos), key, None if v is None else np.asarray(v, np.float32).tobytes(), reason)
+                for pos, key, v, reason in rows]
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", data)
+
+    def done_positions(self, part: int) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT pos FROM rows WHERE part = ?", (part,))}
+
+    def count(self, part: int | None = None) -> int:
+        if part is None:
+            return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM rows WHERE part = ?", (part,)).fetchone()[0]
+
+    def rows(self, part: int):
+        return self.db.execute("SELECT pos, key, vector, reason FROM rows WHERE part = ? ORDER BY pos", (part,))
+
+    def drop(self, part: int) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM rows WHERE part = ?", (part,))
+
+
+# ---------------------------------------------------------------- one worker's run
+
+
+@dataclass
+class RunStats:
+    parts_total: int = 0  # parts of this worker
+    parts_done_before: int = 0  # complete when the run began
+    parts_written: int = 0
+    rows_resumed: int = 0  # rows found in the resume record (not embedded again)
+    embedded: int = 0  # images embedded by this run
+    skipped: int = 0  # images this run could not decode
+    seconds: float = 0.0
+    conversions: dict = field(default_factory=dict)
+    actor_pids: list = field(default_factory=list)  # Ray engine: the processes that ran inference
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 and self.embedded else 0.0
+
+
+class ShardRun:
+    """What one worker (``shard`` = (i, N)) has to do in ``out``, and the writes as it goes."""
+
+    def __init__(self, source: Source, out: str | os.PathLike, model: dict, *, shard: tuple[int, int] = (0, 1),
+                 part_size: int, log: Callable[[str], None] | None = None):
+        self.out = Path(out).resolve()
+        self.source = source
+        self.shard = shard
+        self.manifest = open_manifest(self.out, build_manifest(source, model, part_size))
+        self.plan_id = self.manifest["plan_id"]
+        self.model_id = model["id"]
+        self.dim = int(model["embed_dim"]) if model.get("embed_dim") else None
+        self.state = ShardState(self.out / STATE_DIR / state_name(shard))
+        self.state.check_plan(self.plan_id)
+        self.stats = RunStats()
+        mine = shard_parts(source.parts, shard)
+        self.stats.parts_total = len(mine)
+        self.todo: list[Part] = []
+        for p in mine:
+            if part_complete(self.out, p.id, self.plan_id):
+                self.stats.parts_done_before += 1
+                if self.state.count(p.id):
+                    self.state.drop(p.id)  # killed after the rename, before the rows were dropped
+            else:
+                self.todo.append(p)
+                for stale in self.out.glob(f".{part_name(p.id)}.*.tmp"):  # a write killed half-way
+                    stale.unlink(missing_ok=True)
+        (log or (lambda m: None))(
+            f"Shard {shard[0]}/{shard[1]}: {len(mine)} parts, {self.stats.parts_done_before} already complete")
+
+    def close(self) -> None:
+        self.state.close()
+
+    def __enter__(self) -> "ShardRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def pending(self) -> Iterator[tuple[Part, int, list]]:
+        """(part, its number of items, its items still to embed) for each part of this worker without a
+        file; items already in the resume record are left out (and counted as resumed)."""
+        for part in self.todo:
+            items = part.items()
+            done = self.state.done_positions(part.id)
+            self.stats.rows_resumed += len(done)
+            yield part, len(items), [it for it in items if it.pos not in done]
+
+    def add(self, part: int, rows) -> None:
+        self.state.add(part, rows)
+        for _, _, v, _ in rows:
+            if v is None:
+                self.stats.skipped += 1
+            else:
+                self.stats.embedded += 1
+
+    def finish_part(self, part: Part, n_items: int) -> Path:
+        """Write the part's file from its committed rows (all ``n_items`` must be there), then drop them."""
+        if self.state.count(part.id) != n_items:
+            raise RuntimeError(f"part {part.id}: {self.state.count(part.id)} of {n_items} rows committed")
+        pos, keys, vecs, skipped = [], [], [], []
+        for p, key, blob, reason in self.state.rows(part.id):
+            if blob is None:
+                skipped.append((key, reason))
+            else:
+                pos.append(p)
+                keys.append(key)
+                vecs.append(np.frombuffer(blob, np.float32))
+        dim = self.dim or (len(vecs[0]) if vecs else 0)
+        mat = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
+        path = write_part(self.out, part.id, pos, keys, mat, plan_id=self.plan_id, model_id=self.model_id,
+                          skipped=skipped)
+        self.state.drop(part.id)
+        self.stats.parts_written += 1
+        return path
+
+
+# ---------------------------------------------------------------- reading a whole directory
+
+
+@dataclass
+class ShardSet:
+    """The complete parts of a shard directory, read one at a time (never all at once)."""
+
+    root: Path
+    manifest: dict
+    files: list[Path]
+    counts: list[int]
+    missing: list[int]
+
+    @property
+    def n(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        """Each part's vectors in turn, [n_i, D] float32 (a view of that part's Arrow buffer)."""
+        for f in self.files:
+            yield read_part(f, columns=("vector",))[1]
+
+    def keys(self) -> list[str]:
+        out: list[str] = []
+        for f in self.files:
+            out.extend(read_part(f, columns=("key",))[0].column("key").to_pylist())
+        return out
+
+    def skipped(self) -> list[tuple[str, str]]:
+        _, pq = require_pyarrow("shard files")
+        out: list[tuple[str, str]] = []
+        for f in self.files:
+            meta = pq.read_schema(f).metadata or {}
+            out.extend(tuple(x) for x in json.loads(meta.get(SKIPPED_KEY, b"[]")))
+        return out
+
+    def load_all(self) -> np.ndarray:
+        """All vectors in one [n, D] array: each part is copied into it once, then released."""
+        x = np.empty((self.n, self.dim), np.float32)
+        at = 0
+        for v in self.vectors():
+            x[at:at + len(v)] = v
+            at += len(v)
+        return x
+
+
+def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSet:
+    """The parts of a shard directory; a missing part is an InputError unless ``allow_partial``."""
+    _, pq = require_pyarrow("shard files")
+    root = Path(root)
+    m = read_manifest(root)
+    files, counts, missing = [], [], []
+    for p in m["parts"]:
+        f = root / p["file"]
+        if not part_complete(root, p["id"], m["plan_id"]):
+            missing.append(p["id"])
+            continue
+        files.append(f)
+        counts.append(pq.read_metadata(f).num_rows)
+    if missing and not allow_partial:
+        ids = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
+                         "run the missing itae-embed shards first")
+    return ShardSet(root, m, files, counts, missing)

@@ -1,0 +1,214 @@
+"""The Ray Data engine of the sharded embed stage (``pip install 'itae-export[ray]'``).
+
+    read (the driver lists the items still to embed)
+      -> decode + preprocess: stateless CPU tasks, ``num_cpus=1`` each
+      -> inference: an actor pool, one ONNX Runtime session per actor, built inside the actor
+         (``num_gpus=1`` per actor on CUDA; ORT intra-op threads = the actor's CPUs)
+      -> the driver commits each batch to the resume record and writes each part file when its
+         last row is in (the same files, manifest and record as the local engine)
+
+The driver writes every file, so the workers need no shared output folder; they do need to read
+the images at the same paths (a shared file system, as on any Slurm or Kubernetes cluster), and
+itae-export installed. The model's bytes go through the object store, so the workers need no copy.
+
+Traps handled here: an actor pool that takes every CPU starves the decode tasks and hangs, so the
+pool is checked against the cluster's CPUs first; Ray's own tensor column type reads back as a
+variable-length list in plain pyarrow, so Ray never writes the shard files; an ONNX Runtime
+session cannot be pickled, so each actor builds its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from itae_export.cluster.job import default_batch_size
+from itae_export.cluster.shards import RunStats
+from itae_export.cluster.sources import DEFAULT_PART_SIZE, Item
+from itae_export.engines.local import load_item, open_run
+from itae_export.errors import InputError, MissingDependencyError
+from itae_export.images import PreprocessSpec
+from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
+from itae_export.runtime import Embedder, open_session
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'itae-export[ray]'") from None
+    return ray
+
+
+def check_resources(total_cpus: float, actors: int, actor_cpus: float) -> None:
+    """The actor pool must leave at least one CPU to the decode tasks, or the pipeline never moves."""
+    need = actors * actor_cpus
+    if need + 1 > total_cpus + 1e-9:
+        raise InputError(
+            f"--actors {actors} x --actor-cpus {actor_cpus:g} = {need:g} CPUs leaves no CPU of the Ray cluster's "
+            f"{total_cpus:g} to decode images: the readers would starve and the job hang. Use fewer or smaller "
+            "actors, or start Ray with more CPUs (local Ray: num_cpus above the actors' total)")
+
+
+def model_files(onnx_path: str | os.PathLike) -> dict[str, bytes]:
+    """The .onnx file and its external-data file, by name, to ship to the actors."""
+    p = Path(onnx_path)
+    files = {p.name: p.read_bytes()}
+    ext = p.with_name(p.name + EXTERNAL_DATA_SUFFIX)
+    if ext.is_file():
+        files[ext.name] = ext.read_bytes()
+    return files
+
+
+def decode_batch(batch: dict, pre: dict) -> dict:
+    """Ray task: decode and preprocess a batch of items; failed items get zero pixels and a reason."""
+    spec = PreprocessSpec.from_manifest(pre)
+    n = len(batch["key"])
+    pixels = np.zeros((n, 3, spec.height, spec.width), np.float32)
+    reasons = []
+    for j in range(n):
+        item = Item(int(batch["pos"][j]), str(batch["key"][j]), str(batch["path"][j]), int(batch["offset"][j]),
+                    int(batch["length"][j]))
+        px, reason, _ = load_item(item, spec)
+        if px is not None:
+            pixels[j] = px
+        reasons.append(reason or "")
+    return {"part": batch["part"], "pos": batch["pos"], "key": batch["key"], "reason": np.array(reasons, dtype=object),
+            "pixels": pixels}
+
+
+class EmbedActor:
+    """Ray actor: one ONNX Runtime session, built here (in the actor's process), never on the driver."""
+
+    def __init__(self, files_ref, onnx_name: str, device: str, threads: int):
+        import ray
+
+        files = ray.get(files_ref) if isinstance(files_ref, ray.ObjectRef) else files_ref
+        self._dir = tempfile.mkdtemp(prefix="itae-ray-model-")
+        for name, data in files.items():
+            with open(os.path.join(self._dir, name), "wb") as f:
+                f.write(data)
+        sess, provider = open_session(os.path.join(self._dir, onnx_name), device, intra_op_threads=threads,
+                                      spinning=False)
+        self.embed = Embedder(sess, provider)
+        self.provider = provider
+        self.pid = os.getpid()
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.array([r == "" for r in batch["reason"]], bool)
+        n = len(ok)
+        vecs = None
+        if ok.any():
+            got = self.embed(batch["pixels"][ok])
+            vecs = np.zeros((n, got.shape[1]), np.float32)
+            vecs[ok] = got
+        return {"part": batch["part"], "pos": batch["pos"], "key": batch["key"], "reason": batch["reason"],
+                "vector": vecs if vecs is not None else np.zeros((n, 1), np.float32),
+                "actor_pid": np.full(n, self.pid, np.int64)}
+
+
+def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAULT_PART_SIZE,
+                     input_format: str = "auto", batch_size: int | None = None, device: str = "auto",
+                     address: str | None = None, actors: int | None = None, actor_cpus: float | None = None,
+                     num_cpus: int | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
+                     on_batch: Callable[[RunStats], None] | None = None) -> RunStats:
+    """:func:`itae_export.engines.local.embed_shards` on Ray Data: same files, same resume record.
+
+    Uses the Ray already initialised in this process, else ``address`` (or ``$RAY_ADDRESS``), else
+    starts a local Ray with ``num_cpus`` (default: the actors' CPUs + 2). ``stats.actor_pids`` lists
+    the processes that ran inference."""
+    ray = _ray()
+    log = log or (lambda m: None)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size: {batch_size} must be >= 1")
+    run, pre = open_run(input_spec, out, onnx_path, shard=shard, part_size=part_size, input_format=input_format,
+                        log=log)
+    t0 = time.perf_counter()
+    started = False
+    with run:
+        rows, expected, parts = [], {}, {}
+        for part, n_items, todo in run.pending():
+            parts[part.id] = (part, n_items)
+            expected[part.id] = len(todo)
+            if not todo:
+                run.finish_part(part, n_items)
+            rows.extend({"part": part.id, "pos": it.pos, "key": it.key, "path": it.path, "offset": it.offset,
+                         "length": it.length} for it in todo)
+        if not rows:
+            return run.stats
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS")
+            want = (actors or 1) * (actor_cpus or 2) + 2
+            kw = {"address": address} if address else {"num_cpus": num_cpus or int(np.ceil(want))}
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kw)
+            started = True
+        try:
+            res = ray.cluster_resources()
+            gpus = int(res.get("GPU", 0))
+            use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+            if device == "cuda" and gpus == 0:
+                raise InputError("--device cuda: the Ray cluster has no GPU")
+            actors = actors or (gpus if use_gpu else 1)
+            actor_cpus = actor_cpus or (1.0 if use_gpu else 2.0)
+            check_resources(float(res.get("CPU", 0)), actors, actor_cpus)
+            if use_gpu and actors > gpus:
+                raise InputError(f"--actors {actors}: the Ray cluster has {gpus} GPUs (one per actor)")
+            bs = batch_size or default_batch_size("CUDAExecutionProvider" if use_gpu else None)
+            log(f"Ray: {res.get('CPU', 0):g} CPUs, {gpus} GPUs; {actors} actors x {actor_cpus:g} CPUs"
+                f"{' + 1 GPU' if use_gpu else ''}; {len(rows)} images in batches of {bs}")
+            _execute(ray, run, rows, expected, parts, pre, onnx_path, bs, "cuda" if use_gpu else "cpu", actors,
+                     actor_cpus, use_gpu, progress, on_batch)
+        finally:
+            if started:
+                ray.shutdown()
+    run.stats.seconds = time.perf_counter() - t0
+    return run.stats
+
+
+def _execute(ray, run, rows, expected, parts, pre, onnx_path, bs, device, actors, actor_cpus, use_gpu, progress,
+             on_batch) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    ctx.execution_options.preserve_order = False
+    files_ref = ray.put(model_files(onnx_path))
+    pre_dict = {"resolution": [pre.height, pre.width], "mean": list(pre.mean), "std": list(pre.std),
+                "scale": pre.scale, "resize": pre.resize, "interpolation": pre.interpolation}
+    blocks = max(1, min(len(rows) // bs, 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    # memory= is a real hint (a batch of pixels, twice), and it also keeps Ray from fusing the decode tasks
+    # into the actors: fused, decoding would run inside the actor, serially with inference
+    px_bytes = bs * 3 * pre.height * pre.width * 4
+    ds = ds.map_batches(decode_batch, fn_kwargs={"pre": pre_dict}, batch_size=bs, num_cpus=1,
+                        memory=max(64 << 20, 2 * px_bytes), batch_format="numpy")
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"files_ref": files_ref, "onnx_name": Path(onnx_path).name,
+                                                           "device": device, "threads": max(1, int(actor_cpus))},
+                        batch_size=bs, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0,
+                        batch_format="numpy")
+    pids: set[int] = set()
+    remaining = dict(expected)
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        by_part: dict[int, list] = {}
+        for j in range(len(batch["key"])):
+            reason = str(batch["reason"][j])
+            v = None if reason else batch["vector"][j]
+            by_part.setdefault(int(batch["part"][j]), []).append(
+                (int(batch["pos"][j]), str(batch["key"][j]), v, reason or None))
+        pids.update(int(p) for p in batch["actor_pid"])
+        for pid, prow in by_part.items():
+            run.add(pid, prow)
+            remaining[pid] -= len(prow)
+            if remaining[pid] == 0:
+                run.finish_part(*parts[pid])
+        if on_batch is not None:
+            on_batch(run.stats)
+    left = {p: r for p, r in remaining.items() if r}
+    if left:
+        raise RuntimeError(f"Ray returned too few rows for parts {sorted(left)}")
+    run.stats.actor_pids = sorted(pids)
