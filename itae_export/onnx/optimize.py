@@ -41,7 +41,7 @@ from itae_export.images import load_images, scan_images
 from itae_export.model.vit import LayerScale
 from itae_export.onnx.contract import INT8_MIN_ARI, ITAE_DOMAIN, OUTPUT_EMBEDDING, OUTPUT_MASK
 from itae_export.onnx.validate import preprocess, validation_inputs
-from itae_export.runtime import run_onnx
+from itae_export.runtime import ort_session, run_onnx
 
 # ---------------------------------------------------------------- PyTorch side
 
@@ -171,15 +171,8 @@ def time_graphs(paths: dict[str, str | os.PathLike], x: np.ndarray, *, turns: in
     fastest turn is the closest to what the graph itself costs."""
     import time
 
-    import onnxruntime as ort
-
-    sessions = {}
-    for name, p in paths.items():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = threads or hardware.read_cpu().physical_cores
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    sessions = {name: ort_session(p, intra_op_threads=threads or hardware.read_cpu().physical_cores, spinning=False)
+                for name, p in paths.items()}
     feed = {next(iter(sessions.values())).get_inputs()[0].name: x}
     times: dict[str, list[float]] = {n: [] for n in sessions}
     for turn in range(turns + 1):
@@ -447,7 +440,6 @@ def layer_sensitivity(fp32_path: str | os.PathLike, qdq_path: str | os.PathLike,
     same in dB. Sorted from the most to the least hurt. Not in it: the int16 saturation of the
     u8s8 AVX2 kernels (the end-to-end checks of :func:`plan_static_int8` include it)."""
     import onnx
-    import onnxruntime as ort
 
     fp32_path = Path(fp32_path)
     params = _qdq_params(onnx.load(str(qdq_path)))
@@ -465,9 +457,7 @@ def layer_sensitivity(fp32_path: str | os.PathLike, qdq_path: str | os.PathLike,
     os.close(fd)
     try:
         onnx.save_model(proto, tmp)  # beside the source: its external data resolves the same
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
+        sess = ort_session(tmp)
         err2 = {n: 0.0 for n in nodes}
         ref2 = {n: 0.0 for n in nodes}
         wanted = list(dict.fromkeys(extra))

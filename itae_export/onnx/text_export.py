@@ -34,6 +34,7 @@ from itae_export.onnx.contract import (
     TEXT_OUTPUT_EMBEDDING,
 )
 from itae_export.registry import get_text_arch, resolve_name
+from itae_export.runtime import ort_session
 from itae_export.search.tokenizer import ClipTokenizer, write_tokenizer_files
 from itae_export.weights.checkpoints import read_checkpoint, sha256_file
 
@@ -76,15 +77,12 @@ def _export(model, path: Path) -> bytes:
 
 def validate_text_graph(onnx_bytes: bytes, model, tokenizer: ClipTokenizer, seed: int = 0) -> dict:
     """max |onnx - torch| / max |torch| over the validation texts and random id rows (batch 1 and n)."""
-    import onnxruntime as ort
     import torch
 
     rng = np.random.default_rng(seed)
     ids = np.concatenate([tokenizer(list(VALIDATION_TEXTS)), rng.integers(1, 49407, (3, TEXT_CONTEXT_LENGTH))])
     ids[-3:, -1] = 49407  # EOT last in the random rows
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_bytes)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).numpy()
     (got,) = sess.run([TEXT_OUTPUT_EMBEDDING], {TEXT_INPUT_NAME: ids})

@@ -21,6 +21,7 @@ from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 from itae_export.onnx.contract import MAX_BATCH
 from itae_export.onnx.manifest import read_manifest
+from itae_export.runtime import ort_session
 
 DEFAULT_MAX_BATCH = 64
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
@@ -74,14 +75,11 @@ def check_config(model_dir: str | os.PathLike, name: str | None = None) -> dict:
     """Parse ``model_dir/config.pbtxt`` with Triton's protobuf and compare it with the graph at
     ``model_dir/1/model.onnx`` as ONNX Runtime sees it (names, types, dims); the model's name must be
     ``name`` (default: the folder's). Returns a summary."""
-    import onnxruntime as ort
     from tritonclient.grpc import model_config_pb2 as pb
 
     model_dir = Path(model_dir)
     cfg = parse_config((model_dir / "config.pbtxt").read_text())
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model_dir / "1" / "model.onnx")
     problems = []
     name = name or model_dir.name
     if cfg.name != name:

@@ -17,7 +17,7 @@ from itae_export.onnx.contract import (
     TEXT_ONNX_NAME,
     TEXT_OUTPUT_EMBEDDING,
 )
-from itae_export.runtime import CPU_EP, CUDA_EP, resolve_device
+from itae_export.runtime import CPU_EP, CUDA_EP, ort_session, resolve_device
 from itae_export.search.index import SearchIndex
 from itae_export.search.tokenizer import ClipTokenizer
 
@@ -39,17 +39,14 @@ class TextEncoder:
     """Tokenise and embed texts with an exported text tower; float32 [n, E] (not normalised)."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu"):
-        import onnxruntime as ort
 
         self.folder = Path(folder)
         self.manifest = read_text_manifest(self.folder)
         self.tokenizer = ClipTokenizer(self.folder, self.manifest.get("context_length", TEXT_CONTEXT_LENGTH))
         provider, _ = resolve_device(device)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
         providers = [CUDA_EP, CPU_EP] if provider == CUDA_EP else [CPU_EP]
         try:
-            self.session = ort.InferenceSession(str(self.folder / TEXT_ONNX), so, providers=providers)
+            self.session = ort_session(self.folder / TEXT_ONNX, providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
             raise InputError(f"{self.folder / TEXT_ONNX}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
 
