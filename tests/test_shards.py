@@ -21,7 +21,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from itae_export.cli.embed import main as embed_cli  # noqa: E402
 from itae_export.cluster import faiss_kmeans as fk  # noqa: E402
-from itae_export.cluster.job import embed_folder, kmeans_assign  # noqa: E402
+from itae_export.cluster.embed import embed_folder  # noqa: E402
+from itae_export.cluster.job import kmeans_assign  # noqa: E402
 from itae_export.cluster.shard_cluster import cluster_shards  # noqa: E402
 from itae_export.cluster.shards import STATE_DIR, open_shards, part_name, read_manifest  # noqa: E402
 from itae_export.cluster.sources import expand_braces, open_source, parse_shard, shard_parts  # noqa: E402

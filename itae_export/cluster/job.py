@@ -240,12 +240,17 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, opts: ClusterOptions,
     when the neighbours of the data say a head is unlikely to help)."""
     if opts.method == "kmeans":
         return Clustering(*kmeans_assign(embeddings, k, seed=opts.seed, n_init=opts.n_init))
-    hp = {**(TSP_DEFAULTS if opts.method == "tsp" else TEMI_DEFAULTS), **(opts.head_params or {})}
+    params = dict(opts.head_params or {})
+    hp = {**(TSP_DEFAULTS if opts.method == "tsp" else TEMI_DEFAULTS), **params}
+    if hp["n_neighbors"] >= len(embeddings) and "n_neighbors" not in (opts.head_params or {}):
+        params["n_neighbors"] = hp["n_neighbors"] = len(embeddings) - 1  # a small folder: every other image
+        log(f"{opts.method.upper()}: {len(embeddings)} images, fewer than its default neighbours: using "
+            f"{hp['n_neighbors']}")
     advice = head_advice(embeddings, k, opts.method, seed=opts.seed, graph_neighbors=hp["n_neighbors"])
     if advice.warning:
         log(advice.warning)
     head = fit_head(embeddings, k, opts.method, seed=opts.seed, progress=opts.progress, neighbors=advice.neighbors,
-                    **(opts.head_params or {}))
+                    **params)
     labels = np.asarray(head.labels_)
     used = len(np.unique(labels))
     if used < k:

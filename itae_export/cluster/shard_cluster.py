@@ -22,8 +22,9 @@ from typing import Callable
 import numpy as np
 
 from itae_export.cluster import faiss_kmeans as fk
-from itae_export.cluster.job import _csv_bytes, _npy_bytes, check_k, kmeans_assign
+from itae_export.cluster.job import check_k, kmeans_assign
 from itae_export.cluster.metrics import l2_normalize
+from itae_export.cluster.outputs import csv_bytes, npy_bytes
 from itae_export.cluster.shards import open_shards, read_part
 from itae_export.cluster.sources import require_pyarrow
 from itae_export.errors import InputError, MissingDependencyError
@@ -108,9 +109,9 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
         Path(tmp).unlink(missing_ok=True)
         raise
     kinfo["inertia"] = inertia
-    atomic_write_bytes(out / "centroids.npy", _npy_bytes(np.asarray(centroids, np.float32)))
+    atomic_write_bytes(out / "centroids.npy", npy_bytes(np.asarray(centroids, np.float32)))
     skipped = shards.skipped()
-    atomic_write_bytes(out / "skipped.csv", _csv_bytes(["key", "reason"], skipped))
+    atomic_write_bytes(out / "skipped.csv", csv_bytes(["key", "reason"], skipped))
     summary = {
         "shards": str(Path(shard_dir).resolve()),
         "out_dir": str(out.resolve()),

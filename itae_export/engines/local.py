@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.job import _progress_bar, default_batch_size, default_workers
+from itae_export.cluster.embed import default_batch_size, default_workers, progress_bar
 from itae_export.cluster.shards import RunStats, ShardRun
 from itae_export.cluster.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
 from itae_export.cluster.store import model_fingerprint
@@ -111,7 +111,7 @@ def _pipeline(run: ShardRun, pre, embed, batch_size: int, workers: int, progress
     ahead = 2 * batch_size + workers
     pending: deque = deque()
     it = stream()
-    bar = _progress_bar(sum(p.n_items or 0 for p in run.todo), progress, "embedding")
+    bar = progress_bar(sum(p.n_items or 0 for p in run.todo), progress, "embedding")
 
     def fill() -> None:
         while len(pending) < ahead:

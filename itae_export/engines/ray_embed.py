@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.job import default_batch_size
+from itae_export.cluster.embed import default_batch_size
 from itae_export.cluster.shards import RunStats
 from itae_export.cluster.sources import DEFAULT_PART_SIZE, Item
 from itae_export.engines.local import load_item, open_run
