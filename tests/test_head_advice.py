@@ -29,12 +29,7 @@ from itae_export.cluster.metrics import l2_normalize  # noqa: E402
 from itae_export.errors import InputError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def blobs(n_per=50, k=4, dim=16, spread=0.12, seed=0):

@@ -129,13 +129,7 @@ FAST_TSP = dict(epochs=15, batch_size=64, lr=1e-2, n_neighbors=10)
 FAST_TEMI = dict(epochs=20, batch_size=32, lr=3e-3, n_heads=3, hidden_dim=32, n_neighbors=10, teacher_momentum=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny problems on a shared 2-core machine: a second thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_tsp_recovers_blobs_and_is_deterministic():

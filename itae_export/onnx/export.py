@@ -286,21 +286,12 @@ def export_onnx(spec_or_name: ModelSpec | str, options: ITAEOptions | None = Non
     model, weights_info = _load_model(req, model, weights, weights_info, pos_rule, log)
     job = _ExportJob(req, model, weights_info, log)
     job.manifest["identity"] = export_identity(req, weights_id, pos_rule)
-    ensure_dir(req.output.parent, "--output")
-    remove_stale_staging(req.output, log)
-    try:
-        tmpdir = Path(tempfile.mkdtemp(dir=req.output.parent, prefix=f".{req.output.stem}.", suffix=STAGING_SUFFIX))
-        (tmpdir / STAGING_OWNER).write_text(f"{os.getpid()}\n")
-    except OSError as e:
-        raise OutputError(f"--output: cannot write into {req.output.parent} ({describe_os_error(e)})") from None
-    try:
+    with staging_folder(req.output, log) as tmpdir:
         job.write_graph(tmpdir)
         job.validate_and_optimize()
         job.quantize()
         inline_tmp = job.write_inline_copy()
         job.publish(inline_tmp)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     inline_path = req.output.with_name(inline_tmp.name) if inline_tmp else None
     return ExportResult(req.output, job.manifest, inline_path)
 
@@ -343,6 +334,23 @@ def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | No
         log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
     return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
                        precision=precision, log=log, **(preloaded or {})).path
+
+
+@contextlib.contextmanager
+def staging_folder(output: Path, log: Callable[[str], None] = lambda m: None):
+    """A hidden folder beside ``output`` (owned by this process, removed afterwards) in which a graph
+    is written and validated before it is moved into place; stale ones of killed runs go first."""
+    ensure_dir(output.parent, "--output")
+    remove_stale_staging(output, log)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=STAGING_SUFFIX))
+        (tmpdir / STAGING_OWNER).write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        raise OutputError(f"--output: cannot write into {output.parent} ({describe_os_error(e)})") from None
+    try:
+        yield tmpdir
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def remove_stale_staging(output: Path, log: Callable[[str], None] = lambda m: None) -> None:

@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from itae_export.onnx.contract import (
     OUTPUT_MASK,
     external_data_name,
 )
-from itae_export.onnx.export import ExportResult, spec_from_manifest
+from itae_export.onnx.export import ExportResult, spec_from_manifest, staging_folder
 from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
 from itae_export.onnx.validate import format_report, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
@@ -398,9 +397,7 @@ def export_in_graph(onnx_path: str | os.PathLike, output: str | os.PathLike | No
     if validate and model is None:
         log("rebuilding the PyTorch model for the validation ...")
         model = _torch_model(manifest, weights)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp"))
-    try:
+    with staging_folder(output, log) as tmpdir:  # the same staging as every export
         tmp = tmpdir / output.name
         log(f"composing the preprocessing graph in front of {onnx_path.name} ...")
         location = compose(onnx_path, tmp, PreprocessSpec.from_manifest(manifest["preprocessing"]))
@@ -421,8 +418,6 @@ def export_in_graph(onnx_path: str | os.PathLike, output: str | os.PathLike | No
             os.replace(tmpdir / location, output.parent / location)
         os.replace(tmp, output)
         write_manifest(output, new_manifest)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(output, new_manifest)
 
 
