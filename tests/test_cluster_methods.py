@@ -89,3 +89,23 @@ def test_bad_method_flags(setup, tmp_path, args, msg):
     res = CliRunner().invoke(cluster_cli, [str(a) for a in [base / "query", "--onnx", model, *args,
                                                             "--out", tmp_path / "o", "-q"]])
     assert res.exit_code != 0 and msg in res.output
+
+
+def test_summary_names_the_kmeans_backend_that_ran(setup, tmp_path, monkeypatch):
+    """summary.json says which K-Means clustered the folder: scikit-learn with its n_init below
+    FAISS_MIN_POINTS, faiss with its sample and iterations from there on (threshold lowered here)."""
+    pytest.importorskip("faiss")
+    from itae_export.cluster import faiss_kmeans as fk
+
+    model, base = setup
+    _run([base / "query", "--onnx", model, "--k", 4, "--n-init", 3, "--out", tmp_path / "small", "-q"])
+    small = json.loads((tmp_path / "small" / "summary.json").read_text())["clustering"]
+    assert small["backend"] == "sklearn" and small["n_init"] == 3
+    monkeypatch.setattr(fk, "FAISS_MIN_POINTS", 20)
+    res = _run([base / "query", "--onnx", model, "--k", 4, "--n-init", 3, "--out", tmp_path / "large"])
+    big = json.loads((tmp_path / "large" / "summary.json").read_text())["clustering"]
+    assert big["backend"] == "faiss" and "n_init" not in big
+    assert big["sample_size"] == 48 and big["niter"] == fk.DEFAULT_NITER and big["spherical"] is True
+    assert "faiss" in res.output and "--n-init does not apply" in res.output
+    sizes = json.loads((tmp_path / "large" / "summary.json").read_text())["cluster_sizes"]
+    assert sum(sizes) == 48

@@ -257,3 +257,26 @@ def test_cli(photos, tiny_model, tmp_path):
     r = CliRunner().invoke(embed_cli, ["run", str(photos), "--out", str(out), "--onnx", str(tiny_model),
                                        "--actors", "2"])
     assert r.exit_code == 2 and "--engine ray" in r.output
+
+
+def test_kmeans_plus_plus_seedings_side_by_side():
+    """The seedings run in one pass per step: each returns its own centres and their true potential,
+    the kept one is the lowest, and it covers blobs far better than k random points (faiss's start)."""
+    rng = np.random.default_rng(1)
+    centres = fk.normalize_rows(rng.standard_normal((40, 64)).astype(np.float32))
+    y = rng.integers(0, 40, 8000)
+    xs = fk.normalize_rows(centres[y] + 0.05 * rng.standard_normal((8000, 64)).astype(np.float32))
+    seeds, pot = fk._seed_many(xs, 40, np.random.default_rng(5), 2 + int(np.log(40)), 3)
+    assert seeds.shape == (3, 40, 64) and pot.shape == (3,)
+    for s_, p_ in zip(seeds, pot):  # the potential is the sum of squared distances to the nearest seed
+        d2 = np.maximum(2 - 2 * (xs @ s_.T), 0).min(axis=1)
+        assert p_ == pytest.approx(d2.sum(), rel=1e-4)
+    assert len({tuple(s_[1]) for s_ in seeds}) > 1  # three different seedings, not one thrice
+    best = fk.kmeans_plus_plus(xs, 40, seed=0, seedings=3, max_points=8000)
+    again, pots = fk._seed_many(xs, 40, np.random.default_rng(0), 2 + int(np.log(40)), 3)
+    np.testing.assert_array_equal(best, again[int(np.argmin(pots))])
+    covered = len(np.unique(np.argmax(best @ centres.T, axis=1)))
+    random_pick = len(np.unique(y[np.random.default_rng(0).choice(8000, 40, replace=False)]))
+    assert covered >= 38 > random_pick
+    assert fk.seeding_points(10) == fk.MIN_SEED_POINTS and fk.seeding_points(1000) == fk.MAX_SEED_POINTS
+    assert fk.seeding_points(200) == 200 * fk.SEED_POINTS_PER_CENTROID

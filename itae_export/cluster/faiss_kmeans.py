@@ -28,6 +28,10 @@ DEFAULT_NITER = 20
 SAMPLE_PER_CENTROID = 256
 MIN_SAMPLE = 65_536
 ASSIGN_CHUNK = 65_536
+# k-means++ seeds on a subsample: 50 points per centroid, between 5,000 and 20,000 (bench_scale.py faiss100k)
+SEED_POINTS_PER_CENTROID = 50
+MIN_SEED_POINTS = 5_000
+MAX_SEED_POINTS = 20_000
 
 
 def faiss_available() -> bool:
@@ -76,7 +80,8 @@ class SphericalKMeans:
 
     def summary(self) -> dict:
         return {"backend": "faiss", "spherical": True, "k": self.k, "sample_size": self.sample_size,
-                "niter": self.niter, "nredo": self.nredo, "seed": self.seed}
+                "niter": self.niter, "nredo": self.nredo, "seeding": "k-means++, best of 3",
+                "seeding_points": min(self.sample_size, seeding_points(self.k)), "seed": self.seed}
 
 
 def train(sample: np.ndarray, k: int, *, niter: int = DEFAULT_NITER, nredo: int = 1, seed: int = 0,
@@ -96,41 +101,53 @@ def train(sample: np.ndarray, k: int, *, niter: int = DEFAULT_NITER, nredo: int 
     return SphericalKMeans(np.array(km.centroids, np.float32), int(k), len(xs), int(niter), int(nredo), int(seed), obj)
 
 
+def seeding_points(k: int) -> int:
+    """How many points k-means++ seeds on: 50 per centroid, at least 5,000 and at most 20,000."""
+    return int(min(max(SEED_POINTS_PER_CENTROID * k, MIN_SEED_POINTS), MAX_SEED_POINTS))
+
+
 def kmeans_plus_plus(xs: np.ndarray, k: int, *, seed: int = 0, seedings: int = 3, candidates: int | None = None,
-                     max_points: int = 20_000) -> np.ndarray:
+                     max_points: int | None = None) -> np.ndarray:
     """Greedy k-means++ seeding (as scikit-learn's: 2 + log k candidates a step) on at most
-    ``max_points`` unit rows of ``xs``, the best (lowest potential) of ``seedings`` tries.
+    ``max_points`` (default :func:`seeding_points`) unit rows of ``xs``, the best (lowest
+    potential) of ``seedings`` tries.
 
     faiss starts from k random points, which on well-separated data often puts two seeds in one
     cluster and none in another, a merge that Lloyd's iterations never undo; k-means++ rarely does,
-    and the best of a few seedings more rarely still (scikit-learn gets the same from n_init)."""
+    and the best of a few seedings more rarely still (scikit-learn gets the same from n_init).
+    The seedings run side by side: each step scores the candidates of all of them in one pass over
+    the points, which is what a step costs (the pass is memory-bound), so 3 seedings cost about
+    what one does."""
     rng = np.random.default_rng(seed)
-    pts = xs if len(xs) <= max(max_points, k) else xs[np.sort(rng.choice(len(xs), max(max_points, k), replace=False))]
-    best, best_pot = None, np.inf
-    for _ in range(max(1, seedings)):
-        centres, pot = _seed_once(pts, k, rng, candidates or 2 + int(np.log(k)))
-        if pot < best_pot:
-            best, best_pot = centres, pot
-    return best
+    cap = max(seeding_points(k) if max_points is None else int(max_points), k)
+    pts = xs if len(xs) <= cap else xs[np.sort(rng.choice(len(xs), cap, replace=False))]
+    centres, pot = _seed_many(pts, k, rng, candidates or 2 + int(np.log(k)), max(1, int(seedings)))
+    return centres[int(np.argmin(pot))]
 
 
-def _seed_once(pts: np.ndarray, k: int, rng, trials: int) -> tuple[np.ndarray, float]:
+def _seed_many(pts: np.ndarray, k: int, rng, trials: int, seedings: int) -> tuple[np.ndarray, np.ndarray]:
+    """``seedings`` independent greedy k-means++ runs at once: (centres [S, k, D], potentials [S])."""
     m = len(pts)
-    centres = np.empty((k, pts.shape[1]), np.float32)
-    centres[0] = pts[rng.integers(m)]
-    d2 = np.maximum(2.0 - 2.0 * (pts @ centres[0]), 0.0)
+    centres = np.empty((seedings, k, pts.shape[1]), np.float32)
+    first = rng.integers(m, size=seedings)
+    centres[:, 0] = pts[first]
+    d2 = np.maximum(2.0 - 2.0 * (pts @ centres[:, 0].T), 0.0).T  # [S, m]
+    rows = np.arange(seedings)
     for c in range(1, k):
-        total = float(d2.sum())
-        if total <= 0:
-            cand = rng.integers(m, size=trials)
-        else:
-            cand = np.minimum(np.searchsorted(np.cumsum(d2), rng.random(trials) * total), m - 1)
-        nd2 = np.maximum(2.0 - 2.0 * (pts @ pts[cand].T), 0.0)  # [m, trials]
-        nd2 = np.minimum(nd2, d2[:, None])
-        best = int(np.argmin(nd2.sum(axis=0)))
-        centres[c] = pts[cand[best]]
-        d2 = nd2[:, best]
-    return centres, float(d2.sum())
+        cand = np.empty((seedings, trials), np.int64)
+        for s in range(seedings):
+            total = float(d2[s].sum())
+            if total <= 0:
+                cand[s] = rng.integers(m, size=trials)
+            else:
+                cand[s] = np.minimum(np.searchsorted(np.cumsum(d2[s]), rng.random(trials) * total), m - 1)
+        sims = pts @ pts[cand.ravel()].T  # [m, S * trials]: the one pass over the points
+        nd2 = np.maximum(2.0 - 2.0 * sims.T.reshape(seedings, trials, m), 0.0)
+        nd2 = np.minimum(nd2, d2[:, None, :])  # [S, trials, m]
+        best = np.argmin(nd2.sum(axis=2), axis=1)  # [S]
+        centres[:, c] = pts[cand[rows, best]]
+        d2 = nd2[rows, best]
+    return centres, d2.sum(axis=1, dtype=np.float64)
 
 
 def assign(chunks: Iterable[np.ndarray], centroids: np.ndarray, chunk: int = ASSIGN_CHUNK,

@@ -20,7 +20,7 @@ from itae_export.cluster.evaluation import (
     neighbour_label_consistency,
     over_clustering_scores,
 )
-from itae_export.cluster.faiss_kmeans import FAISS_MIN_POINTS, faiss_available, faiss_kmeans_assign
+from itae_export.cluster import faiss_kmeans as fk
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
@@ -48,13 +48,28 @@ def _kmeans_threads(n: int):
     return threadpool_limits(limits=1, user_api="openmp")
 
 
+def kmeans_backend(n: int) -> str:
+    """The K-Means that :func:`kmeans_assign` runs on ``n`` points: "faiss" from
+    :data:`~itae_export.cluster.faiss_kmeans.FAISS_MIN_POINTS` on (where installed), else "sklearn"."""
+    return "faiss" if n >= fk.FAISS_MIN_POINTS and fk.faiss_available() else "sklearn"
+
+
+def kmeans_config(n: int, k: int, *, seed: int = 0, n_init: int = 10) -> dict:
+    """How :func:`kmeans_assign` clusters ``n`` points (summary.json ``clustering``): the backend and its settings."""
+    if kmeans_backend(n) == "faiss":
+        return {"backend": "faiss", "spherical": True, "sample_size": fk.default_sample_size(n, k),
+                "niter": fk.DEFAULT_NITER, "nredo": 1, "seeding": "k-means++, best of 3",
+                "seeding_points": min(n, fk.seeding_points(k)), "seed": seed}
+    return {"backend": "sklearn", "n_init": n_init, "seed": seed}
+
+
 def kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, n_init: int = 10):
     """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia).
-    From FAISS_MIN_POINTS points on, spherical K-Means with faiss where it is installed."""
-    if len(embeddings) >= FAISS_MIN_POINTS and faiss_available():
-        return faiss_kmeans_assign(embeddings, k, seed=seed)
+    From FAISS_MIN_POINTS points on, spherical K-Means with faiss where it is installed
+    (:func:`kmeans_config` says which, and with what settings)."""
+    if kmeans_backend(len(embeddings)) == "faiss":
+        return fk.faiss_kmeans_assign(embeddings, k, seed=seed)
     from sklearn.cluster import KMeans
-
 
     x = l2_normalize(embeddings)
     with _kmeans_threads(len(x)):
@@ -239,6 +254,9 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, opts: ClusterOptions,
     """K-Means on the L2-normalised embeddings, or a TSP/TEMI head trained on them (with a warning
     when the neighbours of the data say a head is unlikely to help)."""
     if opts.method == "kmeans":
+        if kmeans_backend(len(embeddings)) == "faiss":
+            log(f"K-Means: {len(embeddings)} vectors (>= {fk.FAISS_MIN_POINTS}): spherical K-Means with faiss "
+                "(--n-init does not apply; summary.json clustering.backend)")
         return Clustering(*kmeans_assign(embeddings, k, seed=opts.seed, n_init=opts.n_init))
     params = dict(opts.head_params or {})
     hp = {**(TSP_DEFAULTS if opts.method == "tsp" else TEMI_DEFAULTS), **params}
@@ -265,7 +283,8 @@ def _summary(root: Path, out_dir: Path, onnx_path, manifest: dict, res: EmbedRes
     record = {"method": opts.method, "name": method, "k": k, "seed": opts.seed, "inertia": clustering.inertia,
               "input": "L2-normalised embeddings", "distance": "euclidean, to the mean of the assigned cluster"}
     if opts.method == "kmeans":
-        record.update(n_init=opts.n_init, distance="euclidean, to the assigned centroid")
+        record.update(kmeans_config(len(res.embeddings), k, seed=opts.seed, n_init=opts.n_init),
+                      distance="euclidean, to the assigned centroid")
     return {
         "folder": str(root),
         "out_dir": str(out_dir),

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.cluster import faiss_kmeans as fk
-from itae_export.cluster.job import check_k, kmeans_assign
+from itae_export.cluster.job import check_k, kmeans_assign, kmeans_backend
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.cluster.outputs import csv_bytes, npy_bytes
 from itae_export.cluster.shards import open_shards, read_part
@@ -39,7 +39,7 @@ def choose_backend(n: int, backend: str = "auto") -> str:
     if backend == "faiss" and not fk.faiss_available():
         raise MissingDependencyError("--backend faiss needs faiss: pip install 'itae-export[scale]' (faiss-cpu)")
     if backend == "auto":
-        return "faiss" if n >= fk.FAISS_MIN_POINTS and fk.faiss_available() else "sklearn"
+        return kmeans_backend(n)
     return backend
 
 
