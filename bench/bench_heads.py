@@ -298,7 +298,8 @@ def cost_check(n: int, dim: int, k: int, temi_hp: dict, tsp_hp: dict, methods=("
         else:  # TSP runs the head once on each distinct row of a batch and its neighbours: count them
             perm = rng.permutation(n)
             kk = full["n_neighbors"]
-            flops = sum(tsp_step_flops(len(np.unique(np.concatenate([b, graph[1][b, :kk].ravel()]))), dim, k)
+            flops = sum(tsp_step_flops(len(np.unique(np.concatenate([b, graph[1][b, :kk].ravel()]))), dim, k,
+                                       full["n_heads"])
                         for b in (perm[i:i + bs] for i in range(0, n, bs)))
         rate0 = sgemm_rate()
         # TSP: the second of 2 epochs, between the epoch-end callbacks (its K-Means init and set-up
@@ -314,7 +315,7 @@ def cost_check(n: int, dim: int, k: int, temi_hp: dict, tsp_hp: dict, methods=("
         out.append({"method": method, "n": n, "dim": dim, "k": k, "steps": steps, "gflop": flops / 1e9,
                     "sgemm_gflops": rate / 1e9, "epoch_s": epoch, "estimate_s": est, "ratio": epoch / est,
                     "config": {key: full[key] for key in (("n_heads", "hidden_dim", "batch_size") if method == "temi"
-                                                         else ("n_neighbors", "batch_size"))}})
+                                                         else ("n_heads", "temperature", "n_neighbors", "batch_size"))}})
         r = out[-1]
         print(f"# cost {method}: {r['epoch_s']:.2f} s/epoch measured, {r['estimate_s']:.2f} s at "
               f"{r['sgemm_gflops']:.1f} GFLOP/s for {r['gflop']:.1f} GFLOP; ratio {r['ratio']:.2f}",

@@ -70,8 +70,8 @@ interruption embeds only the images that are missing or changed.
               help="[--k auto] silhouette: best mean cosine silhouette of K-Means; eigengap: largest gap of the "
                    "k-NN graph Laplacian's eigenvalues. The curve goes to summary.json.")
 @click.option("--method", type=click.Choice(["kmeans", "tsp", "temi"]), default="kmeans", show_default=True,
-              help="kmeans, or a clustering head trained on the embeddings: tsp (TSP, linear head, neighbour "
-                   "consistency) or temi (TEMI, MLP heads with a PMI loss). See docs/heads.md.")
+              help="kmeans, or a clustering head trained on the embeddings: tsp (TSP, one-layer cosine heads, "
+                   "neighbour consistency) or temi (TEMI, MLP heads with a PMI loss). See docs/heads.md.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI, or "
                    "more to reach 2,000 optimiser steps on small collections).")

@@ -75,10 +75,12 @@ def test_fit_runs_the_scheduled_epochs_and_records_them():
 
 
 def test_step_budget_moves_the_tsp_head_where_paper_epochs_do_not():
-    """200 points: the paper's 100 epochs are 100 steps; the default budget gives 2,000."""
+    """200 points: the paper's 100 epochs are 100 steps; the default budget gives 2,000 (the paper's
+    linear layer, one head: it starts near uniform predictions and must move)."""
     x, _ = blobs(n_per=50)
-    few = fit_head(x, 4, "tsp", progress=False, epochs=100, lr=1e-4, kmeans_n_init=1)
-    budget = fit_head(x, 4, "tsp", progress=False, lr=1e-4, kmeans_n_init=1)
+    paper = dict(lr=1e-4, kmeans_n_init=1, n_heads=1, temperature=None)
+    few = fit_head(x, 4, "tsp", progress=False, epochs=100, **paper)
+    budget = fit_head(x, 4, "tsp", progress=False, **paper)
     assert budget.schedule["steps"] == TSP_DEFAULTS["min_steps"]
     # the neighbour-consistency term (log k = 1.39 at uniform predictions) goes down with the budget
     assert budget.history[-1]["consistency"] < few.history[-1]["consistency"] - 0.3
@@ -143,3 +145,20 @@ def test_cluster_job_logs_and_records_the_advice(tiny_model, tmp_path, monkeypat
     assert advice["threshold"] == 1.01 and 0 <= advice["kmeans_neighbour_agreement"] <= 1
     assert advice["warning"].startswith("--method tsp: only") and advice["warning"] in res.stderr
     assert head["schedule"] == {"epochs": 2, "steps_per_epoch": 1, "steps": 2}
+
+
+def test_tsp_beats_kmeans_by_five_points_on_digits():
+    """Issue 17's bar on one seed, on a set where neighbours agree with the labels (kNN@20 0.94) and
+    K-Means is 15 points short of them: the default TSP (10 cosine heads side by side, the lowest
+    loss kept) beats K-Means ACC by >= 5 points. The paper's single linear head gained 3.7 here.
+    bench/bench_heads.py runs it over 3 seeds and more sets."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+
+    from itae_export.cluster.metrics import cluster_accuracy
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    km = cluster_accuracy(y, KMeans(10, n_init=10, random_state=0).fit_predict(l2_normalize(x)))
+    tsp = cluster_accuracy(y, fit_head(x, 10, "tsp", seed=0, progress=False).labels_)
+    assert tsp >= km + 0.05, (tsp, km)

@@ -4,9 +4,11 @@ Both heads map an embedding [B, D] to cluster probabilities [B, k]; the returned
 ``torch.nn.Module`` includes the L2 normalisation, so it can be exported after the encoder.
 
 * TSP (Sec. 3.2 and App. A of "Deep clustering with a ViT pretrained on a large dataset"): a
-  linear head initialised from K-Means centres, trained with a Gaussian-weighted neighbour
+  one-layer head initialised from K-Means centres, trained with a Gaussian-weighted neighbour
   consistency loss over the K nearest neighbours minus lambda times the entropy of the mean
-  prediction.
+  prediction. By default several heads train side by side, each from its own K-Means run, and
+  the one of lowest loss on all the data is kept; each is a cosine layer at a fixed temperature
+  (``temperature=None``: the paper's plain linear layer). See docs/heads.md.
 * TEMI (Adaloglou et al., BMVC 2023): H MLP heads, student/teacher with EMA, beta-PMI loss over
   pairs (x, x') with x' drawn from the 50 nearest neighbours of x, each pair weighted by the
   teacher ensemble's agreement.
@@ -28,10 +30,11 @@ from itae_export.errors import InputError
 
 METHODS = ("tsp", "temi")
 
-# Sec. 4.1 of the TSP paper, except the schedule and the learning rate (see docs/heads.md):
-# the paper's 100 epochs of 256 on CIFAR (50,000 images) are ~20,000 Adam steps at lr 1e-4; a
-# collection of 2,000 gets 800 steps from 100 epochs and the head barely leaves its K-Means
-# initialisation. ``epochs=None`` runs max(min_epochs, ceil(min_steps / steps per epoch)) epochs.
+# Sec. 4.1 of the TSP paper, except the schedule, the learning rate, the cosine layer and the
+# heads side by side (see docs/heads.md): the paper's 100 epochs of 256 on CIFAR (50,000 images)
+# are ~20,000 Adam steps at lr 1e-4; a collection of 2,000 gets 800 steps from 100 epochs and the
+# head barely leaves its K-Means initialisation. ``epochs=None`` runs
+# max(min_epochs, ceil(min_steps / steps per epoch)) epochs.
 TSP_DEFAULTS: dict[str, Any] = {
     "n_neighbors": 20,     # K of eq. (4)
     "sigma_rank": 3,       # sigma_i = half the distance to the 3rd nearest neighbour ([29] in the paper)
@@ -42,7 +45,9 @@ TSP_DEFAULTS: dict[str, Any] = {
     "min_epochs": 100,     # the paper's epochs
     "min_steps": 2000,     # at least this many optimiser steps, however small the collection
     "init": "kmeans",      # "kmeans" (App. A) or "random"
-    "kmeans_n_init": 10,
+    "n_heads": 10,         # heads trained side by side, each from its own K-Means run; the lowest loss is kept
+    "kmeans_n_init": 1,    # K-Means restarts behind each head's initialisation (10 heads x 1 = the old 1 x 10)
+    "temperature": 0.05,   # cosine layer: logits = cos(x, w_c) / temperature; None: the paper's linear layer
 }
 
 # The poster gives beta in (0.5, 1], 50 heads, 50-NN pairs and 3-layer MLP heads; the other
@@ -151,12 +156,22 @@ def tsp_loss(p_anchor, p_neighbors, weights, entropy_weight: float):
     p_anchor [B, k], p_neighbors [B, K, k], weights [B, K] (rows of P(j|i), summing to 1).
     consistency = -mean_i sum_j P(j|i) log <p_i, p_j>;  entropy = H(mean_i p_i) (natural log).
     """
+    total, consistency, entropy = tsp_head_losses(p_anchor.unsqueeze(1), p_neighbors.unsqueeze(2), weights,
+                                                  entropy_weight)
+    return total[0], consistency[0], entropy[0]
+
+
+def tsp_head_losses(p_anchor, p_neighbors, weights, entropy_weight: float):
+    """Eq. (5) for H heads at once: p_anchor [B, H, k], p_neighbors [B, K, H, k], weights [B, K];
+    returns (total, consistency, entropy), each [H]."""
     import torch
 
-    dots = torch.einsum("bc,bkc->bk", p_anchor, p_neighbors)
-    consistency = -(weights * torch.log(dots.clamp_min(1e-12))).sum(dim=1).mean()
-    marginal = p_anchor.mean(dim=0)
-    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+    # An elementwise product and a sum over the k clusters: as an einsum this is B H tiny batched
+    # matmuls, which cost more than the head's GEMM itself.
+    dots = (p_anchor.unsqueeze(1) * p_neighbors).sum(dim=-1)  # [B, K, H]
+    consistency = -(weights[:, :, None] * torch.log(dots.clamp_min(1e-12))).sum(dim=1).mean(dim=0)
+    marginal = p_anchor.mean(dim=0)  # [H, k]
+    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(dim=1)
     return consistency - entropy_weight * entropy, consistency, entropy
 
 
@@ -212,6 +227,24 @@ def _modules():
 
         def logits(self, x):
             return self.linear(F.normalize(x, dim=-1) * self.scale)
+
+        def forward(self, x):
+            return torch.softmax(self.logits(x), dim=-1)
+
+    class CosineClusterHead(nn.Module):
+        """TSP head with a cosine layer: softmax(cos(x, w_c) / temperature), no bias.
+
+        The logits are bounded by 1 / temperature, so the predictions cannot harden without limit
+        as a plain linear layer's do (whose weights grow until boundary points stop moving)."""
+
+        def __init__(self, dim: int, k: int, temperature: float):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(k, dim))
+            nn.init.normal_(self.weight)
+            self.temperature = float(temperature)
+
+        def logits(self, x):
+            return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T / self.temperature
 
         def forward(self, x):
             return torch.softmax(self.logits(x), dim=-1)
@@ -282,8 +315,8 @@ def _modules():
                 head.fc3.weight.copy_(w3.T)
             return head
 
-    _MODULES = {"LinearClusterHead": LinearClusterHead, "MultiMLPHead": MultiMLPHead,
-                "MLPClusterHead": MLPClusterHead}
+    _MODULES = {"LinearClusterHead": LinearClusterHead, "CosineClusterHead": CosineClusterHead,
+                "MultiMLPHead": MultiMLPHead, "MLPClusterHead": MLPClusterHead}
     return _MODULES
 
 
@@ -291,7 +324,7 @@ _MODULES = None
 
 
 def __getattr__(name):  # LinearClusterHead etc. importable by name, still lazily
-    if name in ("LinearClusterHead", "MultiMLPHead", "MLPClusterHead"):
+    if name in ("LinearClusterHead", "CosineClusterHead", "MultiMLPHead", "MLPClusterHead"):
         return _modules()[name]
     raise AttributeError(name)
 
@@ -308,9 +341,10 @@ def temi_step_flops(n_rows: int, dim: int, k: int, n_heads: int, hidden: int) ->
     return 2.0 * n_rows * n_heads * per_row_head
 
 
-def tsp_step_flops(n_rows: int, dim: int, k: int) -> float:
-    """Matrix-product FLOPs of one TSP step on ``n_rows`` distinct rows: forward and weight gradient."""
-    return 2.0 * n_rows * dim * k * 2
+def tsp_step_flops(n_rows: int, dim: int, k: int, n_heads: int = 1) -> float:
+    """Matrix-product FLOPs of one TSP step on ``n_rows`` distinct rows and ``n_heads`` heads:
+    the forward and the weight gradient (the embeddings need no gradient)."""
+    return 2.0 * n_rows * dim * k * n_heads * 2
 
 
 # ----------------------------------------------------------------------------- training
@@ -429,60 +463,122 @@ def _batches(n: int, batch_size: int, gen) -> list:
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _fit_tsp(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progress, sigma_rank,
-             entropy_weight, lr, batch_size, init, kmeans_n_init):
+def _tsp_init(xn: np.ndarray, k: int, n_heads: int, init: str, seed: int, kmeans_n_init: int,
+              cosine: bool) -> np.ndarray:
+    """Initial weights [H, k, D]: App. A's phi_c = C_c / (||C_c|| sqrt(D)) from one K-Means run per
+    head (seeds seed * 1000 + h), or random (PyTorch's linear initialisation, or unit normal for
+    the cosine layer, whose scale does not matter)."""
     import torch
 
-    dist, idx = graph
-    n_neighbors = idx.shape[1]
-    weights = tsp_neighbor_weights(dist, sigma_rank)
-
-    head = _modules()["LinearClusterHead"](xn.shape[1], k)
+    n_dim = xn.shape[1]
     if init == "kmeans":
-        # App. A: phi_i = C_i / (||C_i|| sqrt(D)), bias 0.
         from sklearn.cluster import KMeans
 
-        centres = KMeans(k, n_init=kmeans_n_init, random_state=seed).fit(xn).cluster_centers_
-        phi = centres / (np.linalg.norm(centres, axis=1, keepdims=True) * math.sqrt(xn.shape[1]))
-        with torch.no_grad():
-            head.linear.weight.copy_(torch.as_tensor(phi, dtype=torch.float32))
-            head.linear.bias.zero_()
-    elif init != "random":
+        out = np.empty((n_heads, k, n_dim), np.float32)
+        for h in range(n_heads):
+            centres = KMeans(k, n_init=kmeans_n_init, random_state=seed * 1000 + h).fit(xn).cluster_centers_
+            out[h] = centres / (np.linalg.norm(centres, axis=1, keepdims=True) * math.sqrt(n_dim))
+        return out
+    if init != "random":
         raise InputError(f"TSP init must be 'kmeans' or 'random', got {init!r}")
-    head.to(device)
+    if cosine:
+        return torch.randn(n_heads, k, n_dim).numpy()
+    bound = 1.0 / math.sqrt(n_dim)
+    return torch.empty(n_heads, k, n_dim).uniform_(-bound, bound).numpy()
 
-    # The rows are unit vectors already: train on sqrt(D) x directly (what head.logits computes),
+
+def _fit_tsp(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progress, sigma_rank,
+             entropy_weight, lr, batch_size, init, kmeans_n_init, n_heads, temperature):
+    import torch
+    from torch.nn import functional as F
+
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise InputError(f"TSP n_heads must be an integer >= 1, got {n_heads!r}")
+    if temperature is not None and not temperature > 0:
+        raise InputError(f"TSP temperature must be > 0 (or None for the linear layer), got {temperature!r}")
+    cosine = temperature is not None
+    dist, idx = graph
+    n_neighbors = idx.shape[1]
+    n, dim = xn.shape
+    weights = tsp_neighbor_weights(dist, sigma_rank)
+
+    # All heads are one [H k, D] matrix, so that a step is one GEMM over the distinct rows of the
+    # batch and its neighbours whatever H is (and H k columns use the GEMM far better than k).
+    W = torch.nn.Parameter(torch.as_tensor(_tsp_init(xn, k, n_heads, init, seed, kmeans_n_init, cosine))
+                           .reshape(n_heads * k, dim).to(device))
+    b = torch.nn.Parameter(torch.zeros(n_heads * k, device=device))
+    params = [W] if cosine else [W, b]
+    scale = 1.0 if cosine else math.sqrt(dim)  # see LinearClusterHead
+
+    def all_logits(z):  # rows [R, D] of unit vectors (times scale) -> [R, H, k]
+        if cosine:
+            return (z @ F.normalize(W.view(n_heads, k, dim), dim=-1).view(n_heads * k, dim).T
+                    / temperature).view(-1, n_heads, k)
+        return torch.addmm(b, z, W.T).view(-1, n_heads, k)
+
+    # The rows are unit vectors already: train on them (times sqrt(D) for the linear layer) directly,
     # so that a step does no normalisation, and gather with index_select (several times faster
     # than fancy indexing on CPU).
-    Z = torch.as_tensor(xn * np.float32(head.scale), device=device)
+    Z = torch.as_tensor(xn * np.float32(scale), device=device)
     I = torch.as_tensor(idx, device=device)
-    W = torch.as_tensor(weights, dtype=torch.float32, device=device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    Wn = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
-    bar = _Progress(progress, epochs, "TSP head")
+    bar = _Progress(progress, epochs, "TSP heads" if n_heads > 1 else "TSP head")
     for epoch in range(epochs):
-        head.train()
         tot = cons = ent = 0.0
-        batches = _batches(len(xn), batch_size, gen)
-        for b in batches:
-            b = b.to(device)
+        batches = _batches(n, batch_size, gen)
+        for bt in batches:
+            bt = bt.to(device)
             # Each distinct row once: anchors and neighbours overlap, more so on small collections.
-            rows, inv = torch.unique(torch.cat([b, I.index_select(0, b).reshape(-1)]), return_inverse=True)
-            p = torch.softmax(head.linear(Z.index_select(0, rows)), dim=-1)
-            p = p.index_select(0, inv)
-            pa, pn = p[:len(b)], p[len(b):].reshape(len(b), n_neighbors, k)
-            loss, c, e = tsp_loss(pa, pn, W.index_select(0, b), entropy_weight)
+            rows, inv = torch.unique(torch.cat([bt, I.index_select(0, bt).reshape(-1)]), return_inverse=True)
+            p = torch.softmax(all_logits(Z.index_select(0, rows)), dim=-1).index_select(0, inv)
+            pa, pn = p[:len(bt)], p[len(bt):].view(len(bt), n_neighbors, n_heads, k)
+            loss, c, e = tsp_head_losses(pa, pn, Wn.index_select(0, bt), entropy_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()  # heads share no weights: each gets the gradient of its own loss
             opt.step()
-            tot, cons, ent = tot + loss.item(), cons + c.item(), ent + e.item()
+            tot, cons, ent = tot + loss.mean().item(), cons + c.mean().item(), ent + e.mean().item()
         info = {"epoch": epoch + 1, "loss": tot / len(batches), "consistency": cons / len(batches),
                 "entropy": ent / len(batches)}
         history.append(info)
         bar.update(epoch + 1, info)
     bar.close()
+
+    with torch.no_grad():
+        full = _tsp_full_losses(all_logits, Z, I, Wn, n_heads, k, entropy_weight)
+    best = int(torch.argmin(full))
+    if history:
+        history[-1].update(head_losses=full.tolist(), best_head=best)
+    mods = _modules()
+    sl = slice(best * k, (best + 1) * k)
+    if cosine:
+        head = mods["CosineClusterHead"](dim, k, temperature)
+        with torch.no_grad():
+            head.weight.copy_(W[sl])
+    else:
+        head = mods["LinearClusterHead"](dim, k)
+        with torch.no_grad():
+            head.linear.weight.copy_(W[sl])
+            head.linear.bias.copy_(b[sl])
     return head, history
+
+
+def _tsp_full_losses(all_logits, Z, I, Wn, n_heads: int, k: int, entropy_weight: float, chunk: int = 2048):
+    """Eq. (5) of each head over all the data (every point an anchor, the marginal of all points): [H].
+    This, not the last batches' noisy mean, picks the head that is kept."""
+    import torch
+
+    P = torch.cat([torch.softmax(all_logits(Z[i:i + chunk]), dim=-1) for i in range(0, len(Z), chunk)])
+    consistency = torch.zeros(n_heads, dtype=torch.float64)
+    for i in range(0, len(Z), chunk):
+        pa, pn = P[i:i + chunk], P.index_select(0, I[i:i + chunk].reshape(-1)).view(-1, I.shape[1], n_heads, k)
+        dots = (pa.unsqueeze(1) * pn).sum(dim=-1)  # [b, K, H]
+        consistency -= (Wn[i:i + chunk, :, None] * torch.log(dots.clamp_min(1e-12))).sum(dim=(0, 1)).double()
+    marginal = P.mean(dim=0).double()
+    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(dim=1)
+    return consistency / len(Z) - entropy_weight * entropy
 
 
 def _adamw(params, lr, weight_decay):
