@@ -85,6 +85,29 @@ def test_ray_engine_equals_local_engine(local_ray, photos, tiny_model, local_run
     assert (ours_fixed, size, theirs_fixed) == ("True", "64", "False"), p.stdout
 
 
+def test_ray_work_goes_in_windows_of_whole_parts(local_ray, photos, tiny_model, local_run, tmp_path, monkeypatch):
+    """The driver hands Ray a bounded window of whole parts at a time (columnar rows), never the whole
+    list: 80 images in parts of 16 with windows of >= 20 images are 3 windows (32, 32, 16), and the
+    result equals the local engine's."""
+    from itae_export.engines import ray_embed
+
+    seen = []
+    real = ray_embed._execute
+
+    def spy(ray_, run, window, *a, **kw):
+        seen.append((window.n_rows, sorted(window.parts)))
+        assert set(window.columns) == set(ray_embed.ROW_COLUMNS)
+        return real(ray_, run, window, *a, **kw)
+
+    monkeypatch.setattr(ray_embed, "_execute", spy)
+    out = tmp_path / "ray"
+    st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1,
+                          window_items=20)
+    assert [n for n, _ in seen] == [32, 32, 16] and [len(p) for _, p in seen] == [2, 2, 1]
+    assert st.parts_written == 5 and st.embedded == 80
+    np.testing.assert_allclose(open_shards(out).load_all(), open_shards(local_run).load_all(), atol=1e-5, rtol=0)
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from itae_export.engines.ray_embed import embed_shards_ray

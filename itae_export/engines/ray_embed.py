@@ -1,6 +1,6 @@
 """The Ray Data engine of the sharded embed stage (``pip install 'itae-export[ray]'``).
 
-    read (the driver lists the items still to embed)
+    read (the driver lists the items still to embed, a window of whole parts at a time, as columns)
       -> decode + preprocess: stateless CPU tasks, ``num_cpus=1`` each
       -> inference: an actor pool, one ONNX Runtime session per actor, built inside the actor
          (``num_gpus=1`` per actor on CUDA; ORT intra-op threads = the actor's CPUs)
@@ -23,8 +23,9 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,6 +37,11 @@ from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import PreprocessSpec
 from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
 from itae_export.runtime import Embedder, open_session
+
+# The driver hands Ray this many images at a time (whole parts): what it holds of the work list is
+# one window of columnar rows (~100 bytes an image), not every pending image of the shard.
+WINDOW_ITEMS = 200_000
+ROW_COLUMNS = ("part", "pos", "key", "path", "offset", "length")
 
 
 def _ray():
@@ -118,12 +124,14 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
                      input_format: str = "auto", batch_size: int | None = None, device: str = "auto",
                      address: str | None = None, actors: int | None = None, actor_cpus: float | None = None,
                      num_cpus: int | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
-                     on_batch: Callable[[RunStats], None] | None = None) -> RunStats:
+                     on_batch: Callable[[RunStats], None] | None = None,
+                     window_items: int = WINDOW_ITEMS) -> RunStats:
     """:func:`itae_export.engines.local.embed_shards` on Ray Data: same files, same resume record.
 
     Uses the Ray already initialised in this process, else ``address`` (or ``$RAY_ADDRESS``), else
     starts a local Ray with ``num_cpus`` (default: the actors' CPUs + 2). ``stats.actor_pids`` lists
-    the processes that ran inference."""
+    the processes that ran inference. The work goes to Ray in windows of whole parts of about
+    ``window_items`` images, so the driver never holds the whole work list of a large shard."""
     ray = _ray()
     log = log or (lambda m: None)
     if batch_size is not None and batch_size < 1:
@@ -132,39 +140,22 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
                         log=log)
     t0 = time.perf_counter()
     started = False
+    plan = None
     with run:
-        rows, expected, parts = [], {}, {}
-        for part, n_items, todo in run.pending():
-            parts[part.id] = (part, n_items)
-            expected[part.id] = len(todo)
-            if not todo:
-                run.finish_part(part, n_items)
-            rows.extend({"part": part.id, "pos": it.pos, "key": it.key, "path": it.path, "offset": it.offset,
-                         "length": it.length} for it in todo)
-        if not rows:
-            return run.stats
-        if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS")
-            want = (actors or 1) * (actor_cpus or 2) + 2
-            kw = {"address": address} if address else {"num_cpus": num_cpus or int(np.ceil(want))}
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kw)
-            started = True
         try:
-            res = ray.cluster_resources()
-            gpus = int(res.get("GPU", 0))
-            use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-            if device == "cuda" and gpus == 0:
-                raise InputError("--device cuda: the Ray cluster has no GPU")
-            actors = actors or (gpus if use_gpu else 1)
-            actor_cpus = actor_cpus or (1.0 if use_gpu else 2.0)
-            check_resources(float(res.get("CPU", 0)), actors, actor_cpus)
-            if use_gpu and actors > gpus:
-                raise InputError(f"--actors {actors}: the Ray cluster has {gpus} GPUs (one per actor)")
-            bs = batch_size or default_batch_size("CUDAExecutionProvider" if use_gpu else None)
-            log(f"Ray: {res.get('CPU', 0):g} CPUs, {gpus} GPUs; {actors} actors x {actor_cpus:g} CPUs"
-                f"{' + 1 GPU' if use_gpu else ''}; {len(rows)} images in batches of {bs}")
-            _execute(ray, run, rows, expected, parts, pre, onnx_path, bs, "cuda" if use_gpu else "cpu", actors,
-                     actor_cpus, use_gpu, progress, on_batch)
+            for window in _windows(run, window_items):
+                if not started and not ray.is_initialized():
+                    address = address or os.environ.get("RAY_ADDRESS")
+                    want = (actors or 1) * (actor_cpus or 2) + 2
+                    kw = {"address": address} if address else {"num_cpus": num_cpus or int(np.ceil(want))}
+                    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kw)
+                    started = True
+                if plan is None:
+                    plan = _plan(ray, device, actors, actor_cpus, batch_size)
+                    log(f"Ray: {plan['cpus']:g} CPUs, {plan['gpus']} GPUs; {plan['actors']} actors x "
+                        f"{plan['actor_cpus']:g} CPUs{' + 1 GPU' if plan['use_gpu'] else ''}; batches of {plan['bs']}")
+                log(f"Ray: {window.n_rows} images of {len(window.parts)} parts")
+                _execute(ray, run, window, pre, onnx_path, plan, progress, on_batch)
         finally:
             if started:
                 ray.shutdown()
@@ -172,27 +163,97 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
     return run.stats
 
 
-def _execute(ray, run, rows, expected, parts, pre, onnx_path, bs, device, actors, actor_cpus, use_gpu, progress,
-             on_batch) -> None:
+@dataclass
+class _Window:
+    """Whole parts, up to ~``WINDOW_ITEMS`` pending images, as columns (numpy; strings as objects)."""
+
+    columns: dict
+    expected: dict  # part id -> images still to embed
+    parts: dict  # part id -> (Part, number of items)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.columns["key"])
+
+
+def _windows(run, window_items: int) -> Iterator[_Window]:
+    """The shard's pending work in windows of whole parts; parts with nothing left are written at once."""
+    cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+    expected, parts = {}, {}
+
+    def flush():
+        arrays = {c: np.array(v, dtype=object if c in ("key", "path") else np.int64) for c, v in cols.items()}
+        return _Window(arrays, dict(expected), dict(parts))
+
+    for part, n_items, todo in run.pending():
+        if not todo:
+            run.finish_part(part, n_items)
+            continue
+        parts[part.id] = (part, n_items)
+        expected[part.id] = len(todo)
+        for it in todo:
+            cols["part"].append(part.id)
+            cols["pos"].append(it.pos)
+            cols["key"].append(it.key)
+            cols["path"].append(it.path)
+            cols["offset"].append(it.offset)
+            cols["length"].append(it.length)
+        if len(cols["key"]) >= window_items:
+            yield flush()
+            cols = {c: [] for c in ROW_COLUMNS}
+            expected, parts = {}, {}
+    if cols["key"]:
+        yield flush()
+
+
+def _tables(columns: dict, blocks: int) -> list:
+    """The window as ``blocks`` pyarrow tables (Ray Data's blocks), rows in order."""
+    import pyarrow as pa
+
+    table = pa.table({c: pa.array(v, type=pa.string() if c in ("key", "path") else pa.int64())
+                      for c, v in columns.items()})
+    step = -(-table.num_rows // blocks)
+    return [table.slice(i, step) for i in range(0, table.num_rows, step)]
+
+
+def _plan(ray, device, actors, actor_cpus, batch_size) -> dict:
+    """Actors, CPUs per actor, GPU use and batch size for the cluster Ray is connected to (checked)."""
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if device == "cuda" and gpus == 0:
+        raise InputError("--device cuda: the Ray cluster has no GPU")
+    actors = actors or (gpus if use_gpu else 1)
+    actor_cpus = actor_cpus or (1.0 if use_gpu else 2.0)
+    check_resources(float(res.get("CPU", 0)), actors, actor_cpus)
+    if use_gpu and actors > gpus:
+        raise InputError(f"--actors {actors}: the Ray cluster has {gpus} GPUs (one per actor)")
+    bs = batch_size or default_batch_size("CUDAExecutionProvider" if use_gpu else None)
+    return {"cpus": float(res.get("CPU", 0)), "gpus": gpus, "use_gpu": use_gpu, "actors": actors,
+            "actor_cpus": actor_cpus, "bs": bs, "device": "cuda" if use_gpu else "cpu"}
+
+
+def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, progress, on_batch) -> None:
+    bs, actors, actor_cpus, use_gpu = plan["bs"], plan["actors"], plan["actor_cpus"], plan["use_gpu"]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     ctx.execution_options.preserve_order = False
     files_ref = ray.put(model_files(onnx_path))
     pre_dict = {"resolution": [pre.height, pre.width], "mean": list(pre.mean), "std": list(pre.std),
                 "scale": pre.scale, "resize": pre.resize, "interpolation": pre.interpolation}
-    blocks = max(1, min(len(rows) // bs, 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    blocks = max(1, min(window.n_rows // bs, 4 * max(1, int(plan["cpus"]))))
+    ds = ray.data.from_arrow(_tables(window.columns, blocks))
     # memory= is a real hint (a batch of pixels, twice), and it also keeps Ray from fusing the decode tasks
     # into the actors: fused, decoding would run inside the actor, serially with inference
     px_bytes = bs * 3 * pre.height * pre.width * 4
     ds = ds.map_batches(decode_batch, fn_kwargs={"pre": pre_dict}, batch_size=bs, num_cpus=1,
                         memory=max(64 << 20, 2 * px_bytes), batch_format="numpy")
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"files_ref": files_ref, "onnx_name": Path(onnx_path).name,
-                                                           "device": device, "threads": max(1, int(actor_cpus))},
+                                                           "device": plan["device"], "threads": max(1, int(actor_cpus))},
                         batch_size=bs, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0,
                         batch_format="numpy")
-    pids: set[int] = set()
-    remaining = dict(expected)
+    pids: set[int] = set(run.stats.actor_pids or [])
+    remaining = dict(window.expected)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         by_part: dict[int, list] = {}
         for j in range(len(batch["key"])):
@@ -205,7 +266,7 @@ def _execute(ray, run, rows, expected, parts, pre, onnx_path, bs, device, actors
             run.add(pid, prow)
             remaining[pid] -= len(prow)
             if remaining[pid] == 0:
-                run.finish_part(*parts[pid])
+                run.finish_part(*window.parts[pid])
         if on_batch is not None:
             on_batch(run.stats)
     left = {p: r for p, r in remaining.items() if r}
