@@ -46,9 +46,13 @@ def _rows_in_store(path) -> int:
 
 
 def _start_and_interrupt(photos, model, out, sig, after_rows=12):
-    """Start itae-cluster in a subprocess; send ``sig`` once ``after_rows`` rows are committed."""
+    """Start itae-cluster in a subprocess; send ``sig`` once ``after_rows`` rows are committed.
+
+    Batches of one image: 400 commits, each a transaction, so the run lasts long enough for this
+    poller to see it half-done even when the machine is busy (with batches of 4, a starved poller
+    once saw the job finish first)."""
     args = [sys.executable, "-m", "itae_export.cli.cluster", str(photos), "--k", "10", "--onnx", str(model),
-            "--out", str(out), "--batch-size", "4", "--workers", "1", "--threads", "1"]
+            "--out", str(out), "--batch-size", "1", "--workers", "1", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     store = out / STORE_NAME
