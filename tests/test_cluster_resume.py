@@ -48,13 +48,14 @@ def _rows_in_store(path) -> int:
 def _start_and_interrupt(photos, model, out, sig, after_rows=12):
     """Start itae-cluster in a subprocess; send ``sig`` once ``after_rows`` rows are committed.
 
-    Batches of one image: 400 commits, each a transaction, so the run lasts long enough for this
-    poller to see it half-done even when the machine is busy (with batches of 4, a starved poller
-    once saw the job finish first)."""
+    The child gets the default SIGINT disposition: a test run started in the background (``nohup
+    ... &``) ignores SIGINT, the child would inherit that, and Python then installs no
+    KeyboardInterrupt handler, so the job would run to the end."""
     args = [sys.executable, "-m", "itae_export.cli.cluster", str(photos), "--k", "10", "--onnx", str(model),
-            "--out", str(out), "--batch-size", "1", "--workers", "1", "--threads", "1"]
+            "--out", str(out), "--batch-size", "4", "--workers", "1", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     store = out / STORE_NAME
     deadline = time.monotonic() + 240
     try:
