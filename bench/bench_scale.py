@@ -329,8 +329,17 @@ def _real_child(tars: str, out: str, onnx: str, n: int, batch: int) -> None:
 
     pattern = f"{tars}/{{00000..{(n - 1) // PER_TAR:05d}}}.tar"  # n: a multiple of PER_TAR (one tar each)
     t0 = time.perf_counter()
-    st = embed_shards(pattern, out, onnx, batch_size=batch, progress=False)
+    trace = []  # (images embedded, peak RSS MB) at each part written: does the embed stage grow with N?
+
+    def on_batch(stats) -> None:
+        if not trace or trace[-1][0] != stats.parts_written:
+            trace.append((stats.parts_written, stats.embedded, round(peak_rss_mb(), 1)))
+            print(f"# parts {stats.parts_written}, embedded {stats.embedded}, peak RSS {trace[-1][2]} MB, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    st = embed_shards(pattern, out, onnx, batch_size=batch, progress=False, on_batch=on_batch)
     wall = time.perf_counter() - t0
+    embed_peak = peak_rss_mb()
     summary = cluster_shards(out, 10, Path(out) / "clusters")
     import pyarrow.parquet as pq
 
@@ -338,7 +347,8 @@ def _real_child(tars: str, out: str, onnx: str, n: int, batch: int) -> None:
     idx = np.array([int(k.rsplit("/", 1)[1]) for k in t.column("key").to_pylist()])
     y = np.load(Path(tars) / "labels.npy")[idx]
     emit({"bench": "real_model_fmnist", "model": Path(onnx).name, "n": n, "embedded": st.embedded, "wall_s": round(wall, 1),
-          "images_per_s": round(st.embedded / wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+          "images_per_s": round(st.embedded / wall, 2), "embed_peak_rss_mb": round(embed_peak, 1),
+          "peak_rss_mb": round(peak_rss_mb(), 1), "rss_by_part": trace,
           "cluster_backend": summary["kmeans"]["backend"], **clustering_scores(y, t.column("cluster").to_numpy())})
 
 
