@@ -3,7 +3,6 @@ and the cluster stage reading a shard directory."""
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -268,7 +267,7 @@ def test_kmeans_plus_plus_seedings_side_by_side():
     xs = fk.normalize_rows(centres[y] + 0.05 * rng.standard_normal((8000, 64)).astype(np.float32))
     seeds, pot = fk._seed_many(xs, 40, np.random.default_rng(5), 2 + int(np.log(40)), 3)
     assert seeds.shape == (3, 40, 64) and pot.shape == (3,)
-    for s_, p_ in zip(seeds, pot):  # the potential is the sum of squared distances to the nearest seed
+    for s_, p_ in zip(seeds, pot, strict=True):  # the potential is the sum of squared distances to the nearest seed
         d2 = np.maximum(2 - 2 * (xs @ s_.T), 0).min(axis=1)
         assert p_ == pytest.approx(d2.sum(), rel=1e-4)
     assert len({tuple(s_[1]) for s_ in seeds}) > 1  # three different seedings, not one thrice
