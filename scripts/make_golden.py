@@ -34,7 +34,8 @@ PRE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resolution"
        "resize": "squash", "interpolation": "bicubic", "scale": 1 / 255, "channel_order": "RGB", "layout": "NCHW"}
 
 
-def _png_rgb16(a: np.ndarray) -> bytes:
+def png_rgb16(a: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one)."""
     h, w, _ = a.shape
     raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
 
@@ -105,7 +106,7 @@ def make_inputs(out: Path) -> None:
     Image.fromarray(g16).save(out / "grey16.png")
     rgb16 = (china[300:350, 400:470].astype(np.uint32) * 257
              + np.random.default_rng(1).integers(0, 257, (50, 70, 3))).astype(np.uint16)
-    (out / "rgb16.png").write_bytes(_png_rgb16(rgb16))
+    (out / "rgb16.png").write_bytes(png_rgb16(rgb16))
     Image.fromarray(flower[10:71, 10:107]).save(out / "odd_97x61.png")
     Image.fromarray(china[::2, ::2][:, :301]).save(out / "odd_301x214.png")  # downscale, one axis near 224
     Image.fromarray(china[0:13, 0:250]).save(out / "thin_250x13.png")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +19,10 @@ from itae_export.images import (
     to_rgb,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from make_golden import linear_rgb_icc, png_rgb16  # noqa: E402
+
 PRE = PreprocessSpec(224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def png_rgb16(a: np.ndarray) -> bytes:
-    """A 48-bit RGB PNG (Pillow cannot write one)."""
-    h, w, _ = a.shape
-    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
-
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def test_alpha_on_white_every_value():
@@ -87,12 +77,7 @@ def test_exif_orientation_6_rotates_clockwise(tmp_path):
 
 def test_icc_profile_is_ignored(tmp_path):
     """A linear-gamma profile (tests/golden's): applying it would move the values a lot; we do not."""
-    import sys
-
     from PIL import ImageCms
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from make_golden import linear_rgb_icc
 
     a = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "i.png", icc_profile=linear_rgb_icc())

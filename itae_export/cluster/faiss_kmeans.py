@@ -28,6 +28,7 @@ DEFAULT_NITER = 20
 SAMPLE_PER_CENTROID = 256
 MIN_SAMPLE = 65_536
 ASSIGN_CHUNK = 65_536
+SEEDINGS = 3  # k-means++ seedings, the best kept
 # k-means++ seeds on a subsample: 50 points per centroid, between 5,000 and 20,000 (bench_scale.py faiss100k)
 SEED_POINTS_PER_CENTROID = 50
 MIN_SEED_POINTS = 5_000
@@ -79,9 +80,14 @@ class SphericalKMeans:
     objective: float  # faiss's final objective: the sum of cosines of the sample to its centroids
 
     def summary(self) -> dict:
-        return {"backend": "faiss", "spherical": True, "k": self.k, "sample_size": self.sample_size,
-                "niter": self.niter, "nredo": self.nredo, "seeding": "k-means++, best of 3",
-                "seeding_points": min(self.sample_size, seeding_points(self.k)), "seed": self.seed}
+        return {**config(self.sample_size, self.k, niter=self.niter, nredo=self.nredo, seed=self.seed), "k": self.k}
+
+
+def config(sample_size: int, k: int, *, niter: int = DEFAULT_NITER, nredo: int = 1, seed: int = 0) -> dict:
+    """How :func:`train` clusters (summary.json): the one description of the faiss settings."""
+    return {"backend": "faiss", "spherical": True, "sample_size": int(sample_size), "niter": int(niter),
+            "nredo": int(nredo), "seeding": f"k-means++, best of {SEEDINGS}",
+            "seeding_points": min(int(sample_size), seeding_points(k)), "seed": int(seed)}
 
 
 def train(sample: np.ndarray, k: int, *, niter: int = DEFAULT_NITER, nredo: int = 1, seed: int = 0,
@@ -96,7 +102,7 @@ def train(sample: np.ndarray, k: int, *, niter: int = DEFAULT_NITER, nredo: int 
     xs = normalize_rows(sample, inplace=inplace)
     km = faiss.Kmeans(xs.shape[1], int(k), niter=int(niter), nredo=int(nredo), spherical=True, seed=int(seed),
                       verbose=False, max_points_per_centroid=int(np.ceil(len(xs) / k)) + 1, min_points_per_centroid=1)
-    km.train(xs, init_centroids=kmeans_plus_plus(xs, k, seed=seed))
+    km.train(xs, init_centroids=kmeans_plus_plus(xs, k, seed=seed, seedings=SEEDINGS))
     obj = float(km.obj[-1]) if len(km.obj) else float("nan")
     return SphericalKMeans(np.array(km.centroids, np.float32), int(k), len(xs), int(niter), int(nredo), int(seed), obj)
 
@@ -106,7 +112,7 @@ def seeding_points(k: int) -> int:
     return int(min(max(SEED_POINTS_PER_CENTROID * k, MIN_SEED_POINTS), MAX_SEED_POINTS))
 
 
-def kmeans_plus_plus(xs: np.ndarray, k: int, *, seed: int = 0, seedings: int = 3, candidates: int | None = None,
+def kmeans_plus_plus(xs: np.ndarray, k: int, *, seed: int = 0, seedings: int = SEEDINGS, candidates: int | None = None,
                      max_points: int | None = None) -> np.ndarray:
     """Greedy k-means++ seeding (as scikit-learn's: 2 + log k candidates a step) on at most
     ``max_points`` (default :func:`seeding_points`) unit rows of ``xs``, the best (lowest

@@ -170,9 +170,15 @@ def tsp_head_losses(p_anchor, p_neighbors, weights, entropy_weight: float):
     # matmuls, which cost more than the head's GEMM itself.
     dots = (p_anchor.unsqueeze(1) * p_neighbors).sum(dim=-1)  # [B, K, H]
     consistency = -(weights[:, :, None] * torch.log(dots.clamp_min(1e-12))).sum(dim=1).mean(dim=0)
-    marginal = p_anchor.mean(dim=0)  # [H, k]
-    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(dim=1)
+    entropy = _entropy(p_anchor.mean(dim=0))  # of each head's marginal [H, k]
     return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def _entropy(marginal):
+    """H(marginal) along the last dimension, natural log."""
+    import torch
+
+    return -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(dim=-1)
 
 
 def beta_pmi(p_student, p_teacher, marginal, beta: float):
@@ -572,13 +578,10 @@ def _tsp_full_losses(all_logits, Z, I, Wn, n_heads: int, k: int, entropy_weight:
 
     P = torch.cat([torch.softmax(all_logits(Z[i:i + chunk]), dim=-1) for i in range(0, len(Z), chunk)])
     consistency = torch.zeros(n_heads, dtype=torch.float64)
-    for i in range(0, len(Z), chunk):
+    for i in range(0, len(Z), chunk):  # the batch loss's consistency term, chunk by chunk, weighted by its size
         pa, pn = P[i:i + chunk], P.index_select(0, I[i:i + chunk].reshape(-1)).view(-1, I.shape[1], n_heads, k)
-        dots = (pa.unsqueeze(1) * pn).sum(dim=-1)  # [b, K, H]
-        consistency -= (Wn[i:i + chunk, :, None] * torch.log(dots.clamp_min(1e-12))).sum(dim=(0, 1)).double()
-    marginal = P.mean(dim=0).double()
-    entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum(dim=1)
-    return consistency / len(Z) - entropy_weight * entropy
+        consistency += tsp_head_losses(pa, pn, Wn[i:i + chunk], 0.0)[1].double() * len(pa)
+    return consistency / len(Z) - entropy_weight * _entropy(P.mean(dim=0).double())
 
 
 def _adamw(params, lr, weight_decay):

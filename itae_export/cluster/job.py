@@ -57,9 +57,7 @@ def kmeans_backend(n: int) -> str:
 def kmeans_config(n: int, k: int, *, seed: int = 0, n_init: int = 10) -> dict:
     """How :func:`kmeans_assign` clusters ``n`` points (summary.json ``clustering``): the backend and its settings."""
     if kmeans_backend(n) == "faiss":
-        return {"backend": "faiss", "spherical": True, "sample_size": fk.default_sample_size(n, k),
-                "niter": fk.DEFAULT_NITER, "nredo": 1, "seeding": "k-means++, best of 3",
-                "seeding_points": min(n, fk.seeding_points(k)), "seed": seed}
+        return fk.config(fk.default_sample_size(n, k), k, seed=seed)
     return {"backend": "sklearn", "n_init": n_init, "seed": seed}
 
 

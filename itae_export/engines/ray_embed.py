@@ -150,12 +150,14 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
                     kw = {"address": address} if address else {"num_cpus": num_cpus or int(np.ceil(want))}
                     ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kw)
                     started = True
-                if plan is None:
+                if plan is None:  # once per run: the cluster, the pool, and the model's bytes in the object store
                     plan = _plan(ray, device, actors, actor_cpus, batch_size)
+                    plan["files_ref"] = ray.put(model_files(onnx_path))
+                    _configure(ray, progress)
                     log(f"Ray: {plan['cpus']:g} CPUs, {plan['gpus']} GPUs; {plan['actors']} actors x "
                         f"{plan['actor_cpus']:g} CPUs{' + 1 GPU' if plan['use_gpu'] else ''}; batches of {plan['bs']}")
                 log(f"Ray: {window.n_rows} images of {len(window.parts)} parts")
-                _execute(ray, run, window, pre, onnx_path, plan, progress, on_batch)
+                _execute(ray, run, window, pre, onnx_path, plan, on_batch)
         finally:
             if started:
                 ray.shutdown()
@@ -165,7 +167,7 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
 
 @dataclass
 class _Window:
-    """Whole parts, up to ~``WINDOW_ITEMS`` pending images, as columns (numpy; strings as objects)."""
+    """Whole parts, up to ~``WINDOW_ITEMS`` pending images, as columns (lists, one per ROW_COLUMNS)."""
 
     columns: dict
     expected: dict  # part id -> images still to embed
@@ -182,8 +184,7 @@ def _windows(run, window_items: int) -> Iterator[_Window]:
     expected, parts = {}, {}
 
     def flush():
-        arrays = {c: np.array(v, dtype=object if c in ("key", "path") else np.int64) for c, v in cols.items()}
-        return _Window(arrays, dict(expected), dict(parts))
+        return _Window(cols, dict(expected), dict(parts))
 
     for part, n_items, todo in run.pending():
         if not todo:
@@ -233,12 +234,15 @@ def _plan(ray, device, actors, actor_cpus, batch_size) -> dict:
             "actor_cpus": actor_cpus, "bs": bs, "device": "cuda" if use_gpu else "cpu"}
 
 
-def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, progress, on_batch) -> None:
-    bs, actors, actor_cpus, use_gpu = plan["bs"], plan["actors"], plan["actor_cpus"], plan["use_gpu"]
+def _configure(ray, progress: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     ctx.execution_options.preserve_order = False
-    files_ref = ray.put(model_files(onnx_path))
+
+
+def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch) -> None:
+    bs, actors, actor_cpus, use_gpu = plan["bs"], plan["actors"], plan["actor_cpus"], plan["use_gpu"]
+    files_ref = plan["files_ref"]
     pre_dict = {"resolution": [pre.height, pre.width], "mean": list(pre.mean), "std": list(pre.std),
                 "scale": pre.scale, "resize": pre.resize, "interpolation": pre.interpolation}
     blocks = max(1, min(window.n_rows // bs, 4 * max(1, int(plan["cpus"]))))
