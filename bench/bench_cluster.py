@@ -124,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     print_machine(args.threads)
 
-    from itae_export.cluster.embed import default_batch_size, default_workers
+    from itae_export.data.embed import default_batch_size, default_workers
     from itae_export.cluster.job import run_cluster_job
     from itae_export.images import PreprocessSpec, load_image, scan_images
     from itae_export.onnx.manifest import read_manifest

@@ -216,8 +216,8 @@ def _costs_child(tar: str, onnx: str, batch: int, n: int = 2000, threads: int = 
     (at ``batch``), the resume-record commit and the part write."""
     import shutil
 
-    from itae_export.cluster.shards import ShardState, write_part
-    from itae_export.cluster.sources import index_tar
+    from itae_export.data.shards import ShardState, write_part
+    from itae_export.data.sources import index_tar
     from itae_export.engines.local import model_identity
     from itae_export.images import PreprocessSpec, decode_bytes, preprocess
     from itae_export.runtime import Embedder, open_session
@@ -398,7 +398,7 @@ def cmd_ray(args) -> None:
 
     import imagefolders
     from itae_export.cluster.shard_cluster import cluster_shards
-    from itae_export.cluster.shards import open_shards
+    from itae_export.data.shards import open_shards
     from itae_export.engines.local import embed_shards
     from itae_export.engines.ray_embed import embed_shards_ray
 

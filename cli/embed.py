@@ -63,7 +63,7 @@ def main():
 def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engine, ray_address, actors, actor_cpus,
             device, batch_size, workers, intra_op_threads, quiet):
     """Embed INPUT (a folder, a list of paths, or WebDataset tars) into per-part parquet files in --out."""
-    from itae_export.cluster.sources import parse_shard
+    from itae_export.data.sources import parse_shard
 
     def log(msg: str) -> None:
         if not quiet:
@@ -133,7 +133,7 @@ def cluster_cmd(shard_dir, k, out_dir, backend, sample_size, niter, n_init, seed
 @report_errors
 def status_cmd(shard_dir):
     """Which parts of a shard directory are written, and which are missing."""
-    from itae_export.cluster.shards import open_shards
+    from itae_export.data.shards import open_shards
 
     s = open_shards(shard_dir, allow_partial=True)
     total = len(s.manifest["parts"])

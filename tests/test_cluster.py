@@ -274,7 +274,7 @@ def test_other_weights_are_exported_again_not_reused(fashion, tiny_model, tmp_pa
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_matches_cpu(fashion, precision, tmp_path_factory):
-    from itae_export.cluster.embed import embed_folder
+    from itae_export.data.embed import embed_folder
 
     model = datasets.tiny_onnx(tmp_path_factory.getbasetemp() / "models", resolution=56, precision=precision)
     root = fashion[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from itae_export.cluster.job import run_cluster_job
-from itae_export.cluster.store import STORE_NAME
+from itae_export.data.store import STORE_NAME
 
 
 @pytest.fixture(scope="module")

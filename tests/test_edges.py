@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from itae_export.cli.cluster import main as cluster_cli
 from PIL import Image
 
-from itae_export.cluster.store import model_fingerprint
+from itae_export.onnx.identity import model_fingerprint
 from itae_export.images import scan_images
 
 

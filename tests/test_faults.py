@@ -22,8 +22,8 @@ from itae_export.cli.inspect import main as inspect_cli
 from itae_export.cli.validate import main as validate_cli
 from PIL import Image
 
-from itae_export.cluster.outputs import read_csv, read_outputs
-from itae_export.cluster.store import STORE_NAME
+from itae_export.data.outputs import read_csv, read_outputs
+from itae_export.data.store import STORE_NAME
 from itae_export.onnx.contract import METADATA_KEY, STAGING_OWNER
 
 NAMES = ["plain.png", "with, comma.png", 'quote".png', "=cmd.png", "+1.png", "-dash.png", "@at.png",
@@ -88,7 +88,7 @@ def test_any_file_name_is_embedded_and_round_trips_through_csv(tmp_path, tiny_mo
     for cell in ("=cmd", "+1", "-dash", "@at"):  # spreadsheet formulas are neutralised by a leading '
         assert f"'a/{cell}".encode() not in raw and f"a/{cell}".encode() in raw  # paths start with a/, so raw
     # a bare cell that begins with '=' gets the apostrophe
-    from itae_export.cluster.outputs import csv_bytes
+    from itae_export.data.outputs import csv_bytes
     assert csv_bytes(["x"], [["=1+1"]]).splitlines()[1] == b"'=1+1"
     assert (out / "report.html").is_file()
     # resume: every name is found in the store again
@@ -110,7 +110,7 @@ def test_outputs_are_one_set_and_a_mixed_folder_is_refused(images, tiny_model, t
 
 
 def test_a_failure_while_publishing_leaves_no_summary_of_another_run(images, tiny_model, tmp_path, monkeypatch):
-    import itae_export.cluster.outputs as outputs
+    import itae_export.data.outputs as outputs
 
     out = tmp_path / "out"
     assert _run(cluster_cli, [images, "--k", 2, "--onnx", tiny_model, "--out", out]).exit_code == 0

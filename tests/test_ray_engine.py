@@ -15,7 +15,7 @@ pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
 pq = pytest.importorskip("pyarrow.parquet", reason="the Ray engine needs pyarrow")
 
 from itae_export.cluster.shard_cluster import cluster_shards  # noqa: E402
-from itae_export.cluster.shards import STATE_DIR, open_shards, read_manifest  # noqa: E402
+from itae_export.data.shards import STATE_DIR, open_shards, read_manifest  # noqa: E402
 from itae_export.engines.local import embed_shards  # noqa: E402
 from itae_export.engines.ray_embed import check_resources, embed_shards_ray  # noqa: E402
 from itae_export.errors import InputError  # noqa: E402

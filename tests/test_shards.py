@@ -20,11 +20,11 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from itae_export.cli.embed import main as embed_cli  # noqa: E402
 from itae_export.cluster import faiss_kmeans as fk  # noqa: E402
-from itae_export.cluster.embed import embed_folder  # noqa: E402
+from itae_export.data.embed import embed_folder  # noqa: E402
 from itae_export.cluster.job import kmeans_assign  # noqa: E402
 from itae_export.cluster.shard_cluster import cluster_shards  # noqa: E402
-from itae_export.cluster.shards import STATE_DIR, open_shards, part_name, read_manifest  # noqa: E402
-from itae_export.cluster.sources import expand_braces, open_source, parse_shard, shard_parts  # noqa: E402
+from itae_export.data.shards import STATE_DIR, open_shards, part_name, read_manifest  # noqa: E402
+from itae_export.data.sources import expand_braces, open_source, parse_shard, shard_parts  # noqa: E402
 from itae_export.engines.local import embed_shards  # noqa: E402
 from itae_export.errors import InputError  # noqa: E402
 
@@ -138,7 +138,7 @@ def test_parts_are_fixed_size_lists_and_match_the_local_path(photos, tiny_model,
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from itae_export.cluster import shards
+    from itae_export.data import shards
     from itae_export.engines.local import embed_shards
     mode, after = sys.argv[1], int(sys.argv[2])
     if mode == "batches":       # SIGKILL after this many committed batches

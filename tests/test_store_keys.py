@@ -11,7 +11,7 @@ import imagefolders as datasets
 import numpy as np
 
 from itae_export.cluster.job import run_cluster_job
-from itae_export.cluster.store import EmbeddingStore, file_key
+from itae_export.data.store import EmbeddingStore, file_key
 
 
 def test_lookup_needs_size_mtime_and_ctime(tmp_path):

@@ -1,4 +1,4 @@
-"""The clustering job, stage by stage: scan, embed (resumably, :mod:`itae_export.cluster.embed`),
+"""The clustering job, stage by stage: scan, embed (resumably, :mod:`itae_export.data.embed`),
 choose k, cluster (K-Means or a TSP/TEMI head), score against labels, write the outputs."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster import outputs
-from itae_export.cluster.embed import EmbedResult, FolderScan, default_out_dir, embed_folder, progress_bar
+from itae_export.data import outputs
+from itae_export.data.embed import EmbedResult, FolderScan, default_out_dir, embed_folder, progress_bar
 from itae_export.cluster.evaluation import (
     choose_k,
     head_advice,
@@ -25,7 +25,7 @@ from itae_export.cluster.head_export import append_head, check_composed, export_
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
 from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
-from itae_export.cluster.store import STORE_NAME, EmbeddingStore
+from itae_export.data.store import STORE_NAME, EmbeddingStore
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, load_image
@@ -328,7 +328,7 @@ def _score_labels(summary: dict, res: EmbedResult, assign: np.ndarray, k: int, o
 
 
 def _write_outputs(out_dir: Path, res: EmbedResult, columns: dict, summary: dict) -> None:
-    """The output set, published as one (see :mod:`itae_export.cluster.outputs`)."""
+    """The output set, published as one (see :mod:`itae_export.data.outputs`)."""
     outputs.publish(out_dir, {
         outputs.EMBEDDINGS: outputs.npy_bytes(res.embeddings),
         outputs.ASSIGNMENTS: outputs.csv_bytes(list(columns), zip(*columns.values())),

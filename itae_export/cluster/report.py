@@ -25,7 +25,7 @@ from urllib.parse import quote
 import numpy as np
 
 from itae_export.cluster.metrics import l2_normalize
-from itae_export.cluster.outputs import read_outputs
+from itae_export.data.outputs import read_outputs
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes
 from itae_export.images import to_rgb
@@ -40,7 +40,7 @@ THUMB_SIZE = 112
 
 
 def read_cluster_output(out_dir: str | os.PathLike) -> dict:
-    """The output set of an itae-cluster run, checked to be one set (:func:`~itae_export.cluster.outputs.read_outputs`)."""
+    """The output set of an itae-cluster run, checked to be one set (:func:`~itae_export.data.outputs.read_outputs`)."""
     return read_outputs(out_dir)
 
 

@@ -24,9 +24,9 @@ import numpy as np
 from itae_export.cluster import faiss_kmeans as fk
 from itae_export.cluster.job import check_k, kmeans_assign, kmeans_backend
 from itae_export.cluster.metrics import l2_normalize
-from itae_export.cluster.outputs import csv_bytes, npy_bytes
-from itae_export.cluster.shards import open_shards, read_part
-from itae_export.cluster.sources import require_pyarrow
+from itae_export.data.outputs import csv_bytes, npy_bytes
+from itae_export.data.shards import open_shards, read_part
+from itae_export.data.sources import require_pyarrow
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 

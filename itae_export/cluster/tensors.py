@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itae_export.cluster.outputs import read_outputs
+from itae_export.data.outputs import read_outputs
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_json
 from itae_export.images import ImageDecodeError, load_image

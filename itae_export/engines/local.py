@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.embed import default_batch_size, default_workers, progress_bar
-from itae_export.cluster.shards import RunStats, ShardRun
-from itae_export.cluster.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
-from itae_export.cluster.store import model_fingerprint
+from itae_export.data.embed import default_batch_size, default_workers, progress_bar
+from itae_export.data.shards import RunStats, ShardRun
+from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
+from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError
 from itae_export.images import ImageDecodeError, PreprocessSpec, preprocess
 from itae_export.onnx.manifest import read_manifest

@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.cluster.embed import default_batch_size
-from itae_export.cluster.shards import RunStats
-from itae_export.cluster.sources import DEFAULT_PART_SIZE, Item
+from itae_export.data.embed import default_batch_size
+from itae_export.data.shards import RunStats
+from itae_export.data.sources import DEFAULT_PART_SIZE, Item
 from itae_export.engines.local import load_item, open_run
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import PreprocessSpec

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itae_export.cluster.store import model_fingerprint
+from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError
 from itae_export.images import ImageDecodeError, load_image
 from itae_export.onnx.manifest import read_manifest

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.cluster.sources import Part, Source, require_pyarrow, shard_parts
+from itae_export.data.sources import Part, Source, require_pyarrow, shard_parts
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 

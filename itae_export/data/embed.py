@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.cluster.store import EmbeddingStore, file_key, model_fingerprint
+from itae_export.data.store import EmbeddingStore, file_key
+from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec, scan_images, try_load_image
 from itae_export.onnx.manifest import read_manifest
@@ -122,7 +123,7 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     size and mtime are reused; new rows are committed to it one batch at a time, so an
     interrupted run loses at most one batch. Bad images are skipped with a reason, never fatal.
     ``session`` is an optional :class:`itae_export.runtime.Session`; ``manifest`` and ``model_id``
-    (the model's :func:`~itae_export.cluster.store.model_fingerprint`) when the caller has them.
+    (the model's :func:`~itae_export.onnx.identity.model_fingerprint`) when the caller has them.
     """
     if batch_size is not None and batch_size < 1:
         raise OptionError(f"--batch-size: {batch_size} must be >= 1")
