@@ -184,24 +184,37 @@ class Embedder:
         inp = next(i for i in session.get_inputs() if i.name == INPUT_NAME)
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         self._x_gpu = self._binding = None  # reused across batches of the same shape
+        self._names: list[str] = []
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.run(pixels)[OUTPUT_EMBEDDING]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, pixels: np.ndarray, extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """{``embedding`` as float32, and each output named in ``extra`` as the graph returns it}."""
+        names = [OUTPUT_EMBEDDING, *(n for n in extra if n != OUTPUT_EMBEDDING)]
         x = np.ascontiguousarray(pixels, dtype=self.input_dtype)
         if self.provider == CUDA_EP:
-            return self._run_cuda(x)
-        (emb,) = self.session.run([OUTPUT_EMBEDDING], {INPUT_NAME: x})
-        return np.asarray(emb, dtype=np.float32)
+            got = self._run_cuda(x, names)
+        else:
+            got = self.session.run(names, {INPUT_NAME: x})
+        out = dict(zip(names, got))
+        out[OUTPUT_EMBEDDING] = np.asarray(out[OUTPUT_EMBEDDING], dtype=np.float32)
+        return out
 
-    def _run_cuda(self, x: np.ndarray) -> np.ndarray:
+    def _run_cuda(self, x: np.ndarray, names: list[str]) -> list:
         import onnxruntime as ort
 
-        if self._x_gpu is None or list(self._x_gpu.shape()) != list(x.shape):
+        if self._x_gpu is None or list(self._x_gpu.shape()) != list(x.shape) or self._names != names:
             # one device buffer and binding per batch shape (the last, short batch gets its own)
             self._x_gpu = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), x.dtype, "cuda", 0)
             self._binding = self.session.io_binding()
             self._binding.bind_ortvalue_input(INPUT_NAME, self._x_gpu)
-            self._binding.bind_output(OUTPUT_EMBEDDING, "cpu")
+            for n in names:
+                self._binding.bind_output(n, "cpu")
+            self._names = names
         self._x_gpu.update_inplace(x)
         self.session.run_with_iobinding(self._binding)
-        (emb,) = self._binding.copy_outputs_to_cpu()
-        return np.asarray(emb, dtype=np.float32)
+        return list(self._binding.copy_outputs_to_cpu())

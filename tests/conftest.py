@@ -17,6 +17,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _embedding_cache(tmp_path_factory):  # never the user's real cache (itae_export.data.store.cache_dir)
+    os.environ["ITAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("itae-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """One tiny exported DINOv2 model (56x56 input) shared by the itae-cluster and report tests."""

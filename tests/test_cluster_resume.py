@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from itae_export.cluster.job import run_cluster_job
-from itae_export.data.store import STORE_NAME
+from itae_export.data.store import default_store_path
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own embedding cache (the module's reference run fills the session's)."""
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def _rows_in_store(path) -> int:
     try:
         db = sqlite3.connect(str(path), timeout=5)
         try:
-            return db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
         finally:
             db.close()
     except sqlite3.OperationalError:
@@ -56,7 +62,7 @@ def _start_and_interrupt(photos, model, out, sig, after_rows=12):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    store = out / STORE_NAME
+    store = default_store_path()
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from itae_export.cli.validate import main as validate_cli
 from PIL import Image
 
 from itae_export.data.outputs import read_csv, read_outputs
-from itae_export.data.store import STORE_NAME
+from itae_export.data.store import default_store_path
 from itae_export.onnx.contract import METADATA_KEY, STAGING_OWNER
 
 NAMES = ["plain.png", "with, comma.png", 'quote".png', "=cmd.png", "+1.png", "-dash.png", "@at.png",
@@ -53,6 +53,11 @@ def _one_line_error(res, code: int, *needles: str) -> None:
     assert len(errors) == 1, res.output
     for needle in needles:
         assert needle in errors[0], res.output
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -147,7 +152,8 @@ def test_out_equal_to_the_folder_and_to_its_parent(images, tiny_model, where):
 # ---------------------------------------------------------------- disks and caches
 
 
-def test_disk_full_is_told_and_the_finished_batches_are_kept(tmpfs, tiny_model, tmp_path):
+def test_disk_full_is_told_and_the_finished_batches_are_kept(tmpfs, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmpfs / "cache"))  # the embedding cache on the full disk
     root = _folder(tmp_path / "imgs", 160)
     ballast = tmpfs / "ballast"
     ballast.write_bytes(b"\0" * (1024 * 1024 - 96 * 1024))  # leave ~96 KiB: a few batches fit, not all
@@ -177,14 +183,14 @@ def test_output_under_a_file(images, tiny_model, tmp_path):
 def test_corrupt_cache_is_told_apart(images, tiny_model, tmp_path):
     out = tmp_path / "out"
     assert _run(cluster_cli, [images, "--k", 2, "--onnx", tiny_model, "--out", out]).exit_code == 0
-    store = out / STORE_NAME
+    store = default_store_path()
     data = bytearray(store.read_bytes())
     data[100:4096] = os.urandom(4096 - 100)  # a corrupt first page
     for side in store.parent.glob("embeddings.sqlite-*"):
         side.unlink()
     store.write_bytes(bytes(data))
     res = _run(cluster_cli, [images, "--k", 2, "--onnx", tiny_model, "--out", out])
-    _one_line_error(res, 1, "corrupt", "delete it")
+    _one_line_error(res, 1, "corrupt", "delete it", str(store))
 
 
 # ---------------------------------------------------------------- models and manifests

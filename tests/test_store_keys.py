@@ -11,19 +11,29 @@ import imagefolders as datasets
 import numpy as np
 
 from itae_export.cluster.job import run_cluster_job
-from itae_export.data.store import EmbeddingStore, file_key
+from itae_export.data.store import EmbeddingStore, cache_dir, default_store_path, file_key
 
 
 def test_lookup_needs_size_mtime_and_ctime(tmp_path):
+    a, b = b"/x/a.png", b"/x/b\xe9.png"  # keys are bytes: any file name
     with EmbeddingStore(tmp_path / "s.sqlite") as store:
-        store.add("m", [("a.png", 100, 5_000, 7), ("b.png", 200, 6_000, 8)], np.eye(2, 3, dtype=np.float32))
-        hit = store.lookup("m", {"a.png": (100, 5_000, 7), "b.png": (200, 6_000, 8)})
-        assert set(hit) == {"a.png", "b.png"}
-        np.testing.assert_array_equal(hit["b.png"], [0, 1, 0])
-        assert store.lookup("m", {"a.png": (100, 5_001, 7)}) == {}, "same size, another mtime: reused"
-        assert store.lookup("m", {"a.png": (101, 5_000, 7)}) == {}, "same mtime, another size: reused"
-        assert store.lookup("m", {"a.png": (100, 5_000, 9)}) == {}, "same size and mtime, another ctime: reused"
-        assert store.lookup("other", {"a.png": (100, 5_000, 7)}) == {}, "another model's row reused"
+        store.add("m", [(a, 100, 5_000, 7), (b, 200, 6_000, 8)], np.eye(2, 3, dtype=np.float32), [3, -1])
+        hit = store.lookup("m", {a: (100, 5_000, 7), b: (200, 6_000, 8)})
+        assert set(hit) == {a, b}
+        np.testing.assert_array_equal(hit[b][0], [0, 1, 0])
+        assert hit[a][1] == 3 and hit[b][1] == -1, "the artifact counts are stored beside the vectors"
+        assert store.lookup("m", {a: (100, 5_001, 7)}) == {}, "same size, another mtime: reused"
+        assert store.lookup("m", {a: (101, 5_000, 7)}) == {}, "same mtime, another size: reused"
+        assert store.lookup("m", {a: (100, 5_000, 9)}) == {}, "same size and mtime, another ctime: reused"
+        assert store.lookup("other", {a: (100, 5_000, 7)}) == {}, "another model's row reused"
+
+
+def test_the_store_is_the_shared_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "c"))
+    assert default_store_path() == tmp_path / "c" / "embeddings.sqlite"
+    monkeypatch.delenv("ITAE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "itae-export"
 
 
 def test_file_key_sees_an_mtime_change_alone(tmp_path):

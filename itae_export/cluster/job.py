@@ -25,7 +25,7 @@ from itae_export.cluster.head_export import append_head, check_composed, export_
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
 from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
-from itae_export.data.store import STORE_NAME, EmbeddingStore
+from itae_export.data.store import EmbeddingStore, check_legacy_store
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, load_image
@@ -155,7 +155,7 @@ class Clustering:
 def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: int | str,
                     out_dir: str | os.PathLike | None = None, *, log: Callable[[str], None] | None = None,
                     **options) -> dict:
-    """Embed ``folder`` (resumably, cache in ``out_dir``), cluster it into ``k`` clusters and write
+    """Embed ``folder`` (resumably, into the shared embedding cache), cluster it into ``k`` clusters and write
     assignments.csv, embeddings.npy, summary.json and skipped.csv atomically into ``out_dir``.
 
     ``options`` are the fields of :class:`ClusterOptions`: ``k="auto"`` picks k in 2..k_max by
@@ -174,7 +174,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     t_scan = time.perf_counter() - t_start
     session = open_session(onnx_path, opts.device, intra_op_threads=opts.intra_op_threads, spinning=False)
     log(f"Execution provider: {session.provider} ({session.reason})")
-    with EmbeddingStore(out_dir / STORE_NAME) as store:
+    with EmbeddingStore() as store:
         res = embed_folder(scan.root, onnx_path, scan=scan, manifest=manifest, store=store,
                            batch_size=opts.batch_size, workers=opts.workers, pool=opts.pool, progress=opts.progress,
                            session=session, max_pixels=opts.max_pixels, log=log)
@@ -221,6 +221,7 @@ def _scan(folder, out_dir, opts: ClusterOptions) -> tuple[FolderScan, Path]:
     if opts.use_labels:
         labels_from_dirs(scan.rel)  # fail now, not after embedding
     ensure_dir(out_dir)
+    check_legacy_store(out_dir)
     return scan, out_dir
 
 
@@ -363,7 +364,7 @@ def _label_evaluation(summary, res, y, assign, k, opts: ClusterOptions, onnx_pat
     if opts.knn_reference is None:
         return
     ref_root = Path(opts.knn_reference).resolve()
-    with EmbeddingStore(out_dir / "cache" / "reference.sqlite") as store:
+    with EmbeddingStore() as store:
         ref = embed_folder(ref_root, onnx_path, store=store, batch_size=opts.batch_size, workers=opts.workers,
                            pool=opts.pool, progress=opts.progress, session=session, model_id=res.model_id, log=log)
     if not ref.paths:
@@ -399,7 +400,7 @@ def format_summary(summary: dict) -> str:
     c = summary["counts"]
     speed = f" at {summary['images_per_s']:.1f} images/s" if c["embedded_new"] else ""
     lines = [
-        f"Embedded {c['embedded']} images ({c['embedded_new']} new, {c['reused']} reused) "
+        f"{c['embedded']} images: {c['embedded_new']} embedded, {c['reused']} reused (from the embedding cache) "
         f"on {summary['execution_provider']}{speed}",
         f"Clusters (k={summary['clustering']['k']}{', chosen by ' + summary['k_auto']['criterion'] if 'k_auto' in summary else ''}"
         f", {summary.get('method', 'kmeans')}): sizes {summary['cluster_sizes']}",

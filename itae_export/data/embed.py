@@ -1,6 +1,7 @@
-"""Embedding a folder with an exported model: scan once, reuse stored vectors, decode in a worker
-pool a few batches ahead of inference, commit one batch at a time (an interrupted run loses at
-most one batch), skip bad images with a reason."""
+"""Embedding images (a folder's files, a list's, tar members: any :class:`~itae_export.data.sources.Item`)
+with an exported model: reuse the vectors of the shared embedding store, decode in a worker pool a
+few batches ahead of inference, commit one batch at a time (an interrupted run loses at most one
+batch), skip bad images with a reason."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.store import EmbeddingStore, file_key
-from itae_export.onnx.identity import model_fingerprint
+from itae_export.data.sources import Item
+from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
-from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec, scan_images, try_load_image
+from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images
+from itae_export.onnx.contract import OUTPUT_EMBEDDING, OUTPUT_MASK
+from itae_export.onnx.identity import model_fingerprint
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, available_cores, open_session
 
@@ -26,12 +29,12 @@ POOLS = ("thread", "process")
 
 @dataclass
 class EmbedResult:
-    """Embeddings of the images that decoded, in scan order, and the ones that did not."""
+    """Embeddings of the images that decoded, in input order, and the ones that did not."""
 
     root: Path
-    paths: list[str]  # relative POSIX paths, scan order
+    paths: list[str]  # the keys (relative POSIX paths of a folder; list entries; <tar>/<sample>), input order
     embeddings: np.ndarray  # [n, D] float32, as the model outputs them (not L2-normalised)
-    skipped: list[tuple[str, str]]  # (relative path, reason)
+    skipped: list[tuple[str, str]]  # (key, reason)
     n_found: int
     n_new: int
     n_reused: int
@@ -41,6 +44,13 @@ class EmbedResult:
     batch_size: int  # as resolved (the defaults depend on the provider)
     workers: int
     conversions: dict[str, int] = field(default_factory=dict)
+    # per image, aligned with ``paths``: True entries of the graph's artifact_mask row (-1: no such output)
+    artifact_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # {graph output: [n, ...] float32}, aligned
+
+    @property
+    def keys(self) -> list[str]:
+        return self.paths
 
     @property
     def images_per_s(self) -> float:
@@ -109,21 +119,68 @@ class FolderScan:
                 raise InputError(f"{p}: not inside the folder {root}") from None
         return cls(root, abs_paths, rel)
 
+    def items(self) -> list[Item]:
+        return [Item(i, r, str(p)) for i, (r, p) in enumerate(zip(self.rel, self.paths))]
+
+
+def load_item(item: Item, pre: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """(pixels [3,H,W] or None, skip reason or None, conversion notes): never raises for one bad image."""
+    try:
+        img, notes = item.decode(max_pixels)
+        return preprocess(img, pre), None, notes
+    except ImageDecodeError as e:
+        return None, e.reason, []
+    except Exception as e:  # noqa: BLE001 - one bad image must never stop the job
+        return None, f"cannot decode: {type(e).__name__}: {e}", []
+
+
+class GraphOutputs:
+    """What the embed stage keeps of a graph's outputs per image: the embedding, the artifact count
+    (when the graph has ``artifact_mask``) and any ``extra`` outputs asked for."""
+
+    def __init__(self, embedder: Embedder, extra: tuple[str, ...] = ()):
+        have = embedder.output_names()
+        missing = [n for n in extra if n not in have]
+        if missing:
+            raise OptionError(f"extra_outputs: the graph has no output {missing[0]!r} (outputs: {', '.join(have)})")
+        self.embedder = embedder
+        self.extra = tuple(extra)
+        self.has_mask = OUTPUT_MASK in have
+        self.fetch = (*self.extra, *((OUTPUT_MASK,) if self.has_mask and OUTPUT_MASK not in self.extra else ()))
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(embeddings [B, D], artifact counts [B] int64, {extra name: [B, ...] float32})."""
+        got = self.embedder.run(pixels, self.fetch)
+        n = len(pixels)
+        counts = (np.asarray(got[OUTPUT_MASK]).reshape(n, -1).sum(axis=1).astype(np.int64) if self.has_mask
+                  else np.full(n, -1, np.int64))
+        return got[OUTPUT_EMBEDDING], counts, {k: np.asarray(got[k], np.float32) for k in self.extra}
+
 
 def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, paths: list[Path] | None = None,
-                 scan: FolderScan | None = None, manifest: dict | None = None, store=None,
-                 batch_size: int | None = None, workers: int | None = None, pool: str = "thread",
-                 device: str = "auto", intra_op_threads: int | None = None, progress: bool = True,
-                 session=None, model_id: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 log: Callable[[str], None] | None = None) -> EmbedResult:
-    """Embed every image under ``folder`` (or the given ``paths``, or an existing ``scan``) with an
-    exported model.
+                 scan: FolderScan | None = None, **kwargs) -> EmbedResult:
+    """Embed every image under ``folder`` (or the given ``paths``, or an existing ``scan``): the
+    keys are the relative POSIX paths. ``kwargs``: those of :func:`embed_items`."""
+    scan = scan or FolderScan.of(folder, paths)
+    return embed_items(scan.items(), onnx_path, root=scan.root, **kwargs)
 
-    Rows found in ``store`` (an EmbeddingStore or a path to one) for this model and the same file
-    size and mtime are reused; new rows are committed to it one batch at a time, so an
-    interrupted run loses at most one batch. Bad images are skipped with a reason, never fatal.
-    ``session`` is an optional :class:`itae_export.runtime.Session`; ``manifest`` and ``model_id``
-    (the model's :func:`~itae_export.onnx.identity.model_fingerprint`) when the caller has them.
+
+def embed_items(items: list[Item], onnx_path: str | os.PathLike, *, root: str | os.PathLike = "",
+                manifest: dict | None = None, store=None, batch_size: int | None = None,
+                workers: int | None = None, pool: str = "thread", device: str = "auto",
+                intra_op_threads: int | None = None, progress: bool = True, session=None,
+                model_id: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                extra_outputs: tuple[str, ...] = (), log: Callable[[str], None] | None = None) -> EmbedResult:
+    """Embed ``items`` (:class:`~itae_export.data.sources.Item`: files or tar members, from any source)
+    with an exported model.
+
+    Vectors found in ``store`` (an EmbeddingStore, or a path to one; None: no store) for this model
+    and the same file (size, mtime and ctime) are reused; new ones are committed to it one batch at
+    a time, so an interrupted run loses at most one batch. Bad images are skipped with a reason,
+    never fatal. Per image the result holds the artifact count (``artifact_counts``) and the
+    ``extra_outputs`` of the graph (``extra``). ``session`` is an optional
+    :class:`itae_export.runtime.Session`; ``manifest`` and ``model_id`` (the model's
+    :func:`~itae_export.onnx.identity.model_fingerprint`) when the caller has them.
     """
     if batch_size is not None and batch_size < 1:
         raise OptionError(f"--batch-size: {batch_size} must be >= 1")
@@ -131,8 +188,8 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
         raise OptionError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
     if workers is not None and workers < 1:
         raise OptionError(f"--workers: {workers} must be >= 1")
-    scan = scan or FolderScan.of(folder, paths)
-    root, paths, rel = scan.root, scan.paths, scan.rel
+    extra_outputs = tuple(extra_outputs)
+    keys = [it.key for it in items]
     manifest = manifest or read_manifest(onnx_path)
     pre = PreprocessSpec.from_manifest(manifest.get("preprocessing"))
 
@@ -142,60 +199,73 @@ def embed_folder(folder: str | os.PathLike, onnx_path: str | os.PathLike, *, pat
     try:
         sess, provider = session if session is not None else open_session(
             onnx_path, device, intra_op_threads=intra_op_threads, spinning=False)
-        embed = Embedder(sess, provider)
+        run = GraphOutputs(Embedder(sess, provider), extra_outputs)
         batch_size = batch_size or default_batch_size(provider)
         workers = workers or default_workers(provider)
         model_id = model_id or model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()
-        keys, skipped = _file_keys(rel, paths)
-        done = store.lookup(model_id, keys) if store is not None else {}
-        todo = [(r, p) for r, p in zip(rel, paths) if r in keys and r not in done]
+        fkeys, skipped = _file_keys(items)
+        done = _lookup(store, model_id, fkeys, extra_outputs, run.has_mask)
+        todo = [it for it in items if it.key in fkeys and it.key not in done]
         n_reused = len(done)
         conversions: Counter = Counter()
-        new_vecs: dict[str, np.ndarray] = {}
+        new: dict[str, tuple] = {}
         if log and n_reused:
             log(f"Reusing {n_reused} stored embeddings; {len(todo)} images to embed")
 
         if todo:
-            _run_pipeline(todo, pre, max_pixels, embed, store, model_id, keys, batch_size, workers, pool, progress,
-                          new_vecs, skipped, conversions)
+            _run_pipeline(todo, pre, max_pixels, run, store, model_id, fkeys, batch_size, workers, pool, progress,
+                          new, skipped, conversions)
         embed_seconds = time.perf_counter() - t0
     finally:
         if own_store:
             store.close()
 
-    good, emb = _in_scan_order(rel, {**done, **new_vecs}, int(manifest.get("embed_dim") or 0))
+    vectors = {**done, **new}
+    good = [k for k in keys if k in vectors]
+    dim = int(manifest.get("embed_dim") or 0)
+    emb = (np.stack([vectors[k][0] for k in good]).astype(np.float32) if good else np.zeros((0, dim), np.float32))
     return EmbedResult(
-        root=root, paths=good, embeddings=emb,
-        skipped=[(r, skipped[r]) for r in rel if r in skipped],
-        n_found=len(rel), n_new=len(new_vecs), n_reused=n_reused, provider=provider, model_id=model_id,
+        root=Path(root), paths=good, embeddings=emb,
+        skipped=[(k, skipped[k]) for k in keys if k in skipped],
+        n_found=len(items), n_new=len(new), n_reused=n_reused, provider=provider, model_id=model_id,
         embed_seconds=embed_seconds, batch_size=batch_size, workers=workers, conversions=dict(conversions),
+        artifact_counts=np.array([vectors[k][1] for k in good], np.int64),
+        extra={name: (np.stack([vectors[k][2][name] for k in good]) if good else np.zeros((0, 0), np.float32))
+               for name in extra_outputs},
     )
 
 
-def _file_keys(rel: list[str], paths: list[Path]) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:
-    """(the store key of each file that can be stat'ed, reason for each that cannot)."""
-    keys, skipped = {}, {}
-    for r, p in zip(rel, paths):
+def _file_keys(items: list[Item]) -> tuple[dict[str, tuple[bytes, tuple[int, int, int]]], dict[str, str]]:
+    """({key: (store key, file key)} of each item whose file can be stat'ed (a tar once), {key: reason} of the others)."""
+    keys, skipped, stats = {}, {}, {}
+    for it in items:
         try:
-            keys[r] = file_key(p)
+            if it.path not in stats:
+                stats[it.path] = file_key(it.path)
+            keys[it.key] = (source_key(it.path, it.offset), stats[it.path])
         except OSError as e:
-            skipped[r] = f"cannot stat: {e.strerror or e}"
+            skipped[it.key] = f"cannot stat: {e.strerror or e}"
     return keys, skipped
 
 
-def _in_scan_order(rel: list[str], vectors: dict, dim: int) -> tuple[list[str], np.ndarray]:
-    """(the names that have a vector, in scan order; their vectors as float32 [n, D])."""
-    good = [r for r in rel if r in vectors]
-    if vectors:
-        dim = next(iter(vectors.values())).shape[0]
-    emb = np.stack([vectors[r] for r in good]).astype(np.float32) if good else np.zeros((0, dim), np.float32)
-    return good, emb
+def _lookup(store, model_id: str, fkeys: dict, extra: tuple[str, ...], has_mask: bool) -> dict[str, tuple]:
+    """{key: (vector, artifact count, {extra: vector})} of the items the store holds, with every extra output."""
+    if store is None or not fkeys:
+        return {}
+    by_src = {src: fk for src, fk in fkeys.values()}
+    hit = store.lookup(model_id, by_src)
+    extras = {name: store.lookup(extra_model_id(model_id, name), {s: by_src[s] for s in hit}) for name in extra}
+    out = {}
+    for key, (src, _) in fkeys.items():
+        if src in hit and all(src in extras[n] for n in extra) and (hit[src][1] >= 0 or not has_mask):
+            out[key] = (hit[src][0], hit[src][1], {n: extras[n][src][0] for n in extra})
+    return out
 
 
-def _run_pipeline(todo, pre, max_pixels, embed, store, model_id, keys, batch_size, workers, pool, progress,
-                  new_vecs, skipped, conversions) -> None:
+def _run_pipeline(todo, pre, max_pixels, run: GraphOutputs, store, model_id, fkeys, batch_size, workers, pool,
+                  progress, new, skipped, conversions) -> None:
     """Decode in a worker pool, a few batches ahead, while the main thread runs inference."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -215,34 +285,35 @@ def _run_pipeline(todo, pre, max_pixels, embed, store, model_id, keys, batch_siz
                 nxt = next(it, None)
                 if nxt is None:
                     return
-                pending.append((nxt[0], ex.submit(try_load_image, str(nxt[1]), pre, max_pixels)))
+                pending.append((nxt.key, ex.submit(load_item, nxt, pre, max_pixels)))
 
         fill()
         while pending:
-            batch_rel, batch_px = [], []
-            while pending and len(batch_rel) < batch_size:
-                r, fut = pending.popleft()
+            batch_keys, batch_px = [], []
+            while pending and len(batch_keys) < batch_size:
+                k, fut = pending.popleft()
                 px, reason, notes = fut.result()
                 fill()
                 if px is None:
-                    skipped[r] = reason
+                    skipped[k] = reason
                     bar.update(1)
                     continue
                 conversions.update(notes)
-                batch_rel.append(r)
+                batch_keys.append(k)
                 batch_px.append(px)
-            if not batch_rel:
+            if not batch_keys:
                 continue
-            vecs = embed(np.stack(batch_px))
+            vecs, counts, extra = run(np.stack(batch_px))
             finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
-            for r in (r for r, ok in zip(batch_rel, finite) if not ok):
-                skipped[r] = "the model returned NaN or inf for this image"
-            good_rel, vecs = [r for r, ok in zip(batch_rel, finite) if ok], vecs[finite]
-            if store is not None and good_rel:
-                store.add(model_id, [(r, *keys[r]) for r in good_rel], vecs)
-            for r, v in zip(good_rel, vecs):
-                new_vecs[r] = v
-            bar.update(len(batch_rel))
+            for k in (k for k, ok in zip(batch_keys, finite) if not ok):
+                skipped[k] = "the model returned NaN or inf for this image"
+            good = [k for k, ok in zip(batch_keys, finite) if ok]
+            vecs, counts, extra = vecs[finite], counts[finite], {n: v[finite] for n, v in extra.items()}
+            if store is not None and good:
+                store.add(model_id, [(fkeys[k][0], *fkeys[k][1]) for k in good], vecs, counts, extra)
+            for i, k in enumerate(good):
+                new[k] = (vecs[i], int(counts[i]), {n: v[i] for n, v in extra.items()})
+            bar.update(len(batch_keys))
     finally:
         bar.close()
         ex.shutdown(wait=True, cancel_futures=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itae_export.errors import InputError, MissingDependencyError
-from itae_export.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_bytes, decode_image, scan_images
+from itae_export.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_bytes, decode_image, scan_images
 
 KINDS = ("auto", "folder", "list", "webdataset")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
@@ -51,15 +51,15 @@ class Item:
                 return f.read(self.length)
             return f.read()
 
-    def decode(self):
+    def decode(self, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         """(RGB PIL image, notes); raises :class:`~itae_export.images.ImageDecodeError`."""
         if self.offset < 0:
-            return decode_image(self.path)
+            return decode_image(self.path, max_pixels)
         try:
             data = self.read()
         except OSError as e:
             raise ImageDecodeError(self.key, f"cannot read: {e.strerror or e}") from None
-        return decode_bytes(data, self.key)
+        return decode_bytes(data, self.key, max_pixels)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.embed import default_batch_size, default_workers, progress_bar
+from itae_export.data.embed import default_batch_size, default_workers, load_item, progress_bar
 from itae_export.data.shards import RunStats, ShardRun
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
 from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError
-from itae_export.images import ImageDecodeError, PreprocessSpec, preprocess
+from itae_export.images import PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, open_session
 
@@ -28,17 +28,6 @@ def model_identity(onnx_path: str | os.PathLike) -> dict:
     return {"id": model_fingerprint(onnx_path), "name": m.get("model"), "onnx": str(Path(onnx_path).resolve()),
             "embed_dim": m.get("embed_dim"), "itae": m.get("itae"), "precision": m.get("precision"),
             "preprocessing": m.get("preprocessing")}
-
-
-def load_item(item: Item, pre: PreprocessSpec):
-    """(pixels [3,H,W] or None, skip reason or None, conversion notes): never raises for one bad image."""
-    try:
-        img, notes = item.decode()
-        return preprocess(img, pre), None, notes
-    except ImageDecodeError as e:
-        return None, e.reason, []
-    except Exception as e:  # noqa: BLE001 - one bad image must never stop the job
-        return None, f"cannot decode: {type(e).__name__}: {e}", []
 
 
 def open_run(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAULT_PART_SIZE,

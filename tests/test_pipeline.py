@@ -1,0 +1,102 @@
+"""One pipeline under every command (issue 21): the shared embedding cache, the artifact counts and
+extra graph outputs of the embed stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import imagefolders as datasets
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from itae_export.cli.cluster import main as cluster_cli
+
+from itae_export.data.embed import embed_folder
+from itae_export.data.store import LEGACY_STORE_NAME, EmbeddingStore
+from itae_export.errors import OptionError
+from itae_export.images import load_image
+from itae_export.onnx.manifest import read_manifest
+from itae_export.runtime import run_onnx
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline") / "photos"
+    datasets.fashion_folder(root, per_class=6, classes=4)
+    return root
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(cache))
+    return cache
+
+
+def test_a_second_out_embeds_nothing(photos, tiny_model, tmp_path, own_cache):
+    args = [str(photos), "--k", "4", "--onnx", str(tiny_model), "--quiet", "--workers", "1"]
+    first = CliRunner().invoke(cluster_cli, [*args, "--out", str(tmp_path / "a")], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert "24 embedded, 0 reused" in first.output
+    assert (own_cache / "embeddings.sqlite").is_file()
+    assert not (tmp_path / "a" / "cache").exists(), "the store lives in the shared cache, not in --out"
+    second = CliRunner().invoke(cluster_cli, [*args, "--out", str(tmp_path / "b")], catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    assert "0 embedded, 24 reused" in second.output
+    counts = json.loads((tmp_path / "b" / "summary.json").read_text())["counts"]
+    assert counts["embedded_new"] == 0 and counts["reused"] == 24
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "embeddings.npy"), np.load(tmp_path / "b" / "embeddings.npy"))
+
+
+def test_a_legacy_store_is_refused_in_one_line(photos, tiny_model, tmp_path, own_cache):
+    out = tmp_path / "out"
+    (out / LEGACY_STORE_NAME).parent.mkdir(parents=True)
+    (out / LEGACY_STORE_NAME).write_bytes(b"SQLite format 3\0")
+    res = CliRunner().invoke(cluster_cli, [str(photos), "--k", "4", "--onnx", str(tiny_model), "--out", str(out)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert "earlier itae-export" in line and "delete" in line and "ITAE_CACHE_DIR" in line
+    assert not (own_cache / "embeddings.sqlite").exists() or EmbeddingStore(own_cache / "embeddings.sqlite").count() == 0
+
+
+def test_artifact_counts_are_the_mask_rows(photos, tiny_model, tmp_path, own_cache):
+    res = embed_folder(photos, tiny_model, store=EmbeddingStore(), batch_size=5, workers=1, progress=False)
+    pre = read_manifest(tiny_model)["preprocessing"]
+    x = np.stack([load_image(photos / p, pre) for p in res.paths])
+    want = run_onnx(tiny_model, x)["artifact_mask"].sum(axis=1)
+    assert res.artifact_counts.dtype == np.int64 and len(res.artifact_counts) == len(res.paths)
+    np.testing.assert_array_equal(res.artifact_counts, want)
+    again = embed_folder(photos, tiny_model, store=EmbeddingStore(), batch_size=5, workers=1, progress=False)
+    assert again.n_new == 0, "the counts are stored beside the vectors and reused"
+    np.testing.assert_array_equal(again.artifact_counts, want)
+
+
+def _with_extra_output(model, dest):
+    """The tiny model with one more output, ``embedding_unpatched`` = -embedding (a stand-in)."""
+    proto = onnx.load(str(model))
+    proto.graph.node.append(onnx.helper.make_node("Neg", ["embedding"], ["embedding_unpatched"]))
+    emb = next(o for o in proto.graph.output if o.name == "embedding")
+    extra = onnx.ValueInfoProto()
+    extra.CopyFrom(emb)
+    extra.name = "embedding_unpatched"
+    proto.graph.output.append(extra)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dest))
+    shutil.copy(model.with_suffix(".json"), dest.with_suffix(".json"))
+    return dest
+
+
+def test_extra_outputs_are_kept_and_stored(photos, tiny_model, tmp_path, own_cache):
+    model = _with_extra_output(tiny_model, tmp_path / "m" / "model.onnx")
+    kw = dict(batch_size=5, workers=1, progress=False, extra_outputs=("embedding_unpatched",))
+    res = embed_folder(photos, model, store=EmbeddingStore(), **kw)
+    np.testing.assert_allclose(res.extra["embedding_unpatched"], -res.embeddings, atol=1e-6)
+    with EmbeddingStore() as store:
+        assert store.count(res.model_id + "#embedding_unpatched") == 24
+    again = embed_folder(photos, model, store=EmbeddingStore(), **kw)
+    assert again.n_new == 0
+    np.testing.assert_array_equal(again.extra["embedding_unpatched"], res.extra["embedding_unpatched"])
+    with pytest.raises(OptionError, match="no output 'nope'"):
+        embed_folder(photos, model, store=None, batch_size=5, workers=1, progress=False, extra_outputs=("nope",))
