@@ -20,14 +20,17 @@ Examples:
   itae-cluster photos/ --k 10 --model vitb14            # exports it first if missing
   itae-cluster imagenette/ --k 10 --model vits14_reg --labels-from-dirs --protocol paper
 
-Outputs in --out (default <folder>_itae/): assignments.csv, embeddings.npy, summary.json,
-skipped.csv, and cache/embeddings.sqlite, the resumable embedding store: re-running after an
-interruption embeds only the images that are missing or changed.
+  itae-cluster photos.tar --k 10 --onnx model.onnx      # WebDataset tars (a .tar, a folder of them, a{000..009}.tar)
+  itae-cluster list.txt --k 10 --onnx model.onnx        # a list of paths (.txt, .lst, .csv, .parquet)
+
+Outputs in --out (default <input>_itae/): assignments.csv, embeddings.npy, summary.json, skipped.csv.
+Embeddings are kept in the shared embedding cache ($ITAE_CACHE_DIR, default ~/.cache/itae-export):
+re-running after an interruption, or into another --out, embeds only the images that are missing or changed.
 """
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--k", "k", type=str, required=True,
               help="Number of clusters (2 to the number of images), or 'auto' to pick it (see --k-max, --k-criterion).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -90,8 +93,9 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
          labels_from_dirs,
          protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
          save_inputs, quiet):
-    """Embed every image in FOLDER with an exported ITAE model on ONNX Runtime, then cluster them
-    with K-Means on the L2-normalised embeddings (or a TSP/TEMI head with --method)."""
+    """Embed every image of INPUT (a folder, a list of paths, or WebDataset tars) with an exported ITAE
+    model on ONNX Runtime, then cluster them with K-Means on the L2-normalised embeddings (or a
+    TSP/TEMI head with --method)."""
     # Long only by its parameter list: Click passes every option; the body parses, calls
     # resolve_options/ensure_export/run_cluster_job, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs

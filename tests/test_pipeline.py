@@ -4,7 +4,10 @@ extra graph outputs of the embed stage."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tarfile
+from pathlib import Path
 
 import imagefolders as datasets
 import numpy as np
@@ -100,3 +103,54 @@ def test_extra_outputs_are_kept_and_stored(photos, tiny_model, tmp_path, own_cac
     np.testing.assert_array_equal(again.extra["embedding_unpatched"], res.extra["embedding_unpatched"])
     with pytest.raises(OptionError, match="no output 'nope'"):
         embed_folder(photos, model, store=None, batch_size=5, workers=1, progress=False, extra_outputs=("nope",))
+
+
+# ---------------------------------------------------------------- one source layer
+
+BAD = os.fsdecode(b"latin1-\xe9t\xe9.png")  # not valid UTF-8: names are bytes on Linux
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """One set of images as a folder, a WebDataset tar and a .txt list; one name is not UTF-8."""
+    base = tmp_path_factory.mktemp("inputs")
+    root = base / "photos"
+    datasets.fashion_folder(root, per_class=5, classes=3)
+    first = sorted(root.rglob("*.png"))[0]
+    shutil.copy(first, first.parent / BAD)
+    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    with tarfile.open(base / "photos.tar", "w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for r in rel:
+            tf.add(root / r, arcname=r)
+    (base / "list.txt").write_bytes(b"\n".join(os.fsencode(f"photos/{r}") for r in rel) + b"\n")
+    return base, rel
+
+
+def _vectors_by_name(out: Path, strip) -> dict[bytes, np.ndarray]:
+    from itae_export.data.outputs import read_csv
+
+    rows = read_csv(out / "assignments.csv")
+    emb = np.load(out / "embeddings.npy")
+    return {os.fsencode(strip(r["path"])): v for r, v in zip(rows, emb)}
+
+
+def test_cluster_folder_tar_and_list_give_the_same_vectors(inputs, tiny_model, tmp_path):
+    base, rel = inputs
+    got = {}
+    for name, spec, strip in (("folder", base / "photos", lambda k: k),
+                              ("tar", base / "photos.tar", lambda k: k.removeprefix("photos.tar/") + ".png"),
+                              ("list", base / "list.txt", lambda k: k.removeprefix("photos/"))):
+        out = tmp_path / name
+        res = CliRunner().invoke(cluster_cli, [str(spec), "--k", "3", "--onnx", str(tiny_model), "--out", str(out),
+                                               "--quiet", "--workers", "1"])
+        assert res.exit_code == 0, (name, res.output)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["counts"]["embedded"] == len(rel) and summary["input"]["kind"] == {
+            "folder": "folder", "tar": "webdataset", "list": "list"}[name]
+        got[name] = _vectors_by_name(out, strip)
+    assert set(got["folder"]) == {os.fsencode(r) for r in rel} == set(got["tar"]) == set(got["list"])
+    assert os.fsencode(BAD) in {k.rsplit(b"/", 1)[-1] for k in got["folder"]}
+    for k, v in got["folder"].items():
+        np.testing.assert_array_equal(got["tar"][k], v)
+        np.testing.assert_array_equal(got["list"][k], v)

@@ -12,7 +12,16 @@ from typing import Callable
 import numpy as np
 
 from itae_export.data import outputs
-from itae_export.data.embed import EmbedResult, FolderScan, default_out_dir, embed_folder, progress_bar
+from itae_export.data.embed import (
+    EmbedResult,
+    FolderScan,
+    default_out_dir,
+    embed_folder,
+    embed_items,
+    load_item,
+    progress_bar,
+)
+from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source
 from itae_export.cluster.evaluation import (
     choose_k,
     head_advice,
@@ -28,7 +37,7 @@ from itae_export.cluster.report import MAP_NAME, THUMBS_DIR
 from itae_export.data.store import EmbeddingStore, check_legacy_store
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
-from itae_export.images import DEFAULT_MAX_PIXELS, load_image
+from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import available_cores, open_session
 
@@ -170,12 +179,12 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
         opts.intra_op_threads = cores
     t_start = time.perf_counter()
     manifest = read_manifest(onnx_path)
-    scan, out_dir = _scan(folder, out_dir, opts)
+    job, out_dir = _scan(folder, out_dir, opts)
     t_scan = time.perf_counter() - t_start
     session = open_session(onnx_path, opts.device, intra_op_threads=opts.intra_op_threads, spinning=False)
     log(f"Execution provider: {session.provider} ({session.reason})")
     with EmbeddingStore() as store:
-        res = embed_folder(scan.root, onnx_path, scan=scan, manifest=manifest, store=store,
+        res = embed_items(job.items, onnx_path, root=job.root, manifest=manifest, store=store,
                            batch_size=opts.batch_size, workers=opts.workers, pool=opts.pool, progress=opts.progress,
                            session=session, max_pixels=opts.max_pixels, log=log)
     if not res.paths:
@@ -186,7 +195,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     clustering = cluster_embeddings(res.embeddings, k, opts, log)
     t_cluster = time.perf_counter() - t0
 
-    summary = _summary(scan.root, out_dir, onnx_path, manifest, res, opts, k, clustering)
+    summary = _summary(job.root, out_dir, onnx_path, manifest, res, opts, k, clustering)
+    summary["input"] = job.source
     columns = {"path": res.paths, "cluster": clustering.labels.tolist(),
                "distance": [f"{d:.6f}" for d in clustering.distances]}
     if opts.use_labels:
@@ -198,7 +208,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
                            "clusters_used": int(len(np.unique(clustering.labels))),
                            "schedule": clustering.head.schedule, "neighbour_advice": clustering.advice.as_dict()}
         if opts.head_out is not None:
-            summary["head"].update(_export_head(clustering.head, res, onnx_path, Path(opts.head_out), manifest, log))
+            summary["head"].update(_export_head(clustering.head, res, job, onnx_path, Path(opts.head_out), manifest,
+                                                log))
     summary["timings"] = {"scan_s": round(t_scan, 4), "embed_s": round(res.embed_seconds, 4),
                           "cluster_s": round(t_cluster, 4), "total_s": round(time.perf_counter() - t_start, 4)}
     summary["images_per_s"] = round(res.images_per_s, 3)
@@ -206,23 +217,42 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     return summary
 
 
-def _scan(folder, out_dir, opts: ClusterOptions) -> tuple[FolderScan, Path]:
-    """The images of ``folder`` (none of the job's own outputs) and the output folder, created."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"{folder}: no such folder" if not root.exists() else f"{folder}: not a folder")
-    root = root.resolve()
+@dataclass
+class JobInput:
+    """What a clustering job reads: the items of a folder, a list of paths or WebDataset tars (one
+    source layer, :mod:`itae_export.data.sources`), and where they come from."""
+
+    root: Path  # the folder, or the list's or tar's location
+    items: list[Item]
+    source: dict  # kind and location (summary.json ``input``)
+
+
+def _scan(spec, out_dir, opts: ClusterOptions) -> tuple[JobInput, Path]:
+    """The images of ``spec`` (none of the job's own outputs) and the output folder, created."""
+    p = Path(spec)
+    if not p.exists() and not ("{" in str(spec) and ".." in str(spec)):
+        raise InputError(f"{spec}: no such file or folder")
+    kind = "auto"
+    if p.is_dir():
+        kind = "webdataset" if any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(p)) else "folder"
+    root = p.resolve() if p.exists() else Path(os.path.abspath(spec))
     out_dir = Path(out_dir).resolve() if out_dir is not None else default_out_dir(root)
-    scan = FolderScan.of(root, exclude=own_outputs(root, out_dir))
-    if not scan.paths:
-        raise InputError(f"{folder}: no images found (looked recursively for common image extensions)")
+    if kind == "folder":
+        scan = FolderScan.of(root, exclude=own_outputs(root, out_dir))
+        job = JobInput(root, scan.items(), {"kind": "folder", "location": str(root)})
+    else:
+        src = open_source(spec, kind, DEFAULT_PART_SIZE, exclude=out_dir)
+        job = JobInput(root, [it for part in src.parts for it in part.items()],
+                       {"kind": src.kind, "location": src.location})
+    if not job.items:
+        raise InputError(f"{spec}: no images found (looked recursively for common image extensions)")
     if opts.k != "auto":
-        check_k(opts.k, len(scan.paths))
+        check_k(opts.k, len(job.items))
     if opts.use_labels:
-        labels_from_dirs(scan.rel)  # fail now, not after embedding
+        labels_from_dirs([it.key for it in job.items])  # fail now, not after embedding
     ensure_dir(out_dir)
     check_legacy_store(out_dir)
-    return scan, out_dir
+    return job, out_dir
 
 
 def own_outputs(root: Path, out_dir: Path) -> list[Path]:
@@ -375,7 +405,7 @@ def _label_evaluation(summary, res, y, assign, k, opts: ClusterOptions, onnx_pat
                       "accuracy": knn_accuracy(ref.embeddings, ref_y, res.embeddings, y, k=10)}
 
 
-def _export_head(head_result, res, onnx_path, head_out: Path, manifest: dict, log) -> dict:
+def _export_head(head_result, res, job: JobInput, onnx_path, head_out: Path, manifest: dict, log) -> dict:
     """The trained head as ONNX, and the encoder with the head appended, checked on real images."""
 
     if head_out.suffix != ".onnx":
@@ -384,8 +414,9 @@ def _export_head(head_result, res, onnx_path, head_out: Path, manifest: dict, lo
                 metadata={"itae.head": head_result.method, "itae.encoder": manifest.get("model", "")})
     composed = head_out.with_name(head_out.stem + ".with_encoder.onnx")
     append_head(onnx_path, head_out, composed)
-    pre = manifest["preprocessing"]
-    sample = np.stack([load_image(res.root / p, pre) for p in res.paths[:16]])
+    pre = PreprocessSpec.from_manifest(manifest["preprocessing"])
+    by_key = {it.key: it for it in job.items}
+    sample = np.stack([load_item(by_key[p], pre, None)[0] for p in res.paths[:16]])
     check = check_composed(composed, head_result.head, sample)
     log(f"Head: {head_out}; encoder + head: {composed}")
     return {"onnx": str(head_out), "encoder_with_head": str(composed), "check": check}

@@ -58,9 +58,9 @@ class EmbedResult:
 
 
 def default_out_dir(folder: str | os.PathLike) -> Path:
-    """``photos/`` -> ``photos_itae/`` beside it."""
+    """``photos/`` -> ``photos_itae/`` beside it (``photos.tar`` and ``list.txt``: ``photos_itae/``, ``list_itae/``)."""
     folder = Path(folder).resolve()
-    return folder.with_name(folder.name + "_itae")
+    return folder.with_name((folder.name if folder.is_dir() else folder.stem) + "_itae")
 
 
 def default_workers(provider: str | None = None) -> int:

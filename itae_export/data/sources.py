@@ -174,12 +174,12 @@ def read_path_list(p: Path) -> tuple[list[str], list[str]]:
         raise InputError(f"{p}: no such list file")
     suffix = p.suffix.lower()
     if suffix in (".txt", ".lst"):
-        keys = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        keys = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
         keys = [k for k in keys if k and not k.startswith("#")]
     elif suffix == ".csv":
         import csv
 
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names are bytes
             rows = list(csv.reader(f))
         if not rows:
             raise InputError(f"{p}: empty CSV (a header row naming a 'path' column is expected)")
