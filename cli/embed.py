@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 from itae_export.cli._common import report_errors
 
+from itae_export.cluster.job import MAX_N_INIT
 from itae_export.errors import InputError
+from itae_export.images import DEFAULT_MAX_PIXELS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -58,10 +60,14 @@ def main():
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="[--engine local] Decode threads.")
 @click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,
               help="[--engine local] ONNX Runtime intra-op threads on CPU.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Skip (with a reason) images larger than this many pixels, read from the header before decoding.")
+@click.option("--no-cache", is_flag=True,
+              help="[--engine local] Neither read nor fill the shared embedding cache ($ITAE_CACHE_DIR; docs/scale.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 @report_errors
 def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engine, ray_address, actors, actor_cpus,
-            device, batch_size, workers, intra_op_threads, quiet):
+            device, batch_size, workers, intra_op_threads, max_pixels, no_cache, quiet):
     """Embed INPUT (a folder, a list of paths, or WebDataset tars) into per-part parquet files in --out."""
     from itae_export.data.sources import parse_shard
 
@@ -74,7 +80,8 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
     except InputError as e:  # a usage error: exit 2
         raise click.BadParameter(str(e).split(": ", 1)[-1], param_hint="--shard") from None
     ray_only = {"--ray-address": ray_address, "--actors": actors, "--actor-cpus": actor_cpus}
-    local_only = {"--workers": workers, "--threads": intra_op_threads}
+    local_only = {"--workers": workers, "--threads": intra_op_threads, "--no-cache": no_cache or None,
+                  "--max-pixels": None if max_pixels == DEFAULT_MAX_PIXELS else max_pixels}
     if engine == "local" and any(v is not None for v in ray_only.values()):
         raise click.UsageError(f"{', '.join(k for k, v in ray_only.items() if v is not None)}: only with --engine ray")
     if engine == "ray" and any(v is not None for v in local_only.values()):
@@ -92,13 +99,16 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
 
             stats = embed_shards(input_spec, out_dir, onnx_path, shard=shard, part_size=part_size,
                                  input_format=input_format, batch_size=batch_size, workers=workers, device=device,
-                                 intra_op_threads=intra_op_threads, progress=not quiet, log=log)
+                                 intra_op_threads=intra_op_threads, progress=not quiet, max_pixels=max_pixels,
+                                 cache=not no_cache, log=log)
     except KeyboardInterrupt:
         click.echo("Interrupted: finished batches are saved; run the same command again to resume.", err=True)
         sys.exit(130)
-    speed = f" at {stats.images_per_s:.1f} images/s" if stats.embedded else ""
+    new = stats.embedded - stats.reused
+    speed = f" at {new / stats.seconds:.1f} images/s" if new and stats.seconds > 0 else ""
     click.echo(f"Shard {shard}: {stats.parts_written} parts written, {stats.parts_done_before} were complete; "
-               f"{stats.embedded} images embedded{speed}, {stats.rows_resumed} resumed, {stats.skipped} skipped")
+               f"{new} embedded{speed}, {stats.reused} reused (from the embedding cache), "
+               f"{stats.rows_resumed} resumed, {stats.skipped} skipped")
 
 
 @main.command("cluster", context_settings=CONTEXT)
@@ -111,7 +121,8 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
 @click.option("--sample-size", type=click.IntRange(min=2), default=None,
               help="[faiss] Training sample (default: min(n, max(256 k, 65,536))).")
 @click.option("--niter", type=click.IntRange(min=1), default=20, show_default=True, help="[faiss] Iterations.")
-@click.option("--n-init", type=click.IntRange(min=1), default=10, show_default=True, help="[sklearn] Restarts.")
+@click.option("--n-init", type=click.IntRange(min=1, max=MAX_N_INIT), default=10, show_default=True,
+              help="[sklearn] Restarts.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-partial", is_flag=True, help="Cluster the parts written so far instead of stopping.")
 @click.option("-q", "--quiet", is_flag=True)

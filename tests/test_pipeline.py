@@ -154,3 +154,32 @@ def test_cluster_folder_tar_and_list_give_the_same_vectors(inputs, tiny_model, t
     for k, v in got["folder"].items():
         np.testing.assert_array_equal(got["tar"][k], v)
         np.testing.assert_array_equal(got["list"][k], v)
+
+
+def test_embed_run_takes_any_name_and_shares_the_cache(inputs, tiny_model, tmp_path, own_cache):
+    """itae-embed run: non-UTF-8 names in a folder, a list and a tar member embed; a folder that
+    itae-cluster embedded is reused from the shared cache, and the vectors are itae-cluster's."""
+    from itae_export.cli.embed import main as embed_cli
+    from itae_export.data.shards import open_shards
+
+    base, rel = inputs
+    out = tmp_path / "c"
+    res = CliRunner().invoke(cluster_cli, [str(base / "photos"), "--k", "3", "--onnx", str(tiny_model), "--out",
+                                           str(out), "--quiet", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    ref = _vectors_by_name(out, lambda k: k)
+    for name, spec in (("folder", base / "photos"), ("list", base / "list.txt"), ("tar", base / "photos.tar")):
+        shards = tmp_path / f"s-{name}"
+        res = CliRunner().invoke(embed_cli, ["run", str(spec), "--out", str(shards), "--onnx", str(tiny_model),
+                                             "--quiet", "--workers", "1"])
+        assert res.exit_code == 0 and "Traceback" not in res.output, (name, res.output)
+        if name == "folder":
+            assert f"0 embedded, {len(rel)} reused" in res.output, res.output
+        s = open_shards(shards)
+        keys, vecs = s.keys(), s.load_all()
+        assert len(keys) == len(rel) and not s.skipped(), (name, s.skipped())
+        assert any("\\xe9" in k for k in keys), "a non-UTF-8 name is kept, its bytes escaped"
+        if name == "folder":
+            want = {os.fsencode(r).decode("utf-8", "backslashreplace"): ref[os.fsencode(r)] for r in rel}
+            for k, v in zip(keys, vecs):
+                np.testing.assert_array_equal(v, want[k])

@@ -160,9 +160,10 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_run_resumes_with_only_the_missing_work(photos, tiny_model, reference, tmp_path):
+def test_killed_run_resumes_with_only_the_missing_work(photos, tiny_model, reference, tmp_path, monkeypatch):
     """A subprocess SIGKILLed mid-part, then one SIGKILLed while writing a part file: the rerun embeds only
     the images that were in neither a part file nor the resume record, and the result equals a clean run."""
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))  # an empty embedding cache: the record alone
     out = tmp_path / "shards"
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(tests=str(TESTS), photos=str(photos), out=str(out), model=str(tiny_model)))

@@ -25,6 +25,7 @@ from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, available_cores, open_session
 
 POOLS = ("thread", "process")
+NON_FINITE = "the model returned NaN or inf for this image"  # the skip reason of a non-finite vector
 
 
 @dataclass
@@ -205,8 +206,8 @@ def embed_items(items: list[Item], onnx_path: str | os.PathLike, *, root: str | 
         model_id = model_id or model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()
-        fkeys, skipped = _file_keys(items)
-        done = _lookup(store, model_id, fkeys, extra_outputs, run.has_mask)
+        fkeys, skipped = file_keys(items)
+        done = lookup(store, model_id, fkeys, extra_outputs, run.has_mask)
         todo = [it for it in items if it.key in fkeys and it.key not in done]
         n_reused = len(done)
         conversions: Counter = Counter()
@@ -237,7 +238,7 @@ def embed_items(items: list[Item], onnx_path: str | os.PathLike, *, root: str | 
     )
 
 
-def _file_keys(items: list[Item]) -> tuple[dict[str, tuple[bytes, tuple[int, int, int]]], dict[str, str]]:
+def file_keys(items: list[Item]) -> tuple[dict[str, tuple[bytes, tuple[int, int, int]]], dict[str, str]]:
     """({key: (store key, file key)} of each item whose file can be stat'ed (a tar once), {key: reason} of the others)."""
     keys, skipped, stats = {}, {}, {}
     for it in items:
@@ -250,7 +251,7 @@ def _file_keys(items: list[Item]) -> tuple[dict[str, tuple[bytes, tuple[int, int
     return keys, skipped
 
 
-def _lookup(store, model_id: str, fkeys: dict, extra: tuple[str, ...], has_mask: bool) -> dict[str, tuple]:
+def lookup(store, model_id: str, fkeys: dict, extra: tuple[str, ...], has_mask: bool) -> dict[str, tuple]:
     """{key: (vector, artifact count, {extra: vector})} of the items the store holds, with every extra output."""
     if store is None or not fkeys:
         return {}
@@ -306,7 +307,7 @@ def _run_pipeline(todo, pre, max_pixels, run: GraphOutputs, store, model_id, fke
             vecs, counts, extra = run(np.stack(batch_px))
             finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
             for k in (k for k, ok in zip(batch_keys, finite) if not ok):
-                skipped[k] = "the model returned NaN or inf for this image"
+                skipped[k] = NON_FINITE
             good = [k for k, ok in zip(batch_keys, finite) if ok]
             vecs, counts, extra = vecs[finite], counts[finite], {n: v[finite] for n, v in extra.items()}
             if store is not None and good:

@@ -216,6 +216,7 @@ class RunStats:
     parts_done_before: int = 0  # complete when the run began
     parts_written: int = 0
     rows_resumed: int = 0  # rows found in the resume record (not embedded again)
+    reused: int = 0  # images found in the shared embedding cache (not embedded again)
     embedded: int = 0  # images embedded by this run
     skipped: int = 0  # images this run could not decode
     seconds: float = 0.0

@@ -12,12 +12,22 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.embed import default_batch_size, default_workers, load_item, progress_bar
+from itae_export.data.embed import (
+    NON_FINITE,
+    GraphOutputs,
+    default_batch_size,
+    default_workers,
+    file_keys,
+    load_item,
+    lookup,
+    progress_bar,
+)
+from itae_export.data.store import EmbeddingStore
 from itae_export.data.shards import RunStats, ShardRun
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
 from itae_export.onnx.identity import model_fingerprint
-from itae_export.errors import InputError
-from itae_export.images import PreprocessSpec
+from itae_export.errors import InputError, OptionError
+from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, open_session
 
@@ -43,19 +53,34 @@ def open_run(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAUL
     return ShardRun(source, out, model, shard=shard_t, part_size=part_size, log=log), pre
 
 
+def shard_key(key: str) -> str:
+    """A key as the shard files hold it (parquet strings and the resume record are UTF-8): a name
+    that is not valid UTF-8 keeps its valid part, each other byte written as ``\\xNN``."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return os.fsencode(key).decode("utf-8", "backslashreplace")
+
+
 def embed_shards(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAULT_PART_SIZE,
                  input_format: str = "auto", batch_size: int | None = None, workers: int | None = None,
                  device: str = "auto", intra_op_threads: int | None = None, progress: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, cache: bool = True,
                  log: Callable[[str], None] | None = None,
                  on_batch: Callable[[RunStats], None] | None = None) -> RunStats:
     """Embed worker ``shard`` ("i/N") of ``input_spec`` into the shard directory ``out``.
 
-    Parts already written are skipped; rows already in the resume record are not embedded again.
-    ``on_batch(stats)`` runs after each committed batch. Returns this run's :class:`RunStats`."""
+    Parts already written are skipped; rows already in the resume record are not embedded again,
+    nor (with ``cache``) images the shared embedding cache holds for this model
+    (:mod:`itae_export.data.store`); new vectors go to the cache too. ``on_batch(stats)`` runs after
+    each committed batch. Returns this run's :class:`RunStats`."""
     if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size: {batch_size} must be >= 1")
+        raise OptionError(f"--batch-size: {batch_size} must be >= 1")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers: {workers} must be >= 1")
+        raise OptionError(f"--workers: {workers} must be >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise OptionError(f"--max-pixels: {max_pixels} must be >= 1")
     run, pre = open_run(input_spec, out, onnx_path, shard=shard, part_size=part_size, input_format=input_format,
                         log=log)
     t0 = time.perf_counter()
@@ -65,19 +90,33 @@ def embed_shards(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DE
         sess, provider = open_session(onnx_path, device, intra_op_threads=intra_op_threads, spinning=False)
         if log:
             log(f"Execution provider: {provider}")
-        embed = Embedder(sess, provider)
-        _pipeline(run, pre, embed, batch_size or default_batch_size(provider), workers or default_workers(provider),
-                  progress, on_batch)
+        outs = GraphOutputs(Embedder(sess, provider))
+        store = EmbeddingStore() if cache else None
+        try:
+            _pipeline(run, pre, outs, store, batch_size or default_batch_size(provider),
+                      workers or default_workers(provider), progress, max_pixels, on_batch)
+        finally:
+            if store is not None:
+                store.close()
     run.stats.seconds = time.perf_counter() - t0
     return run.stats
 
 
-def _pipeline(run: ShardRun, pre, embed, batch_size: int, workers: int, progress: bool, on_batch) -> None:
+def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, workers: int, progress: bool,
+              max_pixels, on_batch) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     remaining: dict[int, int] = {}
     parts: dict[int, tuple] = {}
     conversions: Counter = Counter()
+    fkeys: dict = {}  # key -> (store key, file key) of the items being embedded
+
+    def commit(rows_by_part: dict[int, list]) -> None:
+        for pid, rows in rows_by_part.items():
+            run.add(pid, rows)
+            remaining[pid] -= len(rows)
+            if remaining[pid] == 0:
+                run.finish_part(*parts[pid])
 
     def stream():
         for part, n_items, todo in run.pending():
@@ -86,15 +125,17 @@ def _pipeline(run: ShardRun, pre, embed, batch_size: int, workers: int, progress
             if not todo:  # every row was in the resume record: only the file is left to write
                 run.finish_part(part, n_items)
                 continue
+            keys, unstat = file_keys(todo)
+            hit = lookup(store, run.model_id, keys, (), outs.has_mask)
+            done = [(it.pos, shard_key(it.key), hit[it.key][0], None) for it in todo if it.key in hit]
+            done += [(it.pos, shard_key(it.key), None, unstat[it.key]) for it in todo if it.key in unstat]
+            run.stats.reused += len(hit)
+            fkeys.update(keys)
+            if done:
+                commit({part.id: done})
             for it in todo:
-                yield part.id, it
-
-    def commit(rows_by_part: dict[int, list]) -> None:
-        for pid, rows in rows_by_part.items():
-            run.add(pid, rows)
-            remaining[pid] -= len(rows)
-            if remaining[pid] == 0:
-                run.finish_part(*parts[pid])
+                if it.key in keys and it.key not in hit:
+                    yield part.id, it
 
     ex = ThreadPoolExecutor(workers, thread_name_prefix="itae-decode")
     ahead = 2 * batch_size + workers
@@ -107,7 +148,7 @@ def _pipeline(run: ShardRun, pre, embed, batch_size: int, workers: int, progress
             nxt = next(it, None)
             if nxt is None:
                 return
-            pending.append((nxt[0], nxt[1], ex.submit(load_item, nxt[1], pre)))
+            pending.append((nxt[0], nxt[1], ex.submit(load_item, nxt[1], pre, max_pixels)))
 
     try:
         fill()
@@ -119,15 +160,23 @@ def _pipeline(run: ShardRun, pre, embed, batch_size: int, workers: int, progress
                 pixels, reason, notes = fut.result()
                 fill()
                 if pixels is None:
-                    rows.setdefault(pid, []).append((item.pos, item.key, None, reason))
+                    rows.setdefault(pid, []).append((item.pos, shard_key(item.key), None, reason))
                     continue
                 conversions.update(notes)
                 meta.append((pid, item))
                 px.append(pixels)
             if px:
-                vecs = embed(np.stack(px))
-                for (pid, item), v in zip(meta, vecs):
-                    rows.setdefault(pid, []).append((item.pos, item.key, v, None))
+                vecs, counts, _ = outs(np.stack(px))
+                finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
+                for (pid, item), v, ok in zip(meta, vecs, finite):
+                    rows.setdefault(pid, []).append(
+                        (item.pos, shard_key(item.key), v if ok else None, None if ok else NON_FINITE))
+                if store is not None and finite.any():
+                    good = [item for (_, item), ok in zip(meta, finite) if ok]
+                    store.add(run.model_id, [(fkeys[i.key][0], *fkeys[i.key][1]) for i in good], vecs[finite],
+                              counts[finite])
+            for _, item in meta:
+                fkeys.pop(item.key, None)  # the work list of a large shard is never held whole
             commit(rows)
             bar.update(sum(len(r) for r in rows.values()))
             if on_batch is not None:
