@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 import click
-from itae_export.cli._common import itae_flags, model_choice, to_click_error, weight_flags
+from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
 
 from itae_export.cluster.job import MAX_N_INIT
 from itae_export.cluster.tensors import write_inputs_and_masks
-from itae_export.errors import ITAEError
 from itae_export.images import DEFAULT_MAX_PIXELS
 from itae_export.registry import DEFAULT_CLUSTER_MODEL
 
@@ -88,6 +87,7 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--save-inputs", is_flag=True, help="Also write pixel_values.npy and artifact_mask.npy (rows as in "
               "embeddings.npy; one more decode and CPU pass) for comparing a port (docs/onnx-contract.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
+@report_errors
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
          resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, max_pixels,
          labels_from_dirs,
@@ -152,8 +152,6 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "
                    "to resume.", err=True)
         sys.exit(130)
-    except ITAEError as e:
-        raise to_click_error(e) from None
     click.echo(format_summary(summary))
 
 

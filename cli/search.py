@@ -88,7 +88,7 @@ def query_cmd(collection, image, like, text, onnx, text_model, method, k, sessio
         session.save(session_path)
     out = write_ranked(results, output, fmt, index.root)
     if output is None:
-        click.echo(out, nl=False)
+        click.echo(out.encode("utf-8", "surrogateescape"), nl=False)  # a name that is not UTF-8: its bytes
 
 
 @main.command("serve", context_settings=CTX)

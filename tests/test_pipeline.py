@@ -183,3 +183,49 @@ def test_embed_run_takes_any_name_and_shares_the_cache(inputs, tiny_model, tmp_p
             want = {os.fsencode(r).decode("utf-8", "backslashreplace"): ref[os.fsencode(r)] for r in rel}
             for k, v in zip(keys, vecs):
                 np.testing.assert_array_equal(v, want[k])
+
+
+def test_embed_run_and_cluster_match_itae_cluster_and_search_reads_every_output(inputs, tiny_model, tmp_path):
+    """itae-embed run + itae-embed cluster: the same vectors and the same output set as itae-cluster;
+    itae-search queries an itae-cluster folder, an itae-embed cluster folder and a shard folder."""
+    from itae_export.cli.embed import main as embed_cli
+    from itae_export.cli.search import main as search_cli
+    from itae_export.data.outputs import read_csv
+    from itae_export.search.index import read_collection
+
+    base, rel = inputs
+    single, shards, clusters = tmp_path / "single", tmp_path / "shards", tmp_path / "clusters"
+    runner = CliRunner()
+    res = runner.invoke(cluster_cli, [str(base / "photos"), "--k", "3", "--onnx", str(tiny_model), "--out",
+                                      str(single), "--quiet", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(embed_cli, ["run", str(base / "photos"), "--out", str(shards), "--onnx", str(tiny_model),
+                                    "--quiet", "--part-size", "7"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(embed_cli, ["cluster", str(shards), "--k", "3", "--out", str(clusters), "--quiet"])
+    assert res.exit_code == 0, res.output
+
+    one = json.loads((single / "summary.json").read_text())
+    two = json.loads((clusters / "summary.json").read_text())
+    shared = {"folder", "input", "out_dir", "onnx", "model_id", "model", "itae", "precision", "preprocessing",
+              "embed_dim", "counts", "method", "clustering", "cluster_sizes", "timings"}
+    assert shared <= set(one) and shared <= set(two), (shared - set(one), shared - set(two))
+    assert one["model_id"] == two["model_id"] and one["counts"]["embedded"] == two["counts"]["embedded"] == len(rel)
+    assert {r["path"] for r in read_csv(single / "assignments.csv")} == {
+        os.fsdecode(os.fsencode(r["path"])) for r in read_csv(single / "assignments.csv")}
+    assert len(read_csv(clusters / "assignments.csv")) == len(rel)
+
+    _, keys1, v1 = read_collection(single)
+    _, keys2, v2 = read_collection(clusters)
+    _, keys3, v3 = read_collection(shards)
+    assert keys2 == keys3
+    want = dict(zip((os.fsencode(k).decode("utf-8", "backslashreplace") for k in keys1), np.asarray(v1)))
+    assert set(keys2) == set(want)
+    for k, v in zip(keys2, v2):
+        np.testing.assert_array_equal(v, want[k])
+
+    probe = base / "photos" / rel[-1]  # rel[0]'s pixels are also those of the non-UTF-8 copy
+    for collection in (single, clusters, shards):
+        r = runner.invoke(search_cli, ["query", str(collection), "--image", str(probe), "-k", "3"])
+        assert r.exit_code == 0 and "Traceback" not in r.output, (collection, r.output)
+        assert r.stdout.splitlines()[1].startswith(f"1,{rel[-1]},"), r.stdout

@@ -20,6 +20,7 @@ from itae_export.data.embed import (
     embed_items,
     load_item,
     progress_bar,
+    text_key,
 )
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source
 from itae_export.cluster.evaluation import (
@@ -360,11 +361,35 @@ def _score_labels(summary: dict, res: EmbedResult, assign: np.ndarray, k: int, o
 
 def _write_outputs(out_dir: Path, res: EmbedResult, columns: dict, summary: dict) -> None:
     """The output set, published as one (see :mod:`itae_export.data.outputs`)."""
-    outputs.publish(out_dir, {
+    files = {
         outputs.EMBEDDINGS: outputs.npy_bytes(res.embeddings),
         outputs.ASSIGNMENTS: outputs.csv_bytes(list(columns), zip(*columns.values())),
         outputs.SKIPPED: outputs.csv_bytes(["path", "reason"], res.skipped),
-    }, summary)
+    }
+    if len(res.paths) >= outputs.PARQUET_MIN_ROWS and _has_pyarrow():
+        files[outputs.ASSIGNMENTS_PARQUET] = _assignments_parquet(columns)
+    outputs.publish(out_dir, files, summary)
+
+
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _assignments_parquet(columns: dict) -> bytes:
+    """assignments.parquet as itae-embed cluster writes it: key, cluster int32, distance float32 (+ label)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = {"key": pa.array([text_key(p) for p in columns["path"]], pa.string()),
+             "cluster": pa.array(np.asarray(columns["cluster"], np.int32)),
+             "distance": pa.array(np.asarray(columns["distance"], np.float32))}
+    if "label" in columns:
+        table["label"] = pa.array(columns["label"], pa.string())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(table), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 CLUSTER_METHODS = ("kmeans", "tsp", "temi")

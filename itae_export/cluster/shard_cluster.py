@@ -6,9 +6,12 @@ the assignment reads one part at a time (each part memory-mapped) and appends it
 output. Smaller sets are read into one array (each part copied into it once) and clustered by
 :func:`~itae_export.cluster.job.kmeans_assign`, the same K-Means as ``itae-cluster``.
 
-Outputs in ``out`` (default ``SHARDS/clusters_k<k>``), each written atomically, summary last:
-``assignments.parquet`` (key, cluster int32, distance float32, in part order), ``centroids.npy``,
-``skipped.csv`` and ``summary.json``.
+Outputs in ``out`` (default ``SHARDS/clusters_k<k>``), each written atomically, summary last: the
+output set of ``itae-cluster`` (docs/outputs.md): ``assignments.csv`` (path, cluster, distance; up to
+:data:`~itae_export.data.outputs.CSV_MAX_ROWS` rows), ``skipped.csv``, ``summary.json`` with the same
+fields; and ``assignments.parquet`` (key, cluster int32, distance float32, in part order),
+``centroids.npy``. The embeddings are the shard directory's parts (``summary.json`` ``shards``),
+not copied; ``itae-search`` reads them there.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 from itae_export.cluster import faiss_kmeans as fk
 from itae_export.cluster.job import check_k, kmeans_assign, kmeans_backend
 from itae_export.cluster.metrics import l2_normalize
-from itae_export.data.outputs import csv_bytes, npy_bytes
+from itae_export.data import outputs
+from itae_export.data.outputs import npy_bytes
 from itae_export.data.shards import open_shards, read_part
 from itae_export.data.sources import require_pyarrow
 from itae_export.errors import InputError, MissingDependencyError
@@ -110,20 +114,39 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
         raise
     kinfo["inertia"] = inertia
     atomic_write_bytes(out / "centroids.npy", npy_bytes(np.asarray(centroids, np.float32)))
+    if n <= outputs.CSV_MAX_ROWS:  # the assignments.csv of itae-cluster, from the parquet just written
+        t = pq.read_table(out / "assignments.parquet")
+        atomic_write_bytes(out / outputs.ASSIGNMENTS, outputs.csv_bytes(
+            ["path", "cluster", "distance"], zip(t.column("key").to_pylist(), t.column("cluster").to_pylist(),
+                                                 (f"{d:.6f}" for d in t.column("distance").to_pylist()))))
+    elif (out / outputs.ASSIGNMENTS).exists():
+        (out / outputs.ASSIGNMENTS).unlink()  # of an earlier, smaller run: never beside another run's parquet
     skipped = shards.skipped()
-    atomic_write_bytes(out / "skipped.csv", csv_bytes(["key", "reason"], skipped))
-    summary = {
-        "shards": str(Path(shard_dir).resolve()),
+    atomic_write_bytes(out / outputs.SKIPPED, outputs.csv_bytes(["path", "reason"], skipped))
+    model = shards.manifest.get("model") or {}
+    source = shards.manifest.get("input") or {}
+    kmeans = {**kinfo, "input": "L2-normalised embeddings", "distance": "euclidean, unit vector to its centroid"}
+    summary = {  # the fields of itae-cluster's summary.json (docs/outputs.md), and the shard specifics
+        "folder": source.get("location"),
+        "input": {"kind": source.get("kind"), "location": source.get("location")},
         "out_dir": str(out.resolve()),
-        "model": shards.manifest.get("model"),
-        "counts": {"embedded": n, "parts": len(shards.files), "parts_missing": len(shards.missing),
-                   "skipped": len(skipped)},
-        "kmeans": {**kinfo, "input": "L2-normalised embeddings",
-                   "distance": "euclidean, unit vector to its centroid"},
+        "onnx": model.get("onnx"),
+        "model_id": model.get("id"),
+        "model": model.get("name"),
+        "itae": model.get("itae"),
+        "precision": model.get("precision"),
+        "preprocessing": model.get("preprocessing"),
+        "embed_dim": shards.dim,
+        "shards": str(Path(shard_dir).resolve()),
+        "counts": {"found": n + len(skipped), "embedded": n, "embedded_new": None, "reused": None,
+                   "skipped": len(skipped), "parts": len(shards.files), "parts_missing": len(shards.missing)},
+        "method": "kmeans",
+        "clustering": {"method": "kmeans", "name": "K-Means", "k": k, "seed": seed, **kmeans},
+        "kmeans": kmeans,
         "cluster_sizes": sizes.tolist(),
         "timings": {"fit_s": round(t_fit, 3), "total_s": round(time.perf_counter() - t0, 3)},
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / outputs.SUMMARY, summary)
     return summary
 
 

@@ -58,6 +58,16 @@ class EmbedResult:
         return self.n_new / self.embed_seconds if self.embed_seconds > 0 and self.n_new else 0.0
 
 
+def text_key(key: str) -> str:
+    """A key as UTF-8 text (parquet strings, the shard resume record): a name that is not valid UTF-8
+    keeps its valid part, each other byte written as ``\\xNN``. CSV files keep the bytes themselves."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return os.fsencode(key).decode("utf-8", "backslashreplace")
+
+
 def default_out_dir(folder: str | os.PathLike) -> Path:
     """``photos/`` -> ``photos_itae/`` beside it (``photos.tar`` and ``list.txt``: ``photos_itae/``, ``list_itae/``)."""
     folder = Path(folder).resolve()

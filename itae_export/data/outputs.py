@@ -35,6 +35,9 @@ EMBEDDINGS = "embeddings.npy"
 SKIPPED = "skipped.csv"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+ASSIGNMENTS_PARQUET = "assignments.parquet"
+PARQUET_MIN_ROWS = 100_000  # from here on the assignments are also written as parquet (where pyarrow is installed)
+CSV_MAX_ROWS = 1_000_000  # itae-embed cluster writes assignments.csv up to here; parquet alone above
 
 
 def _cell(value) -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from itae_export.data.sources import Part, Source, require_pyarrow, shard_parts
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OutputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 
 FORMAT = "itae-shards/1"
@@ -169,6 +169,13 @@ class ShardState:
                     vector BLOB, reason TEXT, PRIMARY KEY (part, pos));
             """)
         except sqlite3.DatabaseError as e:
+            low = str(e).lower()
+            if "full" in low:  # a healthy record on a full disk: never advise deleting it
+                raise OutputError(f"{path}: the disk is full; the resume record is intact: free some space and run "
+                                  "the same command again to resume") from None
+            if "readonly" in low or "read-only" in low or "unable to open" in low:
+                raise OutputError(f"{path}: the resume record cannot be written (read-only filesystem or no "
+                                  "permission); choose another --out") from None
             raise InputError(f"{path}: not a usable resume record ({e}); delete it to start the shard afresh") from e
         self.path = path
 

@@ -79,7 +79,8 @@ def store_error(path: Path, e: Exception) -> Exception:
     low = msg.lower()
     code = getattr(e, "sqlite_errorcode", None)
     move = f"set {CACHE_ENV} to a writable folder"
-    if "full" in low or getattr(e, "errno", None) == errno.ENOSPC or code == 13:  # SQLITE_FULL
+    if ("full" in low or getattr(e, "errno", None) == errno.ENOSPC or code == 13  # SQLITE_FULL
+            or ("disk i/o" in low and _nearly_full(path))):  # a WAL write on a full disk fails as an I/O error
         return OutputError(f"{path}: the disk is full; the embedding cache is intact: free some space (or {move} "
                            "on another disk) and run the same command again to resume")
     if "readonly" in low or "read-only" in low or code in (8,) or getattr(e, "errno", None) in (errno.EROFS,
@@ -93,6 +94,15 @@ def store_error(path: Path, e: Exception) -> Exception:
         return InputError(f"{path}: the embedding cache is corrupt ({msg}); move it away or delete it (its "
                           f"embeddings are then computed again), or {move}")
     return OutputError(f"{path}: embedding cache error ({msg})")
+
+
+def _nearly_full(path: Path) -> bool:
+    """Less than 1 MiB free where ``path`` lives."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 class EmbeddingStore:
@@ -204,7 +214,7 @@ def check_legacy_store(out_dir: Path) -> None:
     the artifact counts this version stores, so they cannot be carried over (the images are embedded
     once more, into the shared cache)."""
     old = Path(out_dir) / LEGACY_STORE_NAME
-    if old.exists():
+    if old.exists() and old.resolve() != default_store_path().resolve():  # not the shared cache itself
         raise InputError(f"{old}: an embedding store of an earlier itae-export; embeddings now live in the shared "
                          f"cache ({cache_dir()}, ${CACHE_ENV} moves it) and its rows lack the artifact counts: delete "
                          f"{old.parent} (its images are embedded again, once) or choose another --out")

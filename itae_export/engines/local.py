@@ -21,6 +21,7 @@ from itae_export.data.embed import (
     load_item,
     lookup,
     progress_bar,
+    text_key,
 )
 from itae_export.data.store import EmbeddingStore
 from itae_export.data.shards import RunStats, ShardRun
@@ -51,16 +52,6 @@ def open_run(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAUL
     model = model_identity(onnx_path)
     pre = PreprocessSpec.from_manifest(model["preprocessing"])
     return ShardRun(source, out, model, shard=shard_t, part_size=part_size, log=log), pre
-
-
-def shard_key(key: str) -> str:
-    """A key as the shard files hold it (parquet strings and the resume record are UTF-8): a name
-    that is not valid UTF-8 keeps its valid part, each other byte written as ``\\xNN``."""
-    try:
-        key.encode("utf-8")
-        return key
-    except UnicodeEncodeError:
-        return os.fsencode(key).decode("utf-8", "backslashreplace")
 
 
 def embed_shards(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DEFAULT_PART_SIZE,
@@ -127,8 +118,8 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
                 continue
             keys, unstat = file_keys(todo)
             hit = lookup(store, run.model_id, keys, (), outs.has_mask)
-            done = [(it.pos, shard_key(it.key), hit[it.key][0], None) for it in todo if it.key in hit]
-            done += [(it.pos, shard_key(it.key), None, unstat[it.key]) for it in todo if it.key in unstat]
+            done = [(it.pos, text_key(it.key), hit[it.key][0], None) for it in todo if it.key in hit]
+            done += [(it.pos, text_key(it.key), None, unstat[it.key]) for it in todo if it.key in unstat]
             run.stats.reused += len(hit)
             fkeys.update(keys)
             if done:
@@ -160,7 +151,7 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
                 pixels, reason, notes = fut.result()
                 fill()
                 if pixels is None:
-                    rows.setdefault(pid, []).append((item.pos, shard_key(item.key), None, reason))
+                    rows.setdefault(pid, []).append((item.pos, text_key(item.key), None, reason))
                     continue
                 conversions.update(notes)
                 meta.append((pid, item))
@@ -170,7 +161,7 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
                 finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
                 for (pid, item), v, ok in zip(meta, vecs, finite):
                     rows.setdefault(pid, []).append(
-                        (item.pos, shard_key(item.key), v if ok else None, None if ok else NON_FINITE))
+                        (item.pos, text_key(item.key), v if ok else None, None if ok else NON_FINITE))
                 if store is not None and finite.any():
                     good = [item for (_, item), ok in zip(meta, finite) if ok]
                     store.add(run.model_id, [(fkeys[i.key][0], *fkeys[i.key][1]) for i in good], vecs[finite],

@@ -1,4 +1,5 @@
-"""The search index over the embeddings that itae-cluster wrote: exact inner product for small
+"""The search index over the embeddings of a collection (an itae-cluster or itae-embed cluster output
+folder, or an itae-embed shard directory): exact inner product for small
 collections, a faiss IVF index above :data:`APPROX_MIN_VECTORS`, persisted beside the embeddings.
 
 Vectors are L2-normalised, so the inner product is the cosine similarity. An index belongs to
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.cluster.metrics import l2_normalize
-from itae_export.data.outputs import read_outputs
+from itae_export.data.outputs import SUMMARY, read_outputs
+from itae_export.data.shards import MANIFEST as SHARD_MANIFEST
+from itae_export.data.shards import open_shards
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 
@@ -43,10 +46,18 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.ndarray]:
-    """(summary, relative paths, raw embeddings [n, D]) of an itae-cluster output folder."""
+    """(summary, keys, raw embeddings [n, D]) of a collection: an itae-cluster output folder, an
+    ``itae-embed cluster`` output folder (its vectors are those of the shard directory it names), or
+    a shard directory written by ``itae-embed run``."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: no such folder (expected an itae-cluster output folder)")
+        raise InputError(f"{out_dir}: no such folder (expected an itae-cluster or itae-embed output folder)")
+    if not (out_dir / SUMMARY).is_file() and (out_dir / SHARD_MANIFEST).is_file():
+        return _shard_collection(out_dir)
+    if (out_dir / SUMMARY).is_file():
+        summary = _read_json(out_dir / SUMMARY, "the summary of the run")
+        if summary.get("shards") and not (out_dir / "embeddings.npy").is_file():  # itae-embed cluster
+            return _shard_collection(Path(summary["shards"]))
     data = read_outputs(out_dir)  # one set, checked; names as on disk
     summary, paths, emb = data["summary"], [row["path"] for row in data["rows"]], data["embeddings"]
     if not summary.get("model_id"):
@@ -54,6 +65,25 @@ def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.nda
     if emb.ndim != 2:
         raise InputError(f"{out_dir}: embeddings.npy has shape {emb.shape}, not [n, D]")
     return summary, paths, emb
+
+
+def _shard_collection(shard_dir: Path) -> tuple[dict, list[str], np.ndarray]:
+    """A shard directory as a collection: the keys and vectors of its parts, the model of its manifest."""
+    shards = open_shards(shard_dir)
+    model, source = shards.manifest.get("model") or {}, shards.manifest.get("input") or {}
+    location = Path(source.get("location") or shard_dir)
+    root = location if source.get("kind") == "folder" else location.parent
+    summary = {"model_id": model.get("id"), "model": model.get("name"), "onnx": model.get("onnx"),
+               "folder": str(root), "shards": str(Path(shard_dir).resolve())}
+    return summary, shards.keys(), shards.load_all()
+
+
+def _collection_stamp(out_dir: Path, summary: dict) -> list:
+    """What changes when the collection's vectors change: embeddings.npy's (size, mtime), or each part file's."""
+    if summary.get("shards") and not (out_dir / "embeddings.npy").is_file():
+        parts = sorted(Path(summary["shards"]).glob("part-*.parquet"))
+        return [x for f in parts for x in _stamp(f)]
+    return _stamp(out_dir / "embeddings.npy")
 
 
 @dataclass
@@ -236,8 +266,7 @@ def build_index(out_dir: str | os.PathLike, *, kind: str = "auto", log=None) -> 
         "n": len(paths),
         "dim": int(vectors.shape[1]),
         "metric": "inner product of L2-normalised embeddings (cosine)",
-        "embeddings": _stamp(out_dir / "embeddings.npy"),
-        "assignments": _stamp(out_dir / "assignments.csv"),
+        "embeddings": _collection_stamp(out_dir, summary),
     }
     index = SearchIndex(Path(summary.get("folder") or out_dir), paths, vectors, summary["model_id"],
                         summary.get("model"), meta["weights_sha256"], kind)
@@ -268,7 +297,7 @@ def load_index(out_dir: str | os.PathLike, *, kind: str = "auto", rebuild: bool 
             stale = "older index schema"
         elif meta.get("model_id") != summary["model_id"]:
             stale = "the collection was embedded again with another model"
-        elif meta.get("embeddings") != _stamp(out_dir / "embeddings.npy") or meta.get("n") != len(paths):
+        elif meta.get("embeddings") != _collection_stamp(out_dir, summary) or meta.get("n") != len(paths):
             stale = "the embeddings changed"
         elif meta.get("kind") != wanted:
             stale = f"a {wanted} index was asked for"

@@ -10,7 +10,9 @@ import numpy as np
 
 from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError
-from itae_export.images import ImageDecodeError, load_image
+from itae_export.data.embed import load_item
+from itae_export.data.sources import Item
+from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, open_session
 from itae_export.search.index import SearchIndex
@@ -28,17 +30,20 @@ def collection_onnx(index: SearchIndex) -> Path | None:
     return Path(onnx) if onnx else None
 
 
-def embed_image(index: SearchIndex, image: str | os.PathLike, onnx_path: str | os.PathLike, device: str = "auto") -> np.ndarray:
+def embed_image(index: SearchIndex, image: str | os.PathLike, onnx_path: str | os.PathLike, device: str = "auto",
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The unit embedding of one image file, by ``onnx_path``, which must be the index's model."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"--onnx: {onnx_path}: no such file")
     index.check_model(model_fingerprint(onnx_path), f"--onnx {onnx_path}")
-    pre = read_manifest(onnx_path)["preprocessing"]
-    try:
-        pixels = load_image(image, pre)
-    except ImageDecodeError as e:
-        raise InputError(f"--image: {e}") from None
+    pre = PreprocessSpec.from_manifest(read_manifest(onnx_path)["preprocessing"])
+    image = os.fspath(image)
+    if not os.path.isfile(image):
+        raise InputError(f"--image: {image}: no such file")
+    pixels, reason, _ = load_item(Item(0, image, image), pre, max_pixels)  # the decode of every command
+    if pixels is None:
+        raise InputError(f"--image: {image}: {reason}")
     sess, provider = open_session(onnx_path, device, spinning=False)
     return _unit(Embedder(sess, provider)(pixels[None])[0])
 

@@ -154,5 +154,5 @@ def write_ranked(results: list[tuple[str, float]], path: str | os.PathLike | Non
         w.writerows((i + 1, p, f"{s:.6f}") for i, (p, s) in enumerate(results))
         text = buf.getvalue()
     if path is not None:
-        atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # file names are bytes
     return text
