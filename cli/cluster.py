@@ -99,7 +99,8 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
     # Long only by its parameter list: Click passes every option; the body parses, calls
     # resolve_options/ensure_export/run_cluster_job, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
-    from itae_export.cluster.job import format_summary, run_cluster_job
+    from itae_export.cluster.job import format_summary
+    from itae_export.cluster.shard_cluster import run_cluster
     from itae_export.cluster.report import write_report
     from itae_export.onnx.export import ensure_export
     from itae_export.registry import get_model_spec
@@ -135,7 +136,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
                                                  weights=weights, pos_rule=pos_rule, log=log)
             onnx_path = ensure_export(spec, options, resolution=resolution, precision=precision, weights=weights,
                                       pos_rule=pos_rule, preloaded=preloaded, log=log)
-        summary = run_cluster_job(
+        summary = run_cluster(
             folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, max_pixels=max_pixels, batch_size=batch_size,
             workers=workers,
             pool=pool, device=device, intra_op_threads=intra_op_threads, use_labels=labels_from_dirs,
@@ -144,9 +145,11 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             head_params={"epochs": epochs} if epochs else None, head_out=head_out, knn_reference=knn_reference,
             log=log,
         )
-        if report:
+        if (report or save_inputs) and "shards" in summary:
+            log("--report/--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
+        elif report:
             log(f"Report: {write_report(summary['out_dir'])}")
-        if save_inputs:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
+        if save_inputs and "shards" not in summary:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
             log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'])['rows']} rows")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "

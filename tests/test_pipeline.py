@@ -229,3 +229,28 @@ def test_embed_run_and_cluster_match_itae_cluster_and_search_reads_every_output(
         r = runner.invoke(search_cli, ["query", str(collection), "--image", str(probe), "-k", "3"])
         assert r.exit_code == 0 and "Traceback" not in r.output, (collection, r.output)
         assert r.stdout.splitlines()[1].startswith(f"1,{rel[-1]},"), r.stdout
+
+
+def test_itae_cluster_switches_to_the_sharded_stages(inputs, tiny_model, tmp_path, monkeypatch):
+    """From SHARDED_MIN_IMAGES on, itae-cluster runs itae-embed run + cluster by itself: the same
+    vectors, the same output set, and itae-search reads it."""
+    import itae_export.cluster.shard_cluster as sc
+    from itae_export.data.outputs import read_csv
+    from itae_export.search.index import read_collection
+
+    base, rel = inputs
+    args = [str(base / "photos"), "--k", "3", "--onnx", str(tiny_model), "--workers", "1"]
+    small = CliRunner().invoke(cluster_cli, [*args, "--out", str(tmp_path / "small")])
+    assert small.exit_code == 0, small.output
+    monkeypatch.setattr(sc, "SHARDED_MIN_IMAGES", len(rel))
+    big = CliRunner().invoke(cluster_cli, [*args, "--out", str(tmp_path / "big")])
+    assert big.exit_code == 0 and "sharded stages" in big.output, big.output
+    assert f"0 embedded, {len(rel)} reused" in big.output, big.output
+    summary = json.loads((tmp_path / "big" / "summary.json").read_text())
+    assert summary["shards"] == str(tmp_path / "big" / "shards") and summary["counts"]["embedded"] == len(rel)
+    assert len(read_csv(tmp_path / "big" / "assignments.csv")) == len(rel)
+    _, k1, v1 = read_collection(tmp_path / "small")
+    _, k2, v2 = read_collection(tmp_path / "big")
+    want = dict(zip((os.fsencode(k).decode("utf-8", "backslashreplace") for k in k1), np.asarray(v1)))
+    for k, v in zip(k2, v2):
+        np.testing.assert_array_equal(v, want[k])

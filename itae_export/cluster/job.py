@@ -3,6 +3,7 @@ choose k, cluster (K-Means or a TSP/TEMI head), score against labels, write the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -366,15 +367,9 @@ def _write_outputs(out_dir: Path, res: EmbedResult, columns: dict, summary: dict
         outputs.ASSIGNMENTS: outputs.csv_bytes(list(columns), zip(*columns.values())),
         outputs.SKIPPED: outputs.csv_bytes(["path", "reason"], res.skipped),
     }
-    if len(res.paths) >= outputs.PARQUET_MIN_ROWS and _has_pyarrow():
+    if len(res.paths) >= outputs.PARQUET_MIN_ROWS and importlib.util.find_spec("pyarrow") is not None:
         files[outputs.ASSIGNMENTS_PARQUET] = _assignments_parquet(columns)
     outputs.publish(out_dir, files, summary)
-
-
-def _has_pyarrow() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pyarrow") is not None
 
 
 def _assignments_parquet(columns: dict) -> bytes:
@@ -457,7 +452,7 @@ def format_summary(summary: dict) -> str:
     speed = f" at {summary['images_per_s']:.1f} images/s" if c["embedded_new"] else ""
     lines = [
         f"{c['embedded']} images: {c['embedded_new']} embedded, {c['reused']} reused (from the embedding cache) "
-        f"on {summary['execution_provider']}{speed}",
+        f"on {summary.get('execution_provider') or 'ONNX Runtime'}{speed}",
         f"Clusters (k={summary['clustering']['k']}{', chosen by ' + summary['k_auto']['criterion'] if 'k_auto' in summary else ''}"
         f", {summary.get('method', 'kmeans')}): sizes {summary['cluster_sizes']}",
     ]

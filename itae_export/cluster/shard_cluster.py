@@ -25,14 +25,18 @@ from typing import Callable
 import numpy as np
 
 from itae_export.cluster import faiss_kmeans as fk
-from itae_export.cluster.job import check_k, kmeans_assign, kmeans_backend
+from itae_export.cluster.job import ClusterOptions, check_k, kmeans_assign, kmeans_backend, run_cluster_job
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.data import outputs
 from itae_export.data.outputs import npy_bytes
 from itae_export.data.shards import open_shards, read_part
-from itae_export.data.sources import require_pyarrow
+from itae_export.data.embed import default_out_dir
+from itae_export.data.sources import DEFAULT_PART_SIZE, open_source, require_pyarrow
+from itae_export.data.store import check_legacy_store
+from itae_export.engines.local import embed_shards
 from itae_export.errors import InputError, MissingDependencyError
-from itae_export.files import atomic_write_bytes, atomic_write_json
+from itae_export.files import atomic_write_bytes, atomic_write_json, ensure_dir
+from itae_export.images import DEFAULT_MAX_PIXELS
 
 BACKENDS = ("auto", "faiss", "sklearn")
 
@@ -146,6 +150,67 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
         "cluster_sizes": sizes.tolist(),
         "timings": {"fit_s": round(t_fit, 3), "total_s": round(time.perf_counter() - t0, 3)},
     }
+    atomic_write_json(out / outputs.SUMMARY, summary)
+    return summary
+
+
+# From this many images on, itae-cluster runs the sharded stages (itae-embed run + cluster) by itself:
+# the in-memory job holds every vector at once (n x D float32: 0.6 GB at 200,000 x 768, plus
+# embeddings.npy of the same size), the sharded stages hold one part (docs/scale.md).
+SHARDED_MIN_IMAGES = 200_000
+SHARD_DIR = "shards"  # inside itae-cluster's --out
+IN_MEMORY_ONLY = {"use_labels": "--labels-from-dirs", "protocol": "--protocol", "head_out": "--head-out",
+                  "knn_reference": "--knn-reference"}
+
+
+def run_cluster(input_spec, onnx_path, k, out_dir=None, *, log: Callable[[str], None] | None = None,
+                **options) -> dict:
+    """itae-cluster: :func:`~itae_export.cluster.job.run_cluster_job` in memory below
+    :data:`SHARDED_MIN_IMAGES` images; from there on (K-Means with an integer k) the sharded stages
+    (``itae-embed run`` into ``OUT/shards/``, then :func:`cluster_shards` into ``OUT``), which
+    write the same output set. Returns the summary."""
+    log = log or (lambda m: None)
+    if options.get("method", "kmeans") != "kmeans" or k == "auto" or not (fk.faiss_available() and _has_pyarrow()):
+        return run_cluster_job(input_spec, onnx_path, k, out_dir, log=log, **options)
+    out = Path(out_dir).resolve() if out_dir is not None else default_out_dir(Path(input_spec))
+    inp = Path(input_spec).resolve()
+    inside = out == inp or out in inp.parents  # --out is the input folder or above it: keep only shards/ out
+    source = open_source(input_spec, "auto", DEFAULT_PART_SIZE, exclude=out / SHARD_DIR if inside else out)
+    n = sum(p.n_items if p.n_items is not None else len(p.items()) for p in source.parts)
+    blocked = [flag for name, flag in IN_MEMORY_ONLY.items() if options.get(name)]
+    if n >= SHARDED_MIN_IMAGES and blocked:
+        log(f"{n} images: {', '.join(blocked)} needs every vector in memory; not switching to the sharded stages")
+    elif n >= SHARDED_MIN_IMAGES:
+        return _run_sharded(input_spec, onnx_path, k, out, options, log)
+    return run_cluster_job(input_spec, onnx_path, k, out_dir, log=log, **options)
+
+
+def _has_pyarrow() -> bool:
+    try:
+        require_pyarrow("the sharded stages")
+        return True
+    except MissingDependencyError:
+        return False
+
+
+def _run_sharded(input_spec, onnx_path, k: int, out: Path, options: dict, log) -> dict:
+    ClusterOptions(k=k, **options).check()
+    ensure_dir(out)
+    check_legacy_store(out)
+    shard_dir = out / SHARD_DIR
+    log(f"From {SHARDED_MIN_IMAGES} images on: the sharded stages (parts in {shard_dir}, faiss K-Means)")
+    t0 = time.perf_counter()
+    stats = embed_shards(input_spec, shard_dir, onnx_path, batch_size=options.get("batch_size"),
+                         workers=options.get("workers"), device=options.get("device", "auto"),
+                         intra_op_threads=options.get("intra_op_threads"), progress=options.get("progress", True),
+                         max_pixels=options.get("max_pixels", DEFAULT_MAX_PIXELS), log=log)
+    t_embed = time.perf_counter() - t0
+    summary = cluster_shards(shard_dir, k, out, seed=options.get("seed", 0), n_init=options.get("n_init", 10), log=log)
+    new = stats.embedded - stats.reused
+    summary["counts"].update(embedded_new=new, reused=stats.reused + stats.rows_resumed)
+    summary["execution_provider"] = None  # the embed stage logged it
+    summary["images_per_s"] = round(new / t_embed, 3) if new and t_embed > 0 else 0.0
+    summary["timings"]["embed_s"] = round(t_embed, 4)
     atomic_write_json(out / outputs.SUMMARY, summary)
     return summary
 
