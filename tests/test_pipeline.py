@@ -254,3 +254,33 @@ def test_itae_cluster_switches_to_the_sharded_stages(inputs, tiny_model, tmp_pat
     want = dict(zip((os.fsencode(k).decode("utf-8", "backslashreplace") for k in k1), np.asarray(v1)))
     for k, v in zip(k2, v2):
         np.testing.assert_array_equal(v, want[k])
+
+
+@pytest.mark.parametrize("command", ["itae-cluster", "itae-embed run"])
+def test_heic_and_avif_are_counted_never_ignored(command, tiny_model, tmp_path):
+    """A HEIC file (no Pillow plugin here) is found, counted and listed in skipped.csv with the
+    reason; an AVIF is embedded where Pillow decodes it, else skipped the same way."""
+    from PIL import Image, features
+
+    from itae_export.cli.embed import main as embed_cli
+    from itae_export.data.outputs import read_csv
+    from itae_export.data.shards import open_shards
+
+    root = tmp_path / "photos"
+    datasets.fashion_folder(root, per_class=3, classes=2)
+    (root / "trouser" / "phone.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + os.urandom(200))
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(root / "trouser" / "pic.avif") if features.check("avif") else \
+        (root / "trouser" / "pic.avif").write_bytes(b"\0\0\0\x1cftypavif" + os.urandom(200))
+    out = tmp_path / "out"
+    if command == "itae-cluster":
+        res = CliRunner().invoke(cluster_cli, [str(root), "--k", "2", "--onnx", str(tiny_model), "--out", str(out),
+                                               "--quiet"])
+        assert res.exit_code == 0, res.output
+        skipped = {r["path"]: r["reason"] for r in read_csv(out / "skipped.csv")}
+        assert json.loads((out / "summary.json").read_text())["counts"]["found"] == 8
+    else:
+        res = CliRunner().invoke(embed_cli, ["run", str(root), "--out", str(out), "--onnx", str(tiny_model), "--quiet"])
+        assert res.exit_code == 0, res.output
+        skipped = dict(open_shards(out).skipped())
+    assert "HEIC is a format this Pillow cannot decode" in skipped["trouser/phone.HEIC"], skipped
+    assert ("trouser/pic.avif" in skipped) != features.check("avif"), skipped

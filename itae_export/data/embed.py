@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.sources import Item
+from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item
 from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images
@@ -117,7 +117,7 @@ class FolderScan:
     def of(cls, folder: str | os.PathLike, paths: list | None = None, exclude=()) -> "FolderScan":
         """Every image under ``folder`` (or the given ``paths``), without those at or under ``exclude``."""
         root = Path(os.path.abspath(folder))
-        found = scan_images(root) if paths is None else paths
+        found = scan_images(root, SCAN_EXTENSIONS) if paths is None else paths
         if exclude:
             out = set(exclude)
             found = [p for p in found if not ({Path(p).resolve(), *Path(p).resolve().parents} & out)]
@@ -140,6 +140,10 @@ def load_item(item: Item, pre: PreprocessSpec, max_pixels: int | None = DEFAULT_
         img, notes = item.decode(max_pixels)
         return preprocess(img, pre), None, notes
     except ImageDecodeError as e:
+        ext = os.path.splitext(item.path if item.offset < 0 else item.key)[1].lower()
+        if ext in OTHER_IMAGE_EXTENSIONS and "identify" in e.reason:
+            return None, (f"{ext[1:].upper()} is a format this Pillow cannot decode (no plugin for {ext}); convert "
+                          "it to JPEG or PNG, or install a Pillow plugin for it (e.g. pillow-heif)"), []
         return None, e.reason, []
     except Exception as e:  # noqa: BLE001 - one bad image must never stop the job
         return None, f"cannot decode: {type(e).__name__}: {e}", []

@@ -31,6 +31,12 @@ KINDS = ("auto", "folder", "list", "webdataset")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 PATH_COLUMNS = ("path", "filepath", "file", "image", "image_path", "url")
 DEFAULT_PART_SIZE = 10_000
+# Image formats cameras and phones write that a Pillow may lack a plugin for (HEIC/HEIF, AVIF, JPEG XL,
+# JPEG 2000, raw): a folder scan takes them too, so each one is counted and, where it cannot be
+# decoded, listed in skipped.csv with the reason (never silently left out).
+OTHER_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".nef",
+                                    ".arw"})
+SCAN_EXTENSIONS = IMAGE_EXTENSIONS | OTHER_IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +139,7 @@ def open_source(spec: str | os.PathLike, kind: str = "auto", part_size: int = DE
         if not p.is_dir():
             raise InputError(f"{p}: not a folder" if p.exists() else f"{p}: no such folder")
         root = Path(os.path.abspath(p))
-        found = scan_images(root)
+        found = scan_images(root, SCAN_EXTENSIONS)
         if exclude is not None:
             ex = Path(exclude).resolve()
             found = [f for f in found if ex != f.resolve().parent and ex not in f.resolve().parents]
