@@ -29,10 +29,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.data.embed import default_batch_size
+from itae_export.data.embed import default_batch_size, load_item, text_key
 from itae_export.data.shards import RunStats
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item
-from itae_export.engines.local import load_item, open_run
+from itae_export.engines.local import open_run
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import PreprocessSpec
 from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
@@ -80,8 +80,8 @@ def decode_batch(batch: dict, pre: dict) -> dict:
     pixels = np.zeros((n, 3, spec.height, spec.width), np.float32)
     reasons = []
     for j in range(n):
-        item = Item(int(batch["pos"][j]), str(batch["key"][j]), str(batch["path"][j]), int(batch["offset"][j]),
-                    int(batch["length"][j]))
+        item = Item(int(batch["pos"][j]), str(batch["key"][j]), os.fsdecode(bytes(batch["path"][j])),
+                    int(batch["offset"][j]), int(batch["length"][j]))
         px, reason, _ = load_item(item, spec)
         if px is not None:
             pixels[j] = px
@@ -195,8 +195,8 @@ def _windows(run, window_items: int) -> Iterator[_Window]:
         for it in todo:
             cols["part"].append(part.id)
             cols["pos"].append(it.pos)
-            cols["key"].append(it.key)
-            cols["path"].append(it.path)
+            cols["key"].append(text_key(it.key))  # UTF-8 text, as the resume record and the parts hold it
+            cols["path"].append(os.fsencode(it.path))  # the real bytes of the name: any file name opens
             cols["offset"].append(it.offset)
             cols["length"].append(it.length)
         if len(cols["key"]) >= window_items:
@@ -211,7 +211,8 @@ def _tables(columns: dict, blocks: int) -> list:
     """The window as ``blocks`` pyarrow tables (Ray Data's blocks), rows in order."""
     import pyarrow as pa
 
-    table = pa.table({c: pa.array(v, type=pa.string() if c in ("key", "path") else pa.int64())
+    types = {"key": pa.string(), "path": pa.binary()}
+    table = pa.table({c: pa.array(v, type=types.get(c, pa.int64()))
                       for c, v in columns.items()})
     step = -(-table.num_rows // blocks)
     return [table.slice(i, step) for i in range(0, table.num_rows, step)]
