@@ -142,7 +142,7 @@ def test_subprocess_textile_jpegs(tiny_model, tmp_path):
     ("both models", ["{root}", "--k", "3", "--onnx", "{model}", "--model", "vits14"], "not both"),
     ("flags with onnx", ["{root}", "--k", "3", "--onnx", "{model}", "--theta", "2"], "--theta: only with --model"),
     ("protocol without labels", ["{root}", "--k", "3", "--onnx", "{model}", "--protocol", "paper"], "--labels-from-dirs"),
-    ("missing folder", ["{tmp}/nowhere", "--k", "3", "--onnx", "{model}"], "no such folder"),
+    ("missing input", ["{tmp}/nowhere", "--k", "3", "--onnx", "{model}"], "nowhere: no such file or folder"),
 ])
 def test_errors_are_one_clear_line(case, args, message, fashion, tiny_model, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
