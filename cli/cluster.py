@@ -147,9 +147,13 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         )
         if (report or save_inputs) and "shards" in summary:
             log("--report/--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
-        elif report:
+            report = save_inputs = False
+        if save_inputs and summary.get("input", {}).get("kind") == "webdataset":
+            log("--save-inputs: not for WebDataset tars (it reads the image files again); the outputs are written")
+            save_inputs = False
+        if report:
             log(f"Report: {write_report(summary['out_dir'])}")
-        if save_inputs and "shards" not in summary:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
+        if save_inputs:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
             log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'])['rows']} rows")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "

@@ -244,7 +244,8 @@ def _scan(spec, out_dir, opts: ClusterOptions) -> tuple[JobInput, Path]:
         job = JobInput(root, scan.items(), {"kind": "folder", "location": str(root)})
     else:
         src = open_source(spec, kind, DEFAULT_PART_SIZE, exclude=out_dir)
-        job = JobInput(root, [it for part in src.parts for it in part.items()],
+        # a list's keys are paths relative to its folder (or absolute): that folder is the root they join
+        job = JobInput(root.parent if src.kind == "list" else root, [it for part in src.parts for it in part.items()],
                        {"kind": src.kind, "location": src.location})
     if not job.items:
         raise InputError(f"{spec}: no images found (looked recursively for common image extensions)")

@@ -131,7 +131,8 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
     source = shards.manifest.get("input") or {}
     kmeans = {**kinfo, "input": "L2-normalised embeddings", "distance": "euclidean, unit vector to its centroid"}
     summary = {  # the fields of itae-cluster's summary.json (docs/outputs.md), and the shard specifics
-        "folder": source.get("location"),
+        "folder": (str(Path(source["location"]).parent) if source.get("kind") == "list" and source.get("location")
+                   else source.get("location")),  # the folder the keys join (a list's: its own folder)
         "input": {"kind": source.get("kind"), "location": source.get("location")},
         "out_dir": str(out.resolve()),
         "onnx": model.get("onnx"),
