@@ -24,7 +24,9 @@ Examples:
 
 \b
 A Slurm array:  sbatch --array=0-15 --wrap 'itae-embed run paths.txt --out shards/ --onnx m.onnx --shard $SLURM_ARRAY_TASK_ID/16'
-Re-running a command after a kill redoes only what is missing. See docs/scale.md.
+Re-running a command after a kill redoes only what is missing. The local engine shares the embedding
+cache of itae-cluster ($ITAE_CACHE_DIR, default ~/.cache/itae-export): images already embedded with
+the same model are not embedded again. See docs/scale.md.
 """
 
 
