@@ -1,0 +1,298 @@
+"""Issue 22, the data path: every member and row accounted for, checksummed parts, names that
+round-trip through every CSV, --save-inputs on a full disk. Each test fails with the bug it pins."""
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import imagefolders as datasets
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pa = pytest.importorskip("pyarrow", reason="the sharded stages need the [scale] extra (pyarrow)")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from itae_export.cli.embed import main as embed_cli  # noqa: E402
+from itae_export.data import shards as sh  # noqa: E402
+from itae_export.data.sources import index_tar, open_source  # noqa: E402
+from itae_export.engines.local import embed_shards  # noqa: E402
+from itae_export.errors import InputError  # noqa: E402
+
+PNG_FILES = 20
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity") / "photos"
+    datasets.fashion_folder(root, per_class=2)  # 20 images
+    return sorted(root.rglob("*.png"))
+
+
+def _member(tf: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    tf.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _tar(path: Path, pngs, extra=()) -> Path:
+    """img2dataset's layout: NNNNNNNNN.png + .json per sample, then ``extra`` (name, data, attrs) members."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for i, f in enumerate(pngs):
+            _member(tf, f"{i:09d}.png", f.read_bytes())
+            _member(tf, f"{i:09d}.json", json.dumps({"key": f"{i:09d}"}).encode())
+        for name, data, attrs in extra:
+            _member(tf, name, data, **attrs)
+    return path
+
+
+def _run(*argv):
+    r = CliRunner().invoke(embed_cli, [str(a) for a in argv])
+    assert "Traceback" not in r.output, r.output
+    return r
+
+
+def _footer(path: Path) -> dict:
+    meta = pq.read_schema(path).metadata
+    return {"skipped": json.loads(meta[sh.SKIPPED_KEY]), "accounting": json.loads(meta[sh.ACCOUNTING_KEY])}
+
+
+def _accounted(out: Path, n_parts: int) -> list[tuple[int, dict, list]]:
+    """Each part's (vectors, accounting, skipped), checked to add up to its items."""
+    res = []
+    for pid in range(n_parts):
+        f = _footer(out / sh.part_name(pid))
+        n = pq.read_metadata(out / sh.part_name(pid)).num_rows
+        assert n + len(f["skipped"]) == f["accounting"]["items"], (pid, n, f)
+        res.append((n, f["accounting"], f["skipped"]))
+    return res
+
+
+# ---------------------------------------------------------------- 1. every member accounted for
+
+
+def test_a_tar_cut_in_half_names_what_is_lost_and_its_part_is_never_complete(pngs, tiny_model, tmp_path):
+    whole = _tar(tmp_path / "whole" / "00000.tar", pngs)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut" / "00000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "shards"
+    r = _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q")
+    assert r.exit_code == 1 and "part 0 is incomplete" in r.output and "end-of-archive" in r.output, r.output
+    [(n, acc, skipped)] = _accounted(out, 1)
+    assert 0 < n < PNG_FILES and acc["unaccounted"]
+    reasons = dict(skipped)
+    assert "members after" in reasons["00000.tar"]  # the tar itself: what is lost after which member
+    assert any("the tar ends inside this member" in r for r in reasons.values())  # the member it ends in
+    plan = sh.read_manifest(out)["plan_id"]
+    assert sh.part_status(out, 0, plan)[0] == "incomplete" and not sh.part_complete(out, 0, plan)
+    r = _run("status", out)
+    assert r.exit_code == 1 and "incomplete part 0" in r.output and "0 of 1 parts" in r.output, r.output
+    with pytest.raises(InputError, match="incomplete"):
+        sh.open_shards(out)
+    assert sh.open_shards(out, allow_partial=True).n == n
+    # the same cut tar again: nothing more to do, the same outcome (never reported complete)
+    assert _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q").exit_code == 1
+
+
+def test_a_corrupt_member_header_loses_the_members_after_it_with_a_reason(pngs, tmp_path):
+    t = _tar(tmp_path / "00000.tar", pngs[:6])
+    with tarfile.open(t) as tf:
+        third = tf.getmembers()[4]  # the header of sample 2's image
+    raw = bytearray(t.read_bytes())
+    raw[third.offset + 100] ^= 0xFF  # inside the header: its checksum no longer matches
+    t.write_bytes(bytes(raw))
+    ix = index_tar(str(t))
+    assert ix.lost and "corrupt member header" in ix.lost and "000000001.json" in ix.lost
+    assert [it.key for it in ix.items if it.skip is None] == ["00000.tar/000000000", "00000.tar/000000001"]
+    assert ix.items[-1].key == "00000.tar" and ix.items[-1].skip == ix.lost
+
+
+SPECIAL = [
+    ("link.png", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, "a symbolic link to '/etc/passwd'"),
+    ("hard.png", {"type": tarfile.LNKTYPE, "linkname": "000000000.png"}, "a hard link"),
+    ("dev.png", {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}, "a character device"),
+    ("blk.png", {"type": tarfile.BLKTYPE, "devmajor": 8, "devminor": 0}, "a block device"),
+    ("fifo.png", {"type": tarfile.FIFOTYPE}, "a FIFO"),
+]
+
+
+@pytest.mark.parametrize("name,attrs,reason", SPECIAL, ids=[s[0] for s in SPECIAL])
+def test_links_devices_and_fifos_get_a_skipped_line(pngs, tmp_path, name, attrs, reason):
+    ix = index_tar(str(_tar(tmp_path / "00000.tar", pngs[:2], [(name, b"", attrs)])))
+    skipped = {it.key: it.skip for it in ix.items if it.skip}
+    assert list(skipped) == [f"00000.tar/{name}"] and reason in skipped[f"00000.tar/{name}"]
+    assert ix.lost is None and len(ix.items) == 3
+
+
+def test_duplicates_second_images_hidden_files_and_imageless_samples_each_get_a_line(pngs, tmp_path):
+    png = pngs[0].read_bytes()
+    extra = [("000000000.png", pngs[5].read_bytes(), {}),  # the same member name again (tar -r)
+             ("000000001.jpg", png, {}),  # a second image of sample 1
+             ("._000000002.png", b"AppleDouble", {}),  # macOS metadata
+             ("lonely.json", b"{}", {})]  # a sample with no image
+    ix = index_tar(str(_tar(tmp_path / "00000.tar", pngs[:3], extra)))
+    skipped = [(it.key, it.skip) for it in ix.items if it.skip]
+    assert [k for k, _ in skipped] == ["00000.tar/000000000.png", "00000.tar/000000001.jpg",
+                                       "00000.tar/._000000002.png", "00000.tar/lonely"]
+    assert "a second member of this name" in skipped[0][1] and "second image of sample" in skipped[1][1]
+    assert "hidden" in skipped[2][1] and "no image in this sample (members: lonely.json)" in skipped[3][1]
+    embedded = [it for it in ix.items if it.skip is None]
+    assert len(embedded) == 3 and embedded[0].read() == png  # the first copy is the one embedded
+
+
+def test_one_junk_tar_among_three_does_not_stop_the_shard(pngs, tiny_model, tmp_path):
+    wds = tmp_path / "wds"
+    _tar(wds / "00000.tar", pngs[:4])
+    (wds / "00001.tar").write_bytes(b"this is not a tar at all " * 40)
+    _tar(wds / "00002.tar", pngs[4:8])
+    out = tmp_path / "shards"
+    r = _run("run", wds, "--out", out, "--onnx", tiny_model, "-q")
+    assert r.exit_code == 1 and "part 1 is incomplete" in r.output, r.output
+    counts = _accounted(out, 3)
+    assert [c[0] for c in counts] == [4, 0, 4]
+    assert counts[1][2][0][0] == "00001.tar" and "not a readable uncompressed tar" in counts[1][2][0][1]
+    plan = sh.read_manifest(out)["plan_id"]
+    assert [sh.part_status(out, i, plan)[0] for i in range(3)] == ["complete", "incomplete", "complete"]
+
+
+LIST_ROWS = [
+    ("l.txt", lambda ps: "\n".join([ps[0], "", ps[1]]) + "\n\n", "l.txt:row 2", "an empty row"),
+    ("l.csv", lambda ps: f"path\n{ps[0]}\n\"\"\n{ps[1]}\n", "l.csv:row 2", "an empty row"),
+    ("l.parquet", [0, None, 1], "l.parquet:row 2", "a null value"),
+]
+
+
+@pytest.mark.parametrize("name,content,key,reason", LIST_ROWS, ids=[r[0] for r in LIST_ROWS])
+def test_empty_and_null_rows_of_a_list_get_a_skipped_line(pngs, tiny_model, tmp_path, name, content, key, reason):
+    lst = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"path": [None if i is None else str(pngs[i]) for i in content]}), lst)
+    else:
+        lst.write_text(content([str(p) for p in pngs[:2]]))
+    items = open_source(lst).parts[0].items()
+    assert [(it.key, it.skip) for it in items if it.skip] == [(key, items[1].skip)] and reason in items[1].skip
+    out = tmp_path / "shards"
+    stats = embed_shards(lst, out, tiny_model, progress=False)
+    assert (stats.embedded, stats.skipped) == (2, 1)
+    [(n, acc, skipped)] = _accounted(out, 1)
+    assert (n, acc["items"], skipped) == (2, 3, [[key, items[1].skip]])
+
+
+def test_counts_that_do_not_add_up_are_an_error(tmp_path):
+    vec = np.ones((2, 4), np.float32)
+    with pytest.raises(InputError, match="2 vectors \\+ 1 skipped is not the 4 items"):
+        sh.write_part(tmp_path, 0, [0, 1], ["a", "b"], vec, plan_id="p", model_id="m", skipped=[("c", "x")],
+                      n_items=4)
+    assert not list(tmp_path.iterdir())
+    sh.write_part(tmp_path, 0, [0, 1], ["a", "b"], vec, plan_id="p", model_id="m", skipped=[("c", "x")])
+    assert sh.part_status(tmp_path, 0, "p") == ("complete", None)
+    # a footer whose accounting was edited (one skipped line dropped): not complete, said why
+    t = pq.read_table(tmp_path / sh.part_name(0))
+    meta = dict(t.schema.metadata)
+    meta[sh.ACCOUNTING_KEY] = json.dumps({"items": 4, "embedded": 2, "skipped": 1, "unaccounted": None}).encode()
+    pq.write_table(t.replace_schema_metadata(meta), tmp_path / sh.part_name(0))
+    state, why = sh.part_status(tmp_path, 0, "p")
+    assert state == "corrupt" and "do not add up" in why
+
+
+# ---------------------------------------------------------------- 2. checksummed parts
+
+
+@pytest.fixture(scope="module")
+def shard_dir(pngs, tiny_model, tmp_path_factory):
+    """A written shard directory of 2 parts (10 images each) and its vectors."""
+    base = tmp_path_factory.mktemp("parts")
+    lst = base / "l.txt"
+    lst.write_text("\n".join(map(str, pngs)) + "\n")
+    out = base / "shards"
+    embed_shards(lst, out, tiny_model, part_size=10, progress=False)
+    return lst, out, sh.open_shards(out).load_all().copy()
+
+
+def _copy(shard_dir, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / "shards"
+    shutil.copytree(shard_dir[1], dst)
+    return dst
+
+
+def _flip_vector_bytes(path: Path, vectors: np.ndarray) -> None:
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(vectors[3].tobytes())
+    assert at > 0
+    raw[at + 5] ^= 0x40  # one bit of one float of the fourth vector
+    path.write_bytes(bytes(raw))
+
+
+def _break_page_header(path: Path) -> None:
+    col = pq.ParquetFile(path).metadata.row_group(0).column(2)  # the vector column
+    raw = bytearray(path.read_bytes())
+    for i in range(col.data_page_offset, col.data_page_offset + 6):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _nan_part(path: Path, plan_id: str) -> None:
+    """The part rewritten with a NaN in one vector, its digest recomputed (a writer without the check)."""
+    t = pq.read_table(path)
+    meta = dict(t.schema.metadata)
+    vecs = np.stack(t.column("vector").to_pylist()).astype(np.float32)
+    vecs[2, 1] = np.nan
+    idx, keys = t.column("idx").to_numpy(), t.column("key").to_pylist()
+    meta[sh.DIGEST_KEY] = sh.part_digest(idx, keys, vecs).encode()
+    pq.write_table(sh.part_table(idx, keys, vecs).replace_schema_metadata(meta), path)
+
+
+DAMAGE = {"flipped vector bytes": lambda p, v, plan: _flip_vector_bytes(p, v),
+          "corrupt page header": lambda p, v, plan: _break_page_header(p),
+          "a NaN vector": lambda p, v, plan: _nan_part(p, plan)}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_part_is_refused_in_one_line_and_embedded_again(shard_dir, tiny_model, tmp_path, damage):
+    lst, _, vectors = shard_dir
+    out = _copy(shard_dir, tmp_path)
+    plan = sh.read_manifest(out)["plan_id"]
+    part = out / sh.part_name(1)
+    DAMAGE[damage](part, vectors[10:], plan)
+    assert sh.part_status(out, 0, plan) == ("complete", None)
+    state, why = sh.part_status(out, 1, plan)
+    assert state == "corrupt", why
+    with pytest.raises(InputError, match=f"{sh.part_name(1)}: corrupt"):
+        sh.open_shards(out)
+    r = _run("cluster", out, "--k", "2")
+    assert r.exit_code == 1 and sh.part_name(1) in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert sh.open_shards(out, allow_partial=True).missing == [1]
+    # the next run embeds that part again; the result is the original
+    stats = embed_shards(lst, out, tiny_model, part_size=10, progress=False)
+    assert (stats.parts_done_before, stats.parts_written, stats.embedded) == (1, 1, 10)
+    np.testing.assert_array_equal(sh.open_shards(out).load_all(), vectors)
+
+
+def test_part_complete_checks_the_plan_id(shard_dir):
+    out = shard_dir[1]
+    plan = sh.read_manifest(out)["plan_id"]
+    assert sh.part_complete(out, 0, plan)
+    assert not sh.part_complete(out, 0, "sha256:" + "0" * 64)
+    assert sh.part_status(out, 0, "sha256:" + "0" * 64)[0] == "foreign"
+
+
+@pytest.mark.parametrize("name", ["../x.parquet", "/etc/passwd", "part-00001.parquet", "sub/part-00000.parquet"])
+def test_a_manifest_never_points_outside_the_shard_folder(shard_dir, tmp_path, name):
+    out = _copy(shard_dir, tmp_path)
+    m = json.loads((out / sh.MANIFEST).read_text())
+    m["parts"][0]["file"] = name
+    (out / sh.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(InputError, match="refused"):
+        sh.open_shards(out, allow_partial=True)
+    r = _run("status", out)
+    assert r.exit_code == 1 and "refused" in r.output
