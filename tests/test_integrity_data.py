@@ -296,3 +296,68 @@ def test_a_manifest_never_points_outside_the_shard_folder(shard_dir, tmp_path, n
         sh.open_shards(out, allow_partial=True)
     r = _run("status", out)
     assert r.exit_code == 1 and "refused" in r.output
+
+
+# ---------------------------------------------------------------- 3. names with any character, through every CSV
+
+CELLS = ["plain.png", "a\rb.png", "c\nd.png", "e\r\nf.png", 'q"u,o.png', "'real.png", "''two.png", "'=x.png",
+         "'", "=1+1", "+x.png", "-x.png", "@SUM(A1).png", "\ttab.png", "\rcr.png", "a/=b.png", "",
+         os.fsdecode(b"latin1-\xe9.png")]
+
+
+def test_every_cell_round_trips_and_formulas_are_neutralised():
+    from itae_export.data.outputs import csv_bytes, parse_csv
+
+    raw = csv_bytes(["path", "score"], [(c, -0.25) for c in CELLS])
+    back = parse_csv(raw.decode("utf-8", "surrogateescape"))
+    assert [r["path"] for r in back] == CELLS and {r["score"] for r in back} == {"-0.25"}
+    lines = raw.decode("utf-8", "surrogateescape")
+    for formula in ("=1+1", "+x.png", "-x.png", "@SUM(A1).png", "\ttab.png"):
+        assert f"\n'{formula}," in lines  # one leading apostrophe: a spreadsheet shows text, runs nothing
+    assert "\n'\rcr.png" not in lines and '\n"\'\rcr.png"' in lines  # quoted, since it holds a \r
+    assert "\n''real.png," in lines and "\n'''two.png," in lines  # a real apostrophe is doubled, not lost
+    assert ",-0.25\n" in lines  # numbers are data, never neutralised
+
+
+def test_names_with_any_character_survive_cluster_report_and_search(tmp_path, tiny_model):
+    from PIL import Image
+
+    from itae_export.cli.cluster import main as cluster_cli
+    from itae_export.cli.search import main as search_cli
+    from itae_export.data.outputs import read_outputs
+
+    root = tmp_path / "imgs"
+    names = ["a\rb.png", "c\nd.png", 'q"u,o.png', "'real.png", "@at.png", "=x.png", "-y.png"]
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for name in [f"{i:02d}.png" for i in range(6)] + names:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / name)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cluster_cli, [str(root), "--k", "2", "--onnx", str(tiny_model), "--out", str(out),
+                                         "--report", "--quiet", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    rows = read_outputs(out)["rows"]
+    assert set(names) <= {row["path"] for row in rows}
+    raw = (out / "assignments.csv").read_bytes()
+    assert b"\n'@at.png," in raw and b"\n'=x.png," in raw and b"\n''real.png," in raw and b'"a\rb.png"' in raw
+    r = CliRunner().invoke(search_cli, ["query", str(out), "--like", "a\rb.png", "-k", "3", "--output",
+                                        str(tmp_path / "ranked.csv")])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    from itae_export.data.outputs import read_csv
+
+    ranked = read_csv(tmp_path / "ranked.csv")
+    assert len(ranked) == 3 and all(row["path"] in {x["path"] for x in rows} for row in ranked)
+
+
+def test_ranked_lists_and_feedback_files_round_trip_any_name(tmp_path):
+    from itae_export.data.outputs import csv_text
+    from itae_export.search.session import read_feedback, write_ranked
+
+    names = ["a\rb.png", "'real.png", "@at.png", "-1.png"]
+    write_ranked([(n, 1.0 - i) for i, n in enumerate(names)], tmp_path / "r.csv", "csv")
+    from itae_export.data.outputs import read_csv
+
+    assert [r["path"] for r in read_csv(tmp_path / "r.csv")] == names
+    (tmp_path / "fb.csv").write_text(csv_text(["path", "label"], [(n, "-" if i % 2 else "+") for i, n in enumerate(names)]),
+                                     newline="")
+    assert read_feedback(tmp_path / "fb.csv") == {n: i % 2 == 0 for i, n in enumerate(names)}

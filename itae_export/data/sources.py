@@ -26,6 +26,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from itae_export.data.outputs import uncell
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_bytes, decode_image, scan_images
 
@@ -207,7 +208,7 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
             raise InputError(f"{p}: empty CSV (a header row naming a 'path' column is expected)")
         header = [h.strip().lower() for h in rows[0]]
         col = next((header.index(c) for c in PATH_COLUMNS if c in header), 0)
-        raw = [r[col].strip() if len(r) > col else "" for r in rows[1:]]
+        raw = [uncell(r[col].strip()) if len(r) > col else "" for r in rows[1:]]  # e.g. an assignments.csv
     elif suffix == ".parquet":
         pq = require_pyarrow("a .parquet list of paths")[1]
         try:
