@@ -361,3 +361,83 @@ def test_ranked_lists_and_feedback_files_round_trip_any_name(tmp_path):
     (tmp_path / "fb.csv").write_text(csv_text(["path", "label"], [(n, "-" if i % 2 else "+") for i, n in enumerate(names)]),
                                      newline="")
     assert read_feedback(tmp_path / "fb.csv") == {n: i % 2 == 0 for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------- 4. --save-inputs on a full disk, and the uint8 images
+
+
+@pytest.fixture(scope="module")
+def cluster_out(tiny_model, tmp_path_factory):
+    """A finished itae-cluster output folder of 6 images of different sizes."""
+    from PIL import Image
+
+    from itae_export.cli.cluster import main as cluster_cli
+
+    base = tmp_path_factory.mktemp("save_inputs")
+    root = base / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (30 + 7 * i, 50 + 3 * i, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    out = base / "out"
+    r = CliRunner().invoke(cluster_cli, [str(root), "--k", "2", "--onnx", str(tiny_model), "--out", str(out),
+                                         "--quiet", "--workers", "1", "--save-inputs-rgb"])
+    assert r.exit_code == 0, r.output
+    return root, out
+
+
+def test_save_inputs_rgb_holds_the_decoded_and_the_resized_images(cluster_out, tiny_model):
+    from PIL import Image
+
+    from itae_export.data.outputs import read_csv
+    from itae_export.images import PreprocessSpec, pil_resize, preprocess
+    from itae_export.onnx.manifest import read_manifest
+
+    root, out = cluster_out
+    pre = PreprocessSpec.from_manifest(read_manifest(tiny_model)["preprocessing"])
+    paths = [r["path"] for r in read_csv(out / "assignments.csv")]
+    flat, shapes = np.load(out / "decoded_rgb.npy"), np.load(out / "decoded_rgb_shapes.npy")
+    resized, px = np.load(out / "resized_rgb.npy"), np.load(out / "pixel_values.npy")
+    assert flat.dtype == resized.dtype == np.uint8 and shapes.shape == (6, 2) and resized.shape == (6, 56, 56, 3)
+    at = 0
+    for i, p in enumerate(paths):
+        img = Image.open(root / p).convert("RGB")
+        h, w = shapes[i]
+        np.testing.assert_array_equal(flat[at:at + h * w * 3].reshape(h, w, 3), np.asarray(img))
+        at += h * w * 3
+        np.testing.assert_array_equal(resized[i], np.asarray(pil_resize(img, pre)))
+        np.testing.assert_array_equal(px[i], preprocess(Image.fromarray(resized[i]), pre))
+    assert at == len(flat)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (root only)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("rgb", [False, True], ids=["save-inputs", "save-inputs-rgb"])
+def test_save_inputs_on_a_full_disk_is_one_line_and_leaves_nothing(cluster_out, tmpfs, rgb):
+    import shutil
+    import sys
+
+    out = tmpfs / "out"
+    out.mkdir()
+    for name in ("summary.json", "assignments.csv", "embeddings.npy", "skipped.csv"):
+        shutil.copy(cluster_out[1] / name, out / name)
+    free = shutil.disk_usage(tmpfs).free
+    (tmpfs / "ballast").write_bytes(b"\0" * (free - 40_000))  # pixel_values.npy needs 225,920 bytes
+    code = ("import sys\nfrom itae_export.errors import ITAEError\nfrom itae_export.cluster.tensors import "
+            "write_inputs_and_masks\ntry:\n    write_inputs_and_masks(sys.argv[1], images=sys.argv[2] == '1')\n"
+            "except ITAEError as e:\n    print(e, file=sys.stderr)\n    sys.exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(out), "1" if rgb else "0"], capture_output=True, text=True)
+    assert r.returncode == 1, (r.returncode, r.stderr)  # not -7 (SIGBUS: a memory map on a full disk)
+    assert len(r.stderr.strip().splitlines()) == 1 and "the disk is full" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["assignments.csv", "embeddings.npy", "skipped.csv",
+                                                     "summary.json"]  # no .npy.tmp, no half file
