@@ -441,3 +441,38 @@ def test_save_inputs_on_a_full_disk_is_one_line_and_leaves_nothing(cluster_out, 
     assert len(r.stderr.strip().splitlines()) == 1 and "the disk is full" in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["assignments.csv", "embeddings.npy", "skipped.csv",
                                                      "summary.json"]  # no .npy.tmp, no half file
+
+
+def test_hostile_members_never_end_in_a_traceback(pngs, tiny_model, tmp_path):
+    """A sparse member, a member declaring more bytes than an image may hold, a name that is not
+    UTF-8: each has an outcome, and the shard is written."""
+    wds = tmp_path / "wds"
+    t = _tar(wds / "00000.tar", pngs[:2], [("sparse.png", b"", {"type": tarfile.GNUTYPE_SPARSE})])
+    with tarfile.open(wds / "00001.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        _member(tf, "caf\xe9.png", pngs[2].read_bytes())
+    ix = index_tar(str(t))
+    assert [it.skip for it in ix.items if it.skip] == [
+        "a sparse member (its bytes are not stored whole), not an image file"]
+    big = _tar(tmp_path / "big" / "00000.tar", pngs[:1])
+    raw = bytearray(big.read_bytes())
+    with tarfile.open(big) as tf:
+        m = tf.getmembers()[0]
+    raw[m.offset + 124:m.offset + 136] = b"%011o\0" % (3 << 30)  # size: 3 GiB (the header's checksum fixed below)
+    raw[m.offset + 148:m.offset + 156] = b" " * 8
+    raw[m.offset + 148:m.offset + 156] = b"%06o\0 " % sum(raw[m.offset:m.offset + 512])
+    big.write_bytes(bytes(raw))
+    ix = index_tar(str(big))
+    assert "above the 1024 MiB" in ix.items[0].skip and ix.lost is not None
+    out = tmp_path / "shards"
+    r = _run("run", wds, "--out", out, "--onnx", tiny_model, "-q")
+    assert r.exit_code == 0, r.output
+    keys = sh.open_shards(out).keys()
+    assert len(keys) == 3 and "\0" + "00001.tar/caf\xe9".encode("latin-1").hex() in keys  # the name's bytes, kept
+
+
+@pytest.mark.parametrize("manifest", ['[1, 2]', '{"format": "itae-shards/1"}',
+                                      '{"format": "itae-shards/1", "plan_id": "x", "model": {}, "parts": 3}'])
+def test_a_forged_manifest_is_one_line(tmp_path, manifest):
+    (tmp_path / sh.MANIFEST).write_text(manifest)
+    r = _run("status", tmp_path)
+    assert r.exit_code == 1 and r.output.startswith("Error:") and len(r.output.strip().splitlines()) == 1, r.output

@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from itae_export.data.sources import Part, Source, require_pyarrow, shard_parts
+from itae_export.data.store import _db_name  # one rule for names that are not UTF-8
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 
@@ -101,8 +102,15 @@ def read_manifest(out: str | os.PathLike) -> dict:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise InputError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise InputError(f"{path}: format {got!r} is not {FORMAT!r}")
+    for key, kind in (("plan_id", str), ("parts", list), ("model", dict)):
+        if not isinstance(m.get(key), kind):
+            raise InputError(f"{path}: '{key}' is missing or not a {kind.__name__}; not a shard manifest")
+    if m.get("embed_dim") is not None and (isinstance(m["embed_dim"], bool) or not isinstance(m["embed_dim"], int)
+                                           or m["embed_dim"] < 1):
+        raise InputError(f"{path}: 'embed_dim' {m['embed_dim']!r} is not a positive integer")
     return m
 
 
@@ -214,6 +222,11 @@ def _verify_content(path: Path, digest: str) -> str | None:
     return None
 
 
+def _text(s: str) -> str:
+    """``s`` as valid UTF-8 text: undecodable bytes of a name (surrogate escapes) become ``\\xNN``."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -269,9 +282,11 @@ class ShardState:
             raise InputError(f"{self.path}: resume record of another plan; delete it")
 
     def add(self, part: int, rows: list[tuple[int, str, np.ndarray | None, str | None]]) -> None:
-        """Commit one batch: (pos, key, vector or None, skip reason or None) per image."""
-        data = [(part, int(pos), key, None if v is None else np.asarray(v, np.float32).tobytes(), reason)
-                for pos, key, v, reason in rows]
+        """Commit one batch: (pos, key, vector or None, skip reason or None) per image. A key that is
+        not valid UTF-8 (a file or member name is bytes) is kept as the embedding store keeps it (NUL +
+        the hex of its bytes); such bytes in a reason are shown as ``\\xNN``."""
+        data = [(part, int(pos), _db_name(key), None if v is None else np.asarray(v, np.float32).tobytes(),
+                 None if reason is None else _text(reason)) for pos, key, v, reason in rows]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", data)
@@ -384,6 +399,9 @@ class ShardRun:
         pos, keys, vecs, skipped = [], [], [], []
         for p, key, blob, reason in self.state.rows(part.id):
             v = None if blob is None else np.frombuffer(blob, np.float32)
+            if v is not None and self.dim and v.size != self.dim:
+                raise InputError(f"{self.state.path}: a row of part {part.id} holds {v.size} values, not "
+                                 f"{self.dim}; the resume record is damaged: delete it and run again")
             if v is not None and not np.isfinite(v).all():
                 blob, reason = None, NON_FINITE
             if blob is None:

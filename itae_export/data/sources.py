@@ -34,6 +34,7 @@ KINDS = ("auto", "folder", "list", "webdataset")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 PATH_COLUMNS = ("path", "filepath", "file", "image", "image_path", "url")
 DEFAULT_PART_SIZE = 10_000
+MAX_MEMBER_BYTES = 1 << 30  # a tar member is read whole into memory before decoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +319,7 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
     n_members = 0
     try:
         tf = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a hostile header must end in a reason, never a traceback
         reason = f"not a readable uncompressed tar ({e}): none of its members can be read"
         return TarIndex((Item(0, tar_name, path, skip=reason),), reason, 0)
     with tf:
@@ -332,6 +333,10 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
                     what = _SPECIAL.get(m.type, f"a member of tar type {m.type!r}")
                     to = f" to {m.linkname!r}" if m.issym() or m.islnk() else ""
                     records.append((key, f"{what}{to}, not an image file: not followed", -1, -1))
+                    continue
+                if m.issparse():
+                    records.append((key, "a sparse member (its bytes are not stored whole), not an image file",
+                                    -1, -1))
                     continue
                 if m.name in names:
                     records.append((key, f"a second member of this name (at byte {m.offset}; the first, at byte "
@@ -350,7 +355,10 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
                                         -1, -1))
                         continue
                     images[sample] = base
-                    if m.offset_data + m.size > size:
+                    if m.size > MAX_MEMBER_BYTES:
+                        records.append((f"{tar_name}/{sample}", f"{m.size} bytes, above the {MAX_MEMBER_BYTES >> 20} "
+                                        "MiB an image member may hold: not read into memory", -1, -1))
+                    elif m.offset_data + m.size > size:
                         have = max(0, size - m.offset_data)
                         records.append((f"{tar_name}/{sample}", f"the tar ends inside this member ({have} of its "
                                         f"{m.size} bytes are there): a partial download or copy?", -1, -1))
@@ -358,7 +366,7 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
                         records.append((f"{tar_name}/{sample}", None, m.offset_data, m.size))
                 else:
                     others.setdefault(sample, []).append(base)
-        except (tarfile.TarError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - as above: TarError, OSError, or a header tarfile chokes on
             lost = (f"the file ends at byte {size}, before the tar's end-of-archive marker" if tf.offset >= size
                     else f"unreadable from byte {tf.offset} of {size} ({e})")
         if lost is None:
