@@ -142,10 +142,12 @@ def status_cmd(shard_dir):
     s = open_shards(shard_dir, allow_partial=True)
     total = len(s.manifest["parts"])
     done = total - len(s.missing) - len(s.incomplete)
-    click.echo(f"{s.manifest['model'].get('name')} ({s.manifest['model']['id'][:19]}...): {done} of "
+    click.echo(f"{s.manifest['model'].get('name')} ({str(s.manifest['model'].get('id'))[:19]}...): {done} of "
                f"{total} parts written and complete, {s.n} vectors")
     for pid, why in sorted(s.incomplete.items()):
         click.echo(f"incomplete part {pid}: {why}")
+    for pid, why in sorted(s.damaged.items()):
+        click.echo(f"damaged part {pid}: {why}")
     if s.incomplete and not s.missing:
         sys.exit(1)
     if s.missing:

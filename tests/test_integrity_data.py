@@ -272,6 +272,8 @@ def test_a_damaged_part_is_refused_in_one_line_and_embedded_again(shard_dir, tin
     r = _run("cluster", out, "--k", "2")
     assert r.exit_code == 1 and sh.part_name(1) in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert sh.open_shards(out, allow_partial=True).missing == [1]
+    r = _run("status", out)
+    assert r.exit_code == 1 and "damaged part 1: corrupt" in r.output, r.output
     # the next run embeds that part again; the result is the original
     stats = embed_shards(lst, out, tiny_model, part_size=10, progress=False)
     assert (stats.parts_done_before, stats.parts_written, stats.embedded) == (1, 1, 10)

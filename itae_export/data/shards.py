@@ -435,6 +435,7 @@ class ShardSet:
     counts: list[int]
     missing: list[int]
     incomplete: dict = field(default_factory=dict)  # part id -> why members of its tar are lost
+    damaged: dict = field(default_factory=dict)  # part id -> "corrupt (why)" or "foreign (why)" (among missing)
 
     @property
     def n(self) -> int:
@@ -503,6 +504,7 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
     files, counts, missing = [], [], []
     problems: list[str] = []
     incomplete: dict[int, str] = {}
+    damaged: dict[int, str] = {}
     for pid, f in manifest_parts(root, m):
         state, why = part_status(root, pid, m["plan_id"])
         if state == "incomplete":
@@ -511,7 +513,8 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
         elif state != "complete":
             missing.append(pid)
             if state != "missing":
-                problems.append(f"{f}: {state} ({why})")
+                damaged[pid] = f"{state} ({why})"
+                problems.append(f"{f}: {damaged[pid]}")
             continue
         files.append(f)
         counts.append(pq.read_metadata(f).num_rows)
@@ -523,4 +526,4 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
         ids = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
                          "run the missing itae-embed shards first")
-    return ShardSet(root, m, files, counts, missing, incomplete)
+    return ShardSet(root, m, files, counts, missing, incomplete, damaged)

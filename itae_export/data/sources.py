@@ -14,6 +14,11 @@ Every input becomes an ordered list of *parts* (the unit of output and of resumi
   ``000000000.json``, ...): a ``.tar`` file, a folder holding ``*.tar``, or a brace pattern
   ``shards/{00000..00099}.tar``; one part per tar, so a worker indexes only its own tars; the key
   is ``<tar name>/<sample key>``.
+
+Every input has an outcome: an item is either an image to embed or carries ``skip``, the reason it
+cannot be (an empty list row, a link or device member, a member the file ends inside, a tar cut
+short, ...). Such items go through the embed stage like the others and land in the part's skipped
+record, so a part's vectors plus its skipped lines always add up to its items.
 """
 
 from __future__ import annotations
