@@ -321,7 +321,7 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
     others: dict[str, list[str]] = {}  # sample -> its other members, in order
     names: dict[str, int] = {}  # member name -> offset of its first copy
     lost = None
-    n_members = 0
+    n_members = n_dirs = 0
     try:
         tf = tarfile.open(path, "r:")
     except Exception as e:  # noqa: BLE001 - a hostile header must end in a reason, never a traceback
@@ -333,6 +333,7 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
                 n_members += 1
                 key = f"{tar_name}/{m.name}"
                 if m.isdir():
+                    n_dirs += 1  # structure, not data
                     continue
                 if m.type in _SPECIAL or not m.isfile():
                     what = _SPECIAL.get(m.type, f"a member of tar type {m.type!r}")
@@ -376,6 +377,10 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
                     else f"unreadable from byte {tf.offset} of {size} ({e})")
         if lost is None:
             lost = _end_of_archive(path, tf.offset, size)
+    n_others = sum(len(v) for v in others.values())
+    if n_dirs + len(records) + n_others != n_members:  # every member once: a count that does not add up is an error
+        raise InputError(f"{path}: {n_members} members, but {n_dirs} folders + {len(records)} records + {n_others} "
+                         "sample members were accounted for")
     for sample, members in others.items():
         if sample not in images:
             records.append((f"{tar_name}/{sample}", f"no image in this sample (members: {', '.join(members)})", -1, -1))
