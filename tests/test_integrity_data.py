@@ -478,3 +478,40 @@ def test_a_forged_manifest_is_one_line(tmp_path, manifest):
     (tmp_path / sh.MANIFEST).write_text(manifest)
     r = _run("status", tmp_path)
     assert r.exit_code == 1 and r.output.startswith("Error:") and len(r.output.strip().splitlines()) == 1, r.output
+
+
+FORGED = {
+    "summary.json is a list": ("summary.json", b"[1, 2]", "not an itae-cluster summary"),
+    "summary lists ../x": ("summary.json", None, "not a file of an itae-cluster output set"),
+    "embeddings.npy is not an array": ("embeddings.npy", b"not numpy", "not a readable .npy array"),
+    "embeddings.npy holds objects": ("embeddings.npy", None, "not a readable .npy array"),
+    "assignments.csv has no path": ("assignments.csv", b"name,cluster\nx,1\n", "no 'path' column"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_a_forged_output_folder_is_one_line(cluster_out, tmp_path, case):
+    import shutil
+
+    from itae_export.data.outputs import read_outputs
+
+    out = tmp_path / "out"
+    shutil.copytree(cluster_out[1], out)
+    name, data, needle = FORGED[case]
+    summary = json.loads((out / "summary.json").read_text())
+    if case == "summary lists ../x":
+        summary["outputs"]["../x"] = {"sha256": "0"}
+        data = json.dumps(summary).encode()
+    if case == "embeddings.npy holds objects":
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        data = buf.getvalue()
+    (out / name).write_bytes(data)
+    if name != "summary.json":  # the forger also fixes summary.json's hash
+        import hashlib
+
+        summary = json.loads((out / "summary.json").read_text())
+        summary["outputs"][name]["sha256"] = hashlib.sha256(data).hexdigest()
+        (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match=needle):
+        read_outputs(out)

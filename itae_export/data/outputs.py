@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import InputError, OutputError
-from itae_export.files import atomic_write_bytes, describe_os_error
+from itae_export.files import atomic_write_bytes, describe_os_error, sha256_file
 
 SUMMARY = "summary.json"
 ASSIGNMENTS = "assignments.csv"
@@ -140,13 +140,26 @@ def read_outputs(out_dir: str | os.PathLike) -> dict:
         summary = json.loads((out / SUMMARY).read_text())
     except (ValueError, OSError) as e:
         raise InputError(f"{out / SUMMARY}: not readable ({e})") from None
-    for name, rec in (summary.get("outputs") or {}).items():
+    outputs = summary.get("outputs") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict) or not isinstance(outputs or {}, dict):
+        raise InputError(f"{out / SUMMARY}: not an itae-cluster summary (expected an object with 'outputs')")
+    for name, rec in (outputs or {}).items():
+        if not isinstance(name, str) or name != os.path.basename(name) or name in ("", ".", "..") \
+                or not isinstance(rec, dict):  # a file of the set, never a path out of the folder
+            raise InputError(f"{out / SUMMARY}: lists {name!r:.80}, not a file of an itae-cluster output set")
         p = out / name
-        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != rec.get("sha256"):
+        if not p.is_file() or sha256_file(p) != rec.get("sha256"):
             raise InputError(f"{p}: not the file that run {summary.get('run_id')} wrote (summary.json's sha256 "
                              "differs): the folder mixes two runs; run itae-cluster again")
     rows = read_csv(out / ASSIGNMENTS)
-    emb = np.load(out / EMBEDDINGS, allow_pickle=False, mmap_mode="r")  # millions of rows: not read twice
+    if rows and "path" not in rows[0]:
+        raise InputError(f"{out / ASSIGNMENTS}: no 'path' column")
+    try:
+        emb = np.load(out / EMBEDDINGS, allow_pickle=False, mmap_mode="r")  # millions of rows: not read twice
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{out / EMBEDDINGS}: not a readable .npy array ({e})") from None
+    if emb.ndim != 2 or emb.dtype.kind != "f":
+        raise InputError(f"{out / EMBEDDINGS}: {emb.dtype} {list(emb.shape)}, not a 2-D float array of embeddings")
     if len(rows) != len(emb):
         raise InputError(f"{out}: {ASSIGNMENTS} has {len(rows)} rows but {EMBEDDINGS} {len(emb)}")
     skipped = read_csv(out / SKIPPED) if (out / SKIPPED).is_file() else []
