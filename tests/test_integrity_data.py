@@ -100,6 +100,12 @@ def test_a_tar_cut_in_half_names_what_is_lost_and_its_part_is_never_complete(png
     assert sh.open_shards(out, allow_partial=True).n == n
     # the same cut tar again: nothing more to do, the same outcome (never reported complete)
     assert _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q").exit_code == 1
+    # the tar fetched again, whole: the same shard directory, the part is embedded again and complete
+    cut.write_bytes(data)
+    r = _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q")
+    assert r.exit_code == 0 and f"{PNG_FILES} images embedded" in r.output, r.output
+    assert sh.part_status(out, 0, plan) == ("complete", None) and _run("status", out).exit_code == 0
+    assert sh.open_shards(out).n == PNG_FILES
 
 
 def test_a_corrupt_member_header_loses_the_members_after_it_with_a_reason(pngs, tmp_path):
@@ -515,3 +521,12 @@ def test_a_forged_output_folder_is_one_line(cluster_out, tmp_path, case):
         (out / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(InputError, match=needle):
         read_outputs(out)
+
+
+def test_rows_begun_from_a_tar_that_was_replaced_are_embedded_again(tmp_path):
+    state = sh.ShardState(tmp_path / "s.sqlite")
+    assert not state.check_stamp(0, "size=10240")
+    state.add(0, [(0, "00000.tar/a", np.ones(4, np.float32), None)])
+    assert not state.check_stamp(0, "size=10240") and state.count(0) == 1  # the same tar: rows kept
+    assert state.check_stamp(0, "size=20480") and state.count(0) == 0  # another tar: rows dropped
+    state.close()

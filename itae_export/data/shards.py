@@ -47,7 +47,7 @@ MODEL_KEY = b"itae.model_id"
 ACCOUNTING_KEY = b"itae.accounting"
 DIGEST_KEY = b"itae.digest"
 NON_FINITE = "the model returned NaN or inf for this image"
-PART_STATES = ("complete", "incomplete", "missing", "foreign", "corrupt")
+PART_STATES = ("complete", "incomplete", "missing", "foreign", "corrupt", "stale")
 
 
 def part_name(part_id: int) -> str:
@@ -139,11 +139,12 @@ def part_digest(idx, keys: list[str], vectors: np.ndarray) -> str:
 
 def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarray, *, plan_id: str,
                model_id: str, skipped: list[tuple[str, str]], n_items: int | None = None,
-               unaccounted: str | None = None) -> Path:
+               unaccounted: str | None = None, stamp: str | None = None) -> Path:
     """Write one part file atomically (the vector column uncompressed: float32 does not compress).
 
     ``n_items``: the items of the part's input (default: vectors + skipped); they must add up.
-    ``unaccounted``: why members of the input are lost (the part is then written but incomplete)."""
+    ``unaccounted``: why members of the input are lost (the part is then written but incomplete).
+    ``stamp``: the input's :attr:`~itae_export.data.sources.Part.stamp` (a tar's size), recorded."""
     pa, pq = require_pyarrow("shard files")
     n_items = len(keys) + len(skipped) if n_items is None else n_items
     if len(keys) + len(skipped) != n_items:
@@ -153,7 +154,8 @@ def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarra
     if not np.isfinite(vectors).all():
         raise InputError(f"{out / part_name(part_id)}: NaN or inf among the vectors; not written")
     table = part_table(idx, keys, vectors)
-    accounting = {"items": n_items, "embedded": len(keys), "skipped": len(skipped), "unaccounted": unaccounted}
+    accounting = {"items": n_items, "embedded": len(keys), "skipped": len(skipped), "unaccounted": unaccounted,
+                  "stamp": stamp}
     meta = {PLAN_KEY: plan_id.encode(), MODEL_KEY: model_id.encode(),
             SKIPPED_KEY: json.dumps(skipped).encode(), ACCOUNTING_KEY: json.dumps(accounting).encode(),
             DIGEST_KEY: part_digest(idx, keys, vectors).encode()}
@@ -166,13 +168,15 @@ def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarra
     return path
 
 
-def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True) -> tuple[str, str | None]:
+def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True,
+                stamp: str | None = None) -> tuple[str, str | None]:
     """(state, why) of one part file; state is one of :data:`PART_STATES`:
 
     - ``complete``: written for this plan, every item accounted for, content matching its digest;
     - ``incomplete``: written for this plan, but members of its tar were lost (``why`` says how);
     - ``missing``: no file; ``foreign``: a file of another plan (or no itae part at all);
-    - ``corrupt``: unreadable, counts that do not add up, a digest that differs, or NaN/inf.
+    - ``corrupt``: unreadable, counts that do not add up, a digest that differs, or NaN/inf;
+    - ``stale``: written from another version of its input (``stamp`` given and differing).
 
     ``verify=False`` checks only the footer (plan, accounting), not the content."""
     path = Path(out) / part_name(part_id)
@@ -201,6 +205,8 @@ def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True) -> t
         why = _verify_content(path, digest)
         if why is not None:
             return "corrupt", why
+    if stamp is not None and acc.get("stamp") not in (None, stamp):
+        return "stale", f"written from its input at {acc.get('stamp')}, which is now {stamp}"
     if acc.get("unaccounted"):
         return "incomplete", str(acc["unaccounted"])
     return "complete", None
@@ -281,6 +287,22 @@ class ShardState:
         elif row[0] != plan_id:
             raise InputError(f"{self.path}: resume record of another plan; delete it")
 
+    def check_stamp(self, part: int, stamp: str | None) -> bool:
+        """Record the stamp of the input a part's rows come from; rows of another stamp (a tar
+        replaced since) are dropped. True when rows were dropped."""
+        if stamp is None:
+            return False
+        key = f"stamp:{part}"
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] == stamp:
+            return False
+        dropped = bool(self.count(part))
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM rows WHERE part = ?", (part,))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, stamp))
+        return dropped
+
     def add(self, part: int, rows: list[tuple[int, str, np.ndarray | None, str | None]]) -> None:
         """Commit one batch: (pos, key, vector or None, skip reason or None) per image. A key that is
         not valid UTF-8 (a file or member name is bytes) is kept as the embedding store keeps it (NUL +
@@ -349,7 +371,7 @@ class ShardRun:
         self.todo: list[Part] = []
         say = log or (lambda m: None)
         for p in mine:
-            state, why = part_status(self.out, p.id, self.plan_id)
+            state, why = part_status(self.out, p.id, self.plan_id, stamp=p.stamp)
             if state in ("complete", "incomplete"):  # incomplete: the same tar cannot give more
                 self.stats.parts_done_before += 1
                 if state == "incomplete":
@@ -357,8 +379,10 @@ class ShardRun:
                 if self.state.count(p.id):
                     self.state.drop(p.id)  # killed after the rename, before the rows were dropped
             else:
-                if state == "corrupt":
-                    say(f"{self.out / part_name(p.id)}: corrupt ({why}); embedding it again")
+                if state in ("corrupt", "stale"):
+                    say(f"{self.out / part_name(p.id)}: {state} ({why}); embedding it again")
+                if self.state.check_stamp(p.id, p.stamp):
+                    say(f"part {p.id}: its input changed since it was begun; its rows are embedded again")
                 self.todo.append(p)
                 for stale in self.out.glob(f".{part_name(p.id)}.*.tmp"):  # a write killed half-way
                     stale.unlink(missing_ok=True)
@@ -414,7 +438,7 @@ class ShardRun:
         mat = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
         lost = part.unaccounted()
         path = write_part(self.out, part.id, pos, keys, mat, plan_id=self.plan_id, model_id=self.model_id,
-                          skipped=skipped, n_items=n_items, unaccounted=lost)
+                          skipped=skipped, n_items=n_items, unaccounted=lost, stamp=part.stamp)
         if lost is not None:
             self.stats.incomplete[part.id] = lost
         self.state.drop(part.id)

@@ -83,6 +83,7 @@ class Part:
     n_items: int | None  # None for a tar not indexed yet
     _items: tuple[Item, ...] | None = None
     _tar: str | None = None
+    stamp: str | None = None  # a tar's size when the input was opened: a part written from another size is stale
 
     def items(self) -> list[Item]:
         """Every item of the part, the ones that cannot be embedded included (with ``skip`` set)."""
@@ -281,9 +282,11 @@ def _webdataset(p: Path, text: str) -> Source:
     if len(set(names)) != len(names):
         raise InputError(f"{text}: two tar shards share a file name")
     tars = [Path(os.path.abspath(t)) for t in tars]
-    parts = [Part(i, t.name, None, _tar=str(t)) for i, t in enumerate(tars)]
-    sizes = [f"{t.name}:{t.stat().st_size}" for t in tars]
-    return Source("webdataset", text if "{" in text else str(Path(os.path.abspath(p))), parts, _digest(sizes))
+    # the plan depends on the tars' names only: a tar fetched again (a cut download replaced) keeps the
+    # shard directory; its part, written from the old bytes, is stale (its stamp differs) and redone
+    parts = [Part(i, t.name, None, _tar=str(t), stamp=f"size={t.stat().st_size}") for i, t in enumerate(tars)]
+    return Source("webdataset", text if "{" in text else str(Path(os.path.abspath(p))), parts,
+                  _digest(["webdataset", *names]))
 
 
 @dataclass(frozen=True)
