@@ -83,6 +83,9 @@ def test_a_tar_cut_in_half_names_what_is_lost_and_its_part_is_never_complete(png
     cut = tmp_path / "cut" / "00000.tar"
     cut.parent.mkdir()
     cut.write_bytes(data[: len(data) // 2])
+    # img2dataset's parquet beside the tar lists the samples it holds: the lost ones are named
+    pq.write_table(pa.table({"key": [f"{i:09d}" for i in range(PNG_FILES)], "status": ["success"] * PNG_FILES}),
+                   cut.with_suffix(".parquet"))
     out = tmp_path / "shards"
     r = _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q")
     assert r.exit_code == 1 and "part 0 is incomplete" in r.output and "end-of-archive" in r.output, r.output
@@ -91,6 +94,9 @@ def test_a_tar_cut_in_half_names_what_is_lost_and_its_part_is_never_complete(png
     reasons = dict(skipped)
     assert "members after" in reasons["00000.tar"]  # the tar itself: what is lost after which member
     assert any("the tar ends inside this member" in r for r in reasons.values())  # the member it ends in
+    named = sorted(k for k, r in reasons.items() if "lost with the end of the tar" in r)
+    assert named and named == [f"00000.tar/{i:09d}" for i in range(PNG_FILES - len(named), PNG_FILES)]
+    assert n + len([r for r in reasons.values() if "ends inside" in r]) + len(named) == PNG_FILES  # all 20 named
     plan = sh.read_manifest(out)["plan_id"]
     assert sh.part_status(out, 0, plan)[0] == "incomplete" and not sh.part_complete(out, 0, plan)
     r = _run("status", out)
@@ -530,3 +536,19 @@ def test_rows_begun_from_a_tar_that_was_replaced_are_embedded_again(tmp_path):
     assert not state.check_stamp(0, "size=10240") and state.count(0) == 1  # the same tar: rows kept
     assert state.check_stamp(0, "size=20480") and state.count(0) == 0  # another tar: rows dropped
     state.close()
+
+
+def test_a_non_finite_vector_becomes_a_skipped_line_not_a_corrupt_part(pngs, tmp_path):
+    lst = tmp_path / "l.txt"
+    lst.write_text("\n".join(map(str, pngs[:3])) + "\n")
+    src = open_source(lst)
+    model = {"id": "sha256:m", "name": "m", "embed_dim": 4}
+    with sh.ShardRun(src, tmp_path / "out", model, part_size=10_000) as run:
+        [(part, n_items, todo)] = list(run.pending())
+        v = np.ones(4, np.float32)
+        run.add(part.id, [(0, todo[0].key, v, None), (1, todo[1].key, v * np.inf, None), (2, todo[2].key, v, None)])
+        run.finish_part(part, n_items)
+    plan = sh.read_manifest(tmp_path / "out")["plan_id"]
+    assert sh.part_status(tmp_path / "out", 0, plan) == ("complete", None)
+    [(n, acc, skipped)] = _accounted(tmp_path / "out", 1)
+    assert n == 2 and skipped == [[todo[1].key, sh.NON_FINITE]]

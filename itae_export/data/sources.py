@@ -387,6 +387,10 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
     for sample, members in others.items():
         if sample not in images:
             records.append((f"{tar_name}/{sample}", f"no image in this sample (members: {', '.join(members)})", -1, -1))
+    if lost is not None:  # img2dataset's <stem>.parquet lists the samples the tar held: name the lost ones
+        found = set(images) | set(others)
+        records.extend((f"{tar_name}/{k}", f"listed in {Path(path).stem}.parquet but lost with the end of the tar",
+                        -1, -1) for k in _listed_samples(path) if k not in found)
     items = [Item(i, key, path, off, length, skip) for i, (key, skip, off, length) in enumerate(records)]
     if lost is not None:
         last = next(reversed(names), None)
@@ -394,6 +398,22 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
             " (a partial download or copy?)"
         items.append(Item(len(items), tar_name, path, skip=lost))
     return TarIndex(tuple(items), lost, n_members)
+
+
+def _listed_samples(tar_path: str) -> list[str]:
+    """The keys img2dataset lists as downloaded (status "success") in the parquet beside a tar
+    (``00000.tar`` -> ``00000.parquet``); [] when there is none or it cannot be read."""
+    meta = Path(tar_path).with_suffix(".parquet")
+    if not meta.is_file():
+        return []
+    try:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(meta, columns=["key", "status"])
+        return [str(k) for k, st in zip(t.column("key").to_pylist(), t.column("status").to_pylist())
+                if k is not None and st == "success"]
+    except Exception:  # noqa: BLE001 - not img2dataset's file, or pyarrow missing: nothing to compare
+        return []
 
 
 def _end_of_archive(path: str, at: int, size: int) -> str | None:
