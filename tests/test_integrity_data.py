@@ -552,3 +552,12 @@ def test_a_non_finite_vector_becomes_a_skipped_line_not_a_corrupt_part(pngs, tmp
     assert sh.part_status(tmp_path / "out", 0, plan) == ("complete", None)
     [(n, acc, skipped)] = _accounted(tmp_path / "out", 1)
     assert n == 2 and skipped == [[todo[1].key, sh.NON_FINITE]]
+
+
+@pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../x.png", "", "a\0b.png"])
+def test_a_path_out_of_the_collection_is_refused(tmp_path, rel):
+    from itae_export.data.outputs import collection_file
+
+    with pytest.raises(InputError, match="not inside the collection"):
+        collection_file(tmp_path, rel)
+    assert collection_file(tmp_path, "a/..b/'=c.png") == tmp_path / "a" / "..b" / "'=c.png"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itae_export.data.outputs import read_outputs
+from itae_export.data.outputs import collection_file, read_outputs
 from itae_export.errors import InputError, OutputError
 from itae_export.files import atomic_write_json, describe_os_error
 from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, pil_resize, preprocess
@@ -165,7 +165,7 @@ def write_inputs_and_masks(out_dir: str | os.PathLike, *, batch_size: int = 8, d
         max_diff, scale = 0.0, 0.0
         for i in range(0, n, batch_size):
             chunk = paths[i : i + batch_size]
-            x = np.stack([_load(root / p, pre, streams if images else None) for p in chunk])
+            x = np.stack([_load(collection_file(root, p), pre, streams if images else None) for p in chunk])
             emb, mask = sess.run([OUTPUT_EMBEDDING, OUTPUT_MASK], {INPUT_NAME: x})
             streams[PIXELS_NAME].write(x)
             streams[MASKS_NAME].write(mask)

@@ -92,6 +92,16 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     return parse_csv(text, str(path))
 
 
+def collection_file(root: str | os.PathLike, rel: str) -> Path:
+    """``root / rel`` for a path as ``assignments.csv`` lists it: relative, without ``..`` parts or
+    NUL; anything else (a forged collection naming ``../../etc/passwd`` or ``/home/x``) is an
+    InputError. Lexical only: a symbolic link inside the folder was followed when it was embedded."""
+    parts = rel.split("/")
+    if not rel or "\0" in rel or rel.startswith("/") or ".." in parts:
+        raise InputError(f"{ASSIGNMENTS}: the path {rel!r:.120} is not inside the collection's folder; refused")
+    return Path(root) / rel
+
+
 def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
