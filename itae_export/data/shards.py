@@ -545,8 +545,9 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
     if (missing or incomplete) and not allow_partial:
         if problems:
             more = f" (and {len(problems) - 1} more parts)" if len(problems) > 1 else ""
-            raise InputError(f"{problems[0]}{more}; run itae-embed run again to embed a corrupt part again, "
-                             "or pass --allow-partial")
+            fix = ("fetch its tar again, then run itae-embed run again" if ": incomplete (" in problems[0]
+                   else "run itae-embed run again to embed it again")
+            raise InputError(f"{problems[0]}{more}; {fix}, or pass --allow-partial")
         ids = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
                          "run the missing itae-embed shards first")
