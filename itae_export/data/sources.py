@@ -312,7 +312,11 @@ def index_tar(path: str) -> TarIndex:
     no image each get a skipped item with the reason. Reads headers only (cached for the last tars).
     A file that is not a tar is one skipped item (key: the tar's name), not an error: the other tars
     of the shard go on."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # gone or unreadable since the input was opened: one record, not a traceback
+        reason = f"cannot read the tar ({e.strerror or e}): none of its members can be read"
+        return TarIndex((Item(0, Path(path).name, str(path), skip=reason),), reason, 0)
     return _index_tar(str(path), st.st_size, st.st_mtime_ns)
 
 
