@@ -1,10 +1,13 @@
 """Issue 22, the data path: every member and row accounted for, checksummed parts, names that
 round-trip through every CSV, --save-inputs on a full disk. Each test fails with the bug it pins."""
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,15 +15,23 @@ import imagefolders as datasets
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 pa = pytest.importorskip("pyarrow", reason="the sharded stages need the [scale] extra (pyarrow)")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from itae_export.cli.cluster import main as cluster_cli  # noqa: E402
 from itae_export.cli.embed import main as embed_cli  # noqa: E402
+from itae_export.cli.search import main as search_cli  # noqa: E402
 from itae_export.data import shards as sh  # noqa: E402
+from itae_export.data.outputs import (collection_file, csv_bytes, csv_text, parse_csv, read_csv,  # noqa: E402
+                                      read_outputs)
 from itae_export.data.sources import index_tar, open_source  # noqa: E402
 from itae_export.engines.local import embed_shards  # noqa: E402
 from itae_export.errors import InputError  # noqa: E402
+from itae_export.images import PreprocessSpec, pil_resize, preprocess  # noqa: E402
+from itae_export.onnx.manifest import read_manifest  # noqa: E402
+from itae_export.search.session import read_feedback, write_ranked  # noqa: E402
 
 PNG_FILES = 20
 
@@ -230,8 +241,6 @@ def shard_dir(pngs, tiny_model, tmp_path_factory):
 
 
 def _copy(shard_dir, tmp_path) -> Path:
-    import shutil
-
     dst = tmp_path / "shards"
     shutil.copytree(shard_dir[1], dst)
     return dst
@@ -320,8 +329,6 @@ CELLS = ["plain.png", "a\rb.png", "c\nd.png", "e\r\nf.png", 'q"u,o.png', "'real.
 
 
 def test_every_cell_round_trips_and_formulas_are_neutralised():
-    from itae_export.data.outputs import csv_bytes, parse_csv
-
     raw = csv_bytes(["path", "score"], [(c, -0.25) for c in CELLS])
     back = parse_csv(raw.decode("utf-8", "surrogateescape"))
     assert [r["path"] for r in back] == CELLS and {r["score"] for r in back} == {"-0.25"}
@@ -334,12 +341,6 @@ def test_every_cell_round_trips_and_formulas_are_neutralised():
 
 
 def test_names_with_any_character_survive_cluster_report_and_search(tmp_path, tiny_model):
-    from PIL import Image
-
-    from itae_export.cli.cluster import main as cluster_cli
-    from itae_export.cli.search import main as search_cli
-    from itae_export.data.outputs import read_outputs
-
     root = tmp_path / "imgs"
     names = ["a\rb.png", "c\nd.png", 'q"u,o.png', "'real.png", "@at.png", "=x.png", "-y.png"]
     rng = np.random.default_rng(0)
@@ -357,23 +358,18 @@ def test_names_with_any_character_survive_cluster_report_and_search(tmp_path, ti
     r = CliRunner().invoke(search_cli, ["query", str(out), "--like", "a\rb.png", "-k", "3", "--output",
                                         str(tmp_path / "ranked.csv")])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
-    from itae_export.data.outputs import read_csv
 
     ranked = read_csv(tmp_path / "ranked.csv")
     assert len(ranked) == 3 and all(row["path"] in {x["path"] for x in rows} for row in ranked)
 
 
 def test_ranked_lists_and_feedback_files_round_trip_any_name(tmp_path):
-    from itae_export.data.outputs import csv_text
-    from itae_export.search.session import read_feedback, write_ranked
-
     names = ["a\rb.png", "'real.png", "@at.png", "-1.png"]
     write_ranked([(n, 1.0 - i) for i, n in enumerate(names)], tmp_path / "r.csv", "csv")
-    from itae_export.data.outputs import read_csv
 
     assert [r["path"] for r in read_csv(tmp_path / "r.csv")] == names
-    (tmp_path / "fb.csv").write_text(csv_text(["path", "label"], [(n, "-" if i % 2 else "+") for i, n in enumerate(names)]),
-                                     newline="")
+    rows = [(n, "-" if i % 2 else "+") for i, n in enumerate(names)]
+    (tmp_path / "fb.csv").write_text(csv_text(["path", "label"], rows), newline="")
     assert read_feedback(tmp_path / "fb.csv") == {n: i % 2 == 0 for i, n in enumerate(names)}
 
 
@@ -383,10 +379,6 @@ def test_ranked_lists_and_feedback_files_round_trip_any_name(tmp_path):
 @pytest.fixture(scope="module")
 def cluster_out(tiny_model, tmp_path_factory):
     """A finished itae-cluster output folder of 6 images of different sizes."""
-    from PIL import Image
-
-    from itae_export.cli.cluster import main as cluster_cli
-
     base = tmp_path_factory.mktemp("save_inputs")
     root = base / "photos"
     root.mkdir()
@@ -401,12 +393,6 @@ def cluster_out(tiny_model, tmp_path_factory):
 
 
 def test_save_inputs_rgb_holds_the_decoded_and_the_resized_images(cluster_out, tiny_model):
-    from PIL import Image
-
-    from itae_export.data.outputs import read_csv
-    from itae_export.images import PreprocessSpec, pil_resize, preprocess
-    from itae_export.onnx.manifest import read_manifest
-
     root, out = cluster_out
     pre = PreprocessSpec.from_manifest(read_manifest(tiny_model)["preprocessing"])
     paths = [r["path"] for r in read_csv(out / "assignments.csv")]
@@ -438,9 +424,6 @@ def tmpfs(tmp_path):
 
 @pytest.mark.parametrize("rgb", [False, True], ids=["save-inputs", "save-inputs-rgb"])
 def test_save_inputs_on_a_full_disk_is_one_line_and_leaves_nothing(cluster_out, tmpfs, rgb):
-    import shutil
-    import sys
-
     out = tmpfs / "out"
     out.mkdir()
     for name in ("summary.json", "assignments.csv", "embeddings.npy", "skipped.csv"):
@@ -503,10 +486,6 @@ FORGED = {
 
 @pytest.mark.parametrize("case", list(FORGED))
 def test_a_forged_output_folder_is_one_line(cluster_out, tmp_path, case):
-    import shutil
-
-    from itae_export.data.outputs import read_outputs
-
     out = tmp_path / "out"
     shutil.copytree(cluster_out[1], out)
     name, data, needle = FORGED[case]
@@ -520,7 +499,6 @@ def test_a_forged_output_folder_is_one_line(cluster_out, tmp_path, case):
         data = buf.getvalue()
     (out / name).write_bytes(data)
     if name != "summary.json":  # the forger also fixes summary.json's hash
-        import hashlib
 
         summary = json.loads((out / "summary.json").read_text())
         summary["outputs"][name]["sha256"] = hashlib.sha256(data).hexdigest()
@@ -556,8 +534,6 @@ def test_a_non_finite_vector_becomes_a_skipped_line_not_a_corrupt_part(pngs, tmp
 
 @pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../x.png", "", "a\0b.png"])
 def test_a_path_out_of_the_collection_is_refused(tmp_path, rel):
-    from itae_export.data.outputs import collection_file
-
     with pytest.raises(InputError, match="not inside the collection"):
         collection_file(tmp_path, rel)
     assert collection_file(tmp_path, "a/..b/'=c.png") == tmp_path / "a" / "..b" / "'=c.png"

@@ -236,7 +236,8 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
     for n, k in enumerate(raw, 1):
         if not k:
             keys.append(f"{p.name}:row {n}")
-            reasons.append("a null value in the list, not a path" if k is None else "an empty row in the list, not a path")
+            reasons.append("a null value in the list, not a path" if k is None
+                           else "an empty row in the list, not a path")
             continue
         if k in seen:
             raise InputError(f"{p}: {k!r} is listed twice")
