@@ -537,3 +537,25 @@ def test_a_path_out_of_the_collection_is_refused(tmp_path, rel):
     with pytest.raises(InputError, match="not inside the collection"):
         collection_file(tmp_path, rel)
     assert collection_file(tmp_path, "a/..b/'=c.png") == tmp_path / "a" / "..b" / "'=c.png"
+
+
+def test_a_part_replaced_by_another_self_consistent_file_is_caught_by_the_resume_record(shard_dir, tiny_model,
+                                                                                         tmp_path):
+    """The footer's digest travels with the file; the one kept in _state when the part was written
+    does not: a part rewritten with other vectors and a recomputed digest is still refused."""
+    lst, _, vectors = shard_dir
+    out = _copy(shard_dir, tmp_path)
+    plan = sh.read_manifest(out)["plan_id"]
+    path = out / sh.part_name(1)
+    t = pq.read_table(path)
+    idx, keys = t.column("idx").to_numpy(), t.column("key").to_pylist()
+    forged = vectors[10:][::-1].copy()  # the same vectors, in another order: finite, plausible
+    meta = dict(t.schema.metadata)
+    meta[sh.DIGEST_KEY] = sh.part_digest(idx, keys, forged).encode()
+    pq.write_table(sh.part_table(idx, keys, forged).replace_schema_metadata(meta), path)
+    assert sh.part_status(out, 1, plan)[0] == "complete"  # the file alone is self-consistent
+    with pytest.raises(InputError, match="recorded in _state"):
+        sh.open_shards(out)
+    stats = embed_shards(lst, out, tiny_model, part_size=10, progress=False)
+    assert stats.parts_written == 1
+    np.testing.assert_array_equal(sh.open_shards(out).load_all(), vectors)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -169,7 +170,7 @@ def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarra
 
 
 def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True,
-                stamp: str | None = None) -> tuple[str, str | None]:
+                stamp: str | None = None, digest: str | None = None) -> tuple[str, str | None]:
     """(state, why) of one part file; state is one of :data:`PART_STATES`:
 
     - ``complete``: written for this plan, every item accounted for, content matching its digest;
@@ -178,7 +179,9 @@ def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True,
     - ``corrupt``: unreadable, counts that do not add up, a digest that differs, or NaN/inf;
     - ``stale``: written from another version of its input (``stamp`` given and differing).
 
-    ``verify=False`` checks only the footer (plan, accounting), not the content."""
+    ``verify=False`` checks only the footer (plan, accounting), not the content. ``digest``: the one
+    the resume record kept when the part was written (:func:`recorded_digests`); a footer naming
+    another (the file replaced by another, self-consistent one) is corrupt."""
     path = Path(out) / part_name(part_id)
     if not path.is_file():
         return "missing", None
@@ -194,15 +197,17 @@ def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True,
     try:
         acc = json.loads(meta[ACCOUNTING_KEY])
         skipped = json.loads(meta.get(SKIPPED_KEY, b"[]"))
-        digest = meta[DIGEST_KEY].decode()
+        footer_digest = meta[DIGEST_KEY].decode()
         items = int(acc["items"])
     except (KeyError, ValueError, TypeError) as e:
         return "corrupt", f"its footer has no valid accounting or digest ({type(e).__name__}: {e})"
+    if digest is not None and footer_digest != digest:
+        return "corrupt", "its digest is not the one recorded in _state when it was written (the file was replaced)"
     if num_rows != acc.get("embedded") or len(skipped) != acc.get("skipped") or num_rows + len(skipped) != items:
         return "corrupt", (f"{num_rows} vectors + {len(skipped)} skipped do not add up to its {items} items "
                            f"(the footer records {acc.get('embedded')} + {acc.get('skipped')})")
     if verify:
-        why = _verify_content(path, digest)
+        why = _verify_content(path, footer_digest)
         if why is not None:
             return "corrupt", why
     if stamp is not None and acc.get("stamp") not in (None, stamp):
@@ -287,6 +292,10 @@ class ShardState:
         elif row[0] != plan_id:
             raise InputError(f"{self.path}: resume record of another plan; delete it")
 
+    def record_digest(self, part: int, digest: str) -> None:
+        """Keep a written part's digest (with the time: the newest record wins across workers' files)."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"digest:{part}", f"{time.time_ns()} {digest}"))
+
     def check_stamp(self, part: int, stamp: str | None) -> bool:
         """Record the stamp of the input a part's rows come from; rows of another stamp (a tar
         replaced since) are dropped. True when rows were dropped."""
@@ -370,8 +379,9 @@ class ShardRun:
         self.stats.parts_total = len(mine)
         self.todo: list[Part] = []
         say = log or (lambda m: None)
+        digests = recorded_digests(self.out)
         for p in mine:
-            state, why = part_status(self.out, p.id, self.plan_id, stamp=p.stamp)
+            state, why = part_status(self.out, p.id, self.plan_id, stamp=p.stamp, digest=digests.get(p.id))
             if state in ("complete", "incomplete"):  # incomplete: the same tar cannot give more
                 self.stats.parts_done_before += 1
                 if state == "incomplete":
@@ -439,6 +449,7 @@ class ShardRun:
         lost = part.unaccounted()
         path = write_part(self.out, part.id, pos, keys, mat, plan_id=self.plan_id, model_id=self.model_id,
                           skipped=skipped, n_items=n_items, unaccounted=lost, stamp=part.stamp)
+        self.state.record_digest(part.id, part_digest(pos, keys, mat))
         if lost is not None:
             self.stats.incomplete[part.id] = lost
         self.state.drop(part.id)
@@ -498,6 +509,26 @@ class ShardSet:
         return x
 
 
+def recorded_digests(root: Path) -> dict[int, str]:
+    """{part id: digest} as the resume records of ``root/_state`` kept them when each part was written
+    (read only; a record that cannot be read adds nothing: the footers' digests still hold)."""
+    newest: dict[int, tuple[int, str]] = {}
+    for f in sorted((Path(root) / STATE_DIR).glob("shard-*.sqlite")):
+        try:
+            db = sqlite3.connect(f.resolve().as_uri() + "?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT key, value FROM meta WHERE key LIKE 'digest:%'").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+        for key, value in rows:
+            t, _, digest = str(value).partition(" ")
+            if key[7:].isdigit() and t.isdigit() and int(t) > newest.get(int(key[7:]), (-1, ""))[0]:
+                newest[int(key[7:])] = (int(t), digest)
+    return {pid: digest for pid, (_, digest) in newest.items()}
+
+
 def manifest_parts(root: Path, manifest: dict) -> list[tuple[int, Path]]:
     """(id, file) of every part a manifest names; a file that is not ``part-<id>.parquet`` directly
     inside ``root`` (``../x``, an absolute path, another part's name) is refused: a manifest never
@@ -529,8 +560,9 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
     problems: list[str] = []
     incomplete: dict[int, str] = {}
     damaged: dict[int, str] = {}
+    digests = recorded_digests(root)
     for pid, f in manifest_parts(root, m):
-        state, why = part_status(root, pid, m["plan_id"])
+        state, why = part_status(root, pid, m["plan_id"], digest=digests.get(pid))
         if state == "incomplete":
             incomplete[pid] = why
             problems.append(f"{f}: incomplete ({why})")
