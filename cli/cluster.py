@@ -86,13 +86,15 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
 @click.option("--save-inputs", is_flag=True, help="Also write pixel_values.npy and artifact_mask.npy (rows as in "
               "embeddings.npy; one more decode and CPU pass) for comparing a port (docs/onnx-contract.md).")
+@click.option("--save-inputs-rgb", is_flag=True, help="With --save-inputs, also the uint8 images before normalising: "
+              "decoded_rgb.npy (+ _shapes.npy) as decoded, resized_rgb.npy after the resize (docs/outputs.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 @report_errors
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
          resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, max_pixels,
          labels_from_dirs,
          protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
-         save_inputs, quiet):
+         save_inputs, save_inputs_rgb, quiet):
     """Embed every image of INPUT (a folder, a list of paths, or WebDataset tars) with an exported ITAE
     model on ONNX Runtime, then cluster them with K-Means on the L2-normalised embeddings (or a
     TSP/TEMI head with --method)."""
@@ -145,16 +147,16 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             head_params={"epochs": epochs} if epochs else None, head_out=head_out, knn_reference=knn_reference,
             log=log,
         )
-        if (report or save_inputs) and "shards" in summary:
+        if (report or save_inputs or save_inputs_rgb) and "shards" in summary:
             log("--report/--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
-            report = save_inputs = False
-        if save_inputs and summary.get("input", {}).get("kind") == "webdataset":
+            report = save_inputs = save_inputs_rgb = False
+        if (save_inputs or save_inputs_rgb) and summary.get("input", {}).get("kind") == "webdataset":
             log("--save-inputs: not for WebDataset tars (it reads the image files again); the outputs are written")
-            save_inputs = False
+            save_inputs = save_inputs_rgb = False
         if report:
             log(f"Report: {write_report(summary['out_dir'])}")
-        if save_inputs:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
-            log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'])['rows']} rows")
+        if save_inputs or save_inputs_rgb:  # the model's inputs and masks beside the embeddings (cluster.tensors)
+            log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'], images=save_inputs_rgb)['rows']} rows")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "
                    "to resume.", err=True)

@@ -111,6 +111,10 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
     click.echo(f"Shard {shard}: {stats.parts_written} parts written, {stats.parts_done_before} were complete; "
                f"{new} embedded{speed}, {stats.reused} reused (from the embedding cache), "
                f"{stats.rows_resumed} resumed, {stats.skipped} skipped")
+    for pid, why in sorted(stats.incomplete.items()):
+        click.echo(f"part {pid} is incomplete: {why}", err=True)
+    if stats.incomplete:
+        sys.exit(1)
 
 
 @main.command("cluster", context_settings=CONTEXT)
@@ -150,8 +154,15 @@ def status_cmd(shard_dir):
 
     s = open_shards(shard_dir, allow_partial=True)
     total = len(s.manifest["parts"])
-    click.echo(f"{s.manifest['model'].get('name')} ({s.manifest['model']['id'][:19]}...): {total - len(s.missing)} of "
-               f"{total} parts written, {s.n} vectors")
+    done = total - len(s.missing) - len(s.incomplete)
+    click.echo(f"{s.manifest['model'].get('name')} ({str(s.manifest['model'].get('id'))[:19]}...): {done} of "
+               f"{total} parts written and complete, {s.n} vectors")
+    for pid, why in sorted(s.incomplete.items()):
+        click.echo(f"incomplete part {pid}: {why}")
+    for pid, why in sorted(s.damaged.items()):
+        click.echo(f"damaged part {pid}: {why}")
+    if s.incomplete and not s.missing:
+        sys.exit(1)
     if s.missing:
         click.echo("missing parts: " + ", ".join(map(str, s.missing[:50])) + (" ..." if len(s.missing) > 50 else ""))
         sys.exit(1)

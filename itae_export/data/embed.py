@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item
+from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item, text_key  # noqa: F401 - re-exported
 from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images
@@ -56,16 +56,6 @@ class EmbedResult:
     @property
     def images_per_s(self) -> float:
         return self.n_new / self.embed_seconds if self.embed_seconds > 0 and self.n_new else 0.0
-
-
-def text_key(key: str) -> str:
-    """A key as UTF-8 text (parquet strings, the shard resume record): a name that is not valid UTF-8
-    keeps its valid part, each other byte written as ``\\xNN``. CSV files keep the bytes themselves."""
-    try:
-        key.encode("utf-8")
-        return key
-    except UnicodeEncodeError:
-        return os.fsencode(key).decode("utf-8", "backslashreplace")
 
 
 def default_out_dir(folder: str | os.PathLike) -> Path:

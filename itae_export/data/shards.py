@@ -8,8 +8,14 @@ Layout of ``OUT/``::
     _state/shard-0003-of-0008.sqlite   rows of the parts worker 3 of 8 has begun, one transaction
                                         per batch; a part's rows are dropped once its file is written
 
-A part is complete exactly when its file exists (the rename is atomic) and its footer names the
-manifest's plan id. ``manifest.json`` is the same for every worker (it is derived from the input
+A part is complete exactly when its file exists (the rename is atomic), its footer names the
+manifest's plan id, every item of its input is accounted for (``itae.accounting``: items = vectors +
+skipped, and no member of a tar lost to a cut or a corrupt header) and its content matches the
+digest in its footer (``itae.digest``: sha256 over idx, keys and vectors, checked on every read,
+with parquet's page checksums; non-finite vectors count as corrupt). A corrupt part is embedded
+again by the next ``itae-embed run``; readers refuse it in one line naming the file. A part written
+while members of its tar were lost is *incomplete*: written (a rerun cannot do better with the same
+tar), but never reported complete. ``manifest.json`` is the same for every worker (it is derived from the input
 and the model only), so N workers of a Slurm array can all create it; a worker whose input or model
 differ from an existing manifest stops with an error instead of mixing two models in one directory.
 Skipped images of a part are listed in its footer (``itae.skipped``, JSON).
@@ -21,13 +27,14 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.data.sources import Part, Source, require_pyarrow, shard_parts
+from itae_export.data.sources import Part, Source, require_pyarrow, shard_parts, text_key
 from itae_export.errors import InputError, OutputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 
@@ -37,6 +44,10 @@ STATE_DIR = "_state"
 PLAN_KEY = b"itae.plan_id"
 SKIPPED_KEY = b"itae.skipped"
 MODEL_KEY = b"itae.model_id"
+ACCOUNTING_KEY = b"itae.accounting"
+DIGEST_KEY = b"itae.digest"
+NON_FINITE = "the model returned NaN or inf for this image"
+PART_STATES = ("complete", "incomplete", "missing", "foreign", "corrupt", "stale")
 
 
 def part_name(part_id: int) -> str:
@@ -91,8 +102,15 @@ def read_manifest(out: str | os.PathLike) -> dict:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise InputError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise InputError(f"{path}: format {got!r} is not {FORMAT!r}")
+    for key, kind in (("plan_id", str), ("parts", list), ("model", dict)):
+        if not isinstance(m.get(key), kind):
+            raise InputError(f"{path}: '{key}' is missing or not a {kind.__name__}; not a shard manifest")
+    if m.get("embed_dim") is not None and (isinstance(m["embed_dim"], bool) or not isinstance(m["embed_dim"], int)
+                                           or m["embed_dim"] < 1):
+        raise InputError(f"{path}: 'embed_dim' {m['embed_dim']!r} is not a positive integer")
     return m
 
 
@@ -110,38 +128,129 @@ def part_table(idx: np.ndarray, keys: list[str], vectors: np.ndarray):
                      "vector": vec})
 
 
+def part_digest(idx, keys: list[str], vectors: np.ndarray) -> str:
+    """sha256 over a part's content: idx (int64 LE), keys (UTF-8, NUL-separated), vectors (float32 LE)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(idx, dtype="<i8").tobytes())
+    h.update("\0".join(keys).encode("utf-8"))
+    h.update(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarray, *, plan_id: str,
-               model_id: str, skipped: list[tuple[str, str]]) -> Path:
-    """Write one part file atomically (the vector column uncompressed: float32 does not compress)."""
+               model_id: str, skipped: list[tuple[str, str]], n_items: int | None = None,
+               unaccounted: str | None = None, stamp: str | None = None) -> Path:
+    """Write one part file atomically (the vector column uncompressed: float32 does not compress).
+
+    ``n_items``: the items of the part's input (default: vectors + skipped); they must add up.
+    ``unaccounted``: why members of the input are lost (the part is then written but incomplete).
+    ``stamp``: the input's :attr:`~itae_export.data.sources.Part.stamp` (a tar's size), recorded."""
     pa, pq = require_pyarrow("shard files")
+    n_items = len(keys) + len(skipped) if n_items is None else n_items
+    if len(keys) + len(skipped) != n_items:
+        raise InputError(f"{out / part_name(part_id)}: {len(keys)} vectors + {len(skipped)} skipped is not the "
+                         f"{n_items} items of the part; not written")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise InputError(f"{out / part_name(part_id)}: NaN or inf among the vectors; not written")
     table = part_table(idx, keys, vectors)
+    accounting = {"items": n_items, "embedded": len(keys), "skipped": len(skipped), "unaccounted": unaccounted,
+                  "stamp": stamp}
     meta = {PLAN_KEY: plan_id.encode(), MODEL_KEY: model_id.encode(),
-            SKIPPED_KEY: json.dumps(skipped).encode()}
+            SKIPPED_KEY: json.dumps(skipped).encode(), ACCOUNTING_KEY: json.dumps(accounting).encode(),
+            DIGEST_KEY: part_digest(idx, keys, vectors).encode()}
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression={"idx": "zstd", "key": "zstd", "vector": "none"},
-                   use_dictionary=["key"], row_group_size=65_536)
+                   use_dictionary=["key"], row_group_size=65_536, write_page_checksum=True)
     path = out / part_name(part_id)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return path
 
 
-def part_complete(out: Path, part_id: int, plan_id: str) -> bool:
-    path = out / part_name(part_id)
+def part_status(out: Path, part_id: int, plan_id: str, verify: bool = True,
+                stamp: str | None = None, digest: str | None = None) -> tuple[str, str | None]:
+    """(state, why) of one part file; state is one of :data:`PART_STATES`:
+
+    - ``complete``: written for this plan, every item accounted for, content matching its digest;
+    - ``incomplete``: written for this plan, but members of its tar were lost (``why`` says how);
+    - ``missing``: no file; ``foreign``: a file of another plan (or no itae part at all);
+    - ``corrupt``: unreadable, counts that do not add up, a digest that differs, or NaN/inf;
+    - ``stale``: written from another version of its input (``stamp`` given and differing).
+
+    ``verify=False`` checks only the footer (plan, accounting), not the content. ``digest``: the one
+    the resume record kept when the part was written (:func:`recorded_digests`); a footer naming
+    another (the file replaced by another, self-consistent one) is corrupt."""
+    path = Path(out) / part_name(part_id)
     if not path.is_file():
-        return False
+        return "missing", None
+    _, pq = require_pyarrow("shard files")
     try:
-        _, pq = require_pyarrow("shard files")
-        meta = pq.read_schema(path).metadata or {}
-    except Exception:  # noqa: BLE001 - a torn or foreign file is simply not complete
-        return False
-    return meta.get(PLAN_KEY) == plan_id.encode()
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        num_rows = pf.metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - pyarrow's error types vary: a torn or foreign file
+        return "corrupt", f"not a readable parquet file ({_one_line(e)})"
+    if meta.get(PLAN_KEY) != plan_id.encode():
+        return "foreign", "written for another plan" if PLAN_KEY in meta else "not a part file written by itae-embed"
+    try:
+        acc = json.loads(meta[ACCOUNTING_KEY])
+        skipped = json.loads(meta.get(SKIPPED_KEY, b"[]"))
+        footer_digest = meta[DIGEST_KEY].decode()
+        items = int(acc["items"])
+    except (KeyError, ValueError, TypeError) as e:
+        return "corrupt", f"its footer has no valid accounting or digest ({type(e).__name__}: {e})"
+    if digest is not None and footer_digest != digest:
+        return "corrupt", "its digest is not the one recorded in _state when it was written (the file was replaced)"
+    if num_rows != acc.get("embedded") or len(skipped) != acc.get("skipped") or num_rows + len(skipped) != items:
+        return "corrupt", (f"{num_rows} vectors + {len(skipped)} skipped do not add up to its {items} items "
+                           f"(the footer records {acc.get('embedded')} + {acc.get('skipped')})")
+    if verify:
+        why = _verify_content(path, footer_digest)
+        if why is not None:
+            return "corrupt", why
+    if stamp is not None and acc.get("stamp") not in (None, stamp):
+        return "stale", f"written from its input at {acc.get('stamp')}, which is now {stamp}"
+    if acc.get("unaccounted"):
+        return "incomplete", str(acc["unaccounted"])
+    return "complete", None
+
+
+def _verify_content(path: Path, digest: str) -> str | None:
+    """None when the part's content matches ``digest`` and every vector is finite; else what is wrong."""
+    try:
+        t, vecs = read_part(path)
+    except Exception as e:  # noqa: BLE001 - a flipped byte in a page header or a checksum that differs
+        return f"unreadable content ({_one_line(e)})"
+    idx = t.column("idx").to_numpy()
+    keys = t.column("key").to_pylist()
+    if part_digest(idx, keys, vecs) != digest:
+        return "its content differs from the digest in its footer (flipped bytes?)"
+    bad = int((~np.isfinite(vecs)).any(axis=1).sum())
+    if bad:
+        return f"{bad} of its vectors hold NaN or inf"
+    return None
+
+
+def _text(s: str) -> str:
+    """``s`` as valid UTF-8 text: undecodable bytes of a name (surrogate escapes) become ``\\xNN``."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def part_complete(out: Path, part_id: int, plan_id: str, verify: bool = True) -> bool:
+    """True when the part is written for ``plan_id`` with every item accounted for and its content intact."""
+    return part_status(out, part_id, plan_id, verify)[0] == "complete"
 
 
 def read_part(path: str | os.PathLike, columns=("idx", "key", "vector")):
-    """(table, vectors float32 [n, D] viewing the table's buffer: no copy) of one part file."""
+    """(table, vectors float32 [n, D] viewing the table's buffer: no copy) of one part file (page
+    checksums verified)."""
     _, pq = require_pyarrow("shard files")
-    t = pq.read_table(path, columns=list(columns), memory_map=True)
+    t = pq.read_table(path, columns=list(columns), memory_map=True, page_checksum_verification=True)
     vecs = None
     if "vector" in columns:
         col = t.column("vector").combine_chunks()
@@ -189,10 +298,32 @@ class ShardState:
         elif row[0] != plan_id:
             raise InputError(f"{self.path}: resume record of another plan; delete it")
 
+    def record_digest(self, part: int, digest: str) -> None:
+        """Keep a written part's digest (with the time: the newest record wins across workers' files)."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"digest:{part}", f"{time.time_ns()} {digest}"))
+
+    def check_stamp(self, part: int, stamp: str | None) -> bool:
+        """Record the stamp of the input a part's rows come from; rows of another stamp (a tar
+        replaced since) are dropped. True when rows were dropped."""
+        if stamp is None:
+            return False
+        key = f"stamp:{part}"
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] == stamp:
+            return False
+        dropped = bool(self.count(part))
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM rows WHERE part = ?", (part,))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, stamp))
+        return dropped
+
     def add(self, part: int, rows: list[tuple[int, str, np.ndarray | None, str | None]]) -> None:
-        """Commit one batch: (pos, key, vector or None, skip reason or None) per image."""
-        data = [(part, int(pos), key, None if v is None else np.asarray(v, np.float32).tobytes(), reason)
-                for pos, key, v, reason in rows]
+        """Commit one batch: (pos, key, vector or None, skip reason or None) per image. A key that is
+        not valid UTF-8 (a file or member name is bytes) is kept as :func:`~itae_export.data.sources.text_key`
+        writes it (each invalid byte as ``\\xNN``); such bytes in a reason are shown as ``\\xNN``."""
+        data = [(part, int(pos), text_key(key), None if v is None else np.asarray(v, np.float32).tobytes(),
+                 None if reason is None else _text(reason)) for pos, key, v, reason in rows]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", data)
@@ -229,6 +360,7 @@ class RunStats:
     seconds: float = 0.0
     conversions: dict = field(default_factory=dict)
     actor_pids: list = field(default_factory=list)  # Ray engine: the processes that ran inference
+    incomplete: dict = field(default_factory=dict)  # part id -> why members of its tar are lost
 
     @property
     def images_per_s(self) -> float:
@@ -253,16 +385,25 @@ class ShardRun:
         mine = shard_parts(source.parts, shard)
         self.stats.parts_total = len(mine)
         self.todo: list[Part] = []
+        say = log or (lambda m: None)
+        digests = recorded_digests(self.out)
         for p in mine:
-            if part_complete(self.out, p.id, self.plan_id):
+            state, why = part_status(self.out, p.id, self.plan_id, stamp=p.stamp, digest=digests.get(p.id))
+            if state in ("complete", "incomplete"):  # incomplete: the same tar cannot give more
                 self.stats.parts_done_before += 1
+                if state == "incomplete":
+                    self.stats.incomplete[p.id] = why
                 if self.state.count(p.id):
                     self.state.drop(p.id)  # killed after the rename, before the rows were dropped
             else:
+                if state in ("corrupt", "stale"):
+                    say(f"{self.out / part_name(p.id)}: {state} ({why}); embedding it again")
+                if self.state.check_stamp(p.id, p.stamp):
+                    say(f"part {p.id}: its input changed since it was begun; its rows are embedded again")
                 self.todo.append(p)
                 for stale in self.out.glob(f".{part_name(p.id)}.*.tmp"):  # a write killed half-way
                     stale.unlink(missing_ok=True)
-        (log or (lambda m: None))(
+        say(
             f"Shard {shard[0]}/{shard[1]}: {len(mine)} parts, {self.stats.parts_done_before} already complete")
 
     def close(self) -> None:
@@ -294,19 +435,30 @@ class ShardRun:
     def finish_part(self, part: Part, n_items: int) -> Path:
         """Write the part's file from its committed rows (all ``n_items`` must be there), then drop them."""
         if self.state.count(part.id) != n_items:
-            raise RuntimeError(f"part {part.id}: {self.state.count(part.id)} of {n_items} rows committed")
+            raise InputError(f"{self.out / part_name(part.id)}: {self.state.count(part.id)} of the part's {n_items} "
+                             f"items have an outcome in {self.state.path}; not written")
         pos, keys, vecs, skipped = [], [], [], []
         for p, key, blob, reason in self.state.rows(part.id):
+            v = None if blob is None else np.frombuffer(blob, np.float32)
+            if v is not None and self.dim and v.size != self.dim:
+                raise InputError(f"{self.state.path}: a row of part {part.id} holds {v.size} values, not "
+                                 f"{self.dim}; the resume record is damaged: delete it and run again")
+            if v is not None and not np.isfinite(v).all():
+                blob, reason = None, NON_FINITE
             if blob is None:
                 skipped.append((key, reason))
             else:
                 pos.append(p)
                 keys.append(key)
-                vecs.append(np.frombuffer(blob, np.float32))
+                vecs.append(v)
         dim = self.dim or (len(vecs[0]) if vecs else 0)
         mat = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
+        lost = part.unaccounted()
         path = write_part(self.out, part.id, pos, keys, mat, plan_id=self.plan_id, model_id=self.model_id,
-                          skipped=skipped)
+                          skipped=skipped, n_items=n_items, unaccounted=lost, stamp=part.stamp)
+        self.state.record_digest(part.id, part_digest(pos, keys, mat))
+        if lost is not None:
+            self.stats.incomplete[part.id] = lost
         self.state.drop(part.id)
         self.stats.parts_written += 1
         return path
@@ -324,6 +476,8 @@ class ShardSet:
     files: list[Path]
     counts: list[int]
     missing: list[int]
+    incomplete: dict = field(default_factory=dict)  # part id -> why members of its tar are lost
+    damaged: dict = field(default_factory=dict)  # part id -> "corrupt (why)" or "foreign (why)" (among missing)
 
     @property
     def n(self) -> int:
@@ -362,21 +516,78 @@ class ShardSet:
         return x
 
 
+def recorded_digests(root: Path) -> dict[int, str]:
+    """{part id: digest} as the resume records of ``root/_state`` kept them when each part was written
+    (read only; a record that cannot be read adds nothing: the footers' digests still hold)."""
+    newest: dict[int, tuple[int, str]] = {}
+    for f in sorted((Path(root) / STATE_DIR).glob("shard-*.sqlite")):
+        try:
+            db = sqlite3.connect(f.resolve().as_uri() + "?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT key, value FROM meta WHERE key LIKE 'digest:%'").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+        for key, value in rows:
+            t, _, digest = str(value).partition(" ")
+            if key[7:].isdigit() and t.isdigit() and int(t) > newest.get(int(key[7:]), (-1, ""))[0]:
+                newest[int(key[7:])] = (int(t), digest)
+    return {pid: digest for pid, (_, digest) in newest.items()}
+
+
+def manifest_parts(root: Path, manifest: dict) -> list[tuple[int, Path]]:
+    """(id, file) of every part a manifest names; a file that is not ``part-<id>.parquet`` directly
+    inside ``root`` (``../x``, an absolute path, another part's name) is refused: a manifest never
+    points a reader outside the shard folder."""
+    out = []
+    parts = manifest.get("parts")
+    if not isinstance(parts, list):
+        raise InputError(f"{root / MANIFEST}: no list of parts")
+    for p in parts:
+        pid = p.get("id") if isinstance(p, dict) else None
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+            raise InputError(f"{root / MANIFEST}: a part without a valid id ({p!r:.80})")
+        if p.get("file") != part_name(pid):
+            raise InputError(f"{root / MANIFEST}: part {pid} names the file {p.get('file')!r:.80}, not "
+                             f"{part_name(pid)!r} inside the shard folder; refused")
+        out.append((pid, root / part_name(pid)))
+    return out
+
+
 def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSet:
-    """The parts of a shard directory; a missing part is an InputError unless ``allow_partial``."""
+    """The parts of a shard directory, each checked (plan, accounting, digest, finite vectors).
+
+    A missing, corrupt or incomplete part is an InputError naming it, unless ``allow_partial``: then
+    missing and corrupt parts are left out (listed in ``missing``) and incomplete ones are read."""
     _, pq = require_pyarrow("shard files")
     root = Path(root)
     m = read_manifest(root)
     files, counts, missing = [], [], []
-    for p in m["parts"]:
-        f = root / p["file"]
-        if not part_complete(root, p["id"], m["plan_id"]):
-            missing.append(p["id"])
+    problems: list[str] = []
+    incomplete: dict[int, str] = {}
+    damaged: dict[int, str] = {}
+    digests = recorded_digests(root)
+    for pid, f in manifest_parts(root, m):
+        state, why = part_status(root, pid, m["plan_id"], digest=digests.get(pid))
+        if state == "incomplete":
+            incomplete[pid] = why
+            problems.append(f"{f}: incomplete ({why})")
+        elif state != "complete":
+            missing.append(pid)
+            if state != "missing":
+                damaged[pid] = f"{state} ({why})"
+                problems.append(f"{f}: {damaged[pid]}")
             continue
         files.append(f)
         counts.append(pq.read_metadata(f).num_rows)
-    if missing and not allow_partial:
+    if (missing or incomplete) and not allow_partial:
+        if problems:
+            more = f" (and {len(problems) - 1} more parts)" if len(problems) > 1 else ""
+            fix = ("fetch its tar again, then run itae-embed run again" if ": incomplete (" in problems[0]
+                   else "run itae-embed run again to embed it again")
+            raise InputError(f"{problems[0]}{more}; {fix}, or pass --allow-partial")
         ids = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
                          "run the missing itae-embed shards first")
-    return ShardSet(root, m, files, counts, missing)
+    return ShardSet(root, m, files, counts, missing, incomplete, damaged)

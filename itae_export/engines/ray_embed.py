@@ -41,7 +41,7 @@ from itae_export.runtime import Embedder, open_session
 # The driver hands Ray this many images at a time (whole parts): what it holds of the work list is
 # one window of columnar rows (~100 bytes an image), not every pending image of the shard.
 WINDOW_ITEMS = 200_000
-ROW_COLUMNS = ("part", "pos", "key", "path", "offset", "length")
+ROW_COLUMNS = ("part", "pos", "key", "path", "offset", "length", "skip")  # skip: "" or why not embeddable
 
 
 def _ray():
@@ -81,7 +81,7 @@ def decode_batch(batch: dict, pre: dict) -> dict:
     reasons = []
     for j in range(n):
         item = Item(int(batch["pos"][j]), str(batch["key"][j]), os.fsdecode(bytes(batch["path"][j])),
-                    int(batch["offset"][j]), int(batch["length"][j]))
+                    int(batch["offset"][j]), int(batch["length"][j]), str(batch["skip"][j]) or None)
         px, reason, _ = load_item(item, spec)
         if px is not None:
             pixels[j] = px
@@ -199,6 +199,7 @@ def _windows(run, window_items: int) -> Iterator[_Window]:
             cols["path"].append(os.fsencode(it.path))  # the real bytes of the name: any file name opens
             cols["offset"].append(it.offset)
             cols["length"].append(it.length)
+            cols["skip"].append(it.skip or "")
         if len(cols["key"]) >= window_items:
             yield flush()
             cols = {c: [] for c in ROW_COLUMNS}
@@ -211,7 +212,7 @@ def _tables(columns: dict, blocks: int) -> list:
     """The window as ``blocks`` pyarrow tables (Ray Data's blocks), rows in order."""
     import pyarrow as pa
 
-    types = {"key": pa.string(), "path": pa.binary()}
+    types = {"key": pa.string(), "path": pa.binary(), "skip": pa.string()}
     table = pa.table({c: pa.array(v, type=types.get(c, pa.int64()))
                       for c, v in columns.items()})
     step = -(-table.num_rows // blocks)

@@ -3,8 +3,6 @@ so that a search resumes where it stopped; feedback files in and ranked lists ou
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from itae_export.data.outputs import csv_text, parse_csv
 from itae_export.errors import InputError
 from itae_export.files import atomic_write_bytes, atomic_write_json
 from itae_export.search.feedback import METHODS, FeedbackParams, rank
@@ -102,7 +101,7 @@ def read_feedback(path: str | os.PathLike) -> dict[str, bool]:
     ``{"relevant": [paths], "irrelevant": [paths]}`` or ``{path: label}``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # no newline translation: a "\r" inside a name stays
     except FileNotFoundError:
         raise InputError(f"--feedback: {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -124,7 +123,7 @@ def read_feedback(path: str | os.PathLike) -> dict[str, bool]:
             raise InputError(f"--feedback: {path}: expected an object")
         items = data.items()
     else:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        rows = parse_csv(text, f"--feedback: {path}")
         if rows and not {"path", "label"} <= set(rows[0]):
             raise InputError(f"--feedback: {path}: the CSV needs the columns path,label")
         items = [(r["path"], r["label"]) for r in rows]
@@ -148,11 +147,7 @@ def write_ranked(results: list[tuple[str, float]], path: str | os.PathLike | Non
                            "results": [{"rank": i + 1, "path": p, "score": round(s, 6)} for i, (p, s) in enumerate(results)]},
                           indent=2) + "\n"
     else:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["rank", "path", "score"])
-        w.writerows((i + 1, p, f"{s:.6f}") for i, (p, s) in enumerate(results))
-        text = buf.getvalue()
+        text = csv_text(["rank", "path", "score"], ((i + 1, p, f"{s:.6f}") for i, (p, s) in enumerate(results)))
     if path is not None:
         atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # file names are bytes
     return text
