@@ -21,9 +21,8 @@ from itae_export.data.embed import (
     embed_items,
     load_item,
     progress_bar,
-    text_key,
 )
-from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source
+from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source, text_key
 from itae_export.cluster.evaluation import (
     choose_k,
     head_advice,

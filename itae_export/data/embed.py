@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item, text_key  # noqa: F401 - re-exported
+from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item
 from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images

@@ -21,11 +21,10 @@ from itae_export.data.embed import (
     load_item,
     lookup,
     progress_bar,
-    text_key,
 )
 from itae_export.data.store import EmbeddingStore
 from itae_export.data.shards import RunStats, ShardRun
-from itae_export.data.sources import DEFAULT_PART_SIZE, Item, open_source, parse_shard
+from itae_export.data.sources import DEFAULT_PART_SIZE, open_source, parse_shard, text_key
 from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec

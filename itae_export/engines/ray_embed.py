@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.data.embed import default_batch_size, load_item, text_key
+from itae_export.data.embed import default_batch_size, load_item
 from itae_export.data.shards import RunStats
-from itae_export.data.sources import DEFAULT_PART_SIZE, Item
+from itae_export.data.sources import DEFAULT_PART_SIZE, Item, text_key
 from itae_export.engines.local import open_run
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import PreprocessSpec
