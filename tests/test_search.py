@@ -347,15 +347,17 @@ def test_server_refine_api(served):
     state = json.loads(_get(base + "/api/results")[1])
     ids = [r["id"] for r in state["results"]]
     marks = {str(ids[0]): True, str(ids[1]): False}
+    token = _get(base + "/")[1].decode().split('name="itae-token" content="', 1)[1].split('"', 1)[0]
+    own = {"Content-Type": "application/json", "Origin": base, "X-Itae-Token": token}
     req = urllib.request.Request(base + "/api/refine", data=json.dumps({"marks": marks}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers=own, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         new = json.loads(r.read())
     assert new["round"] == state["round"] + 1 and new["judged"] == {"relevant": 1, "irrelevant": 1}
     assert not {ids[0], ids[1]} & {r["id"] for r in new["results"]}
     saved = Session.load(session_path)
     assert saved.judgments == {index.paths[ids[0]]: True, index.paths[ids[1]]: False}
-    bad = urllib.request.Request(base + "/api/refine", data=b'{"marks": {"99999": true}}', method="POST")
+    bad = urllib.request.Request(base + "/api/refine", data=b'{"marks": {"99999": true}}', headers=own, method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(bad, timeout=10)
     assert e.value.code == 400
