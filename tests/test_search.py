@@ -190,6 +190,7 @@ def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
     import onnx
 
     from itae_export.onnx.contract import METADATA_KEY
+    from itae_export.onnx.manifest import seal
 
     tiny = Path(json.loads((collection / "summary.json").read_text())["onnx"])
     other = tmp_path / "other.onnx"
@@ -197,7 +198,7 @@ def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
     prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
     manifest = json.loads(prop.value)
     manifest["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
-    prop.value = json.dumps(manifest)  # in the graph (the authority) and beside it, consistently
+    seal(proto, manifest)  # in the graph (the authority, resealed) and beside it, consistently
     onnx.save(proto, str(other))
     other.with_suffix(".json").write_text(json.dumps(manifest))
     img = next(Path(json.loads((collection / "summary.json").read_text())["folder"]).rglob("*.png"))
