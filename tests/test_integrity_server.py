@@ -7,6 +7,7 @@ The collection here is built directly (an index over a handful of PNGs), so no m
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import socket
 import threading
@@ -15,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from test_report import chromium  # noqa: F401 - the fixture
 
 from itae_export.search.index import SearchIndex
 from itae_export.search.server import (LISTEN_BACKLOG, MAX_BODY, SearchApp, image_content_type, make_server,
@@ -304,3 +306,82 @@ def test_image_content_type_is_from_the_bytes():
     for bad in (b"<svg xmlns=", b"<html>", b"", b"RIFF\0\0\0\0WAVE", b"%PDF-1.4"):
         assert image_content_type(bad) is None
     assert "@TOKEN@" not in page_html("t") and 'content="&lt;x&gt;"' in page_html("<x>")
+
+
+def test_allow_remote_still_checks_the_host(forged):
+    """Bound to all addresses, the Host must be an IP literal (or this machine's name) and the
+    bound port: a rebinding name is refused."""
+    index, tmp = forged
+    session = new_session(index, tmp, {"kind": "like", "value": "a.png"}, index.vectors[0], index.model_id, k=4)
+    server = make_server(SearchApp(index, session, None), "0.0.0.0", 0, allow_remote=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert request(port, "GET", "/img/0", host=f"evil.example:{port}")[0] == 403
+        assert request(port, "GET", "/img/0", host=f"127.0.0.1:{port + 1 if port < 65535 else 1}")[0] == 403
+        assert request(port, "GET", "/img/0", host=f"127.0.0.1:{port}")[0] == 200
+        assert request(port, "GET", "/img/0", host=f"192.168.1.5:{port}")[0] == 200  # the address a LAN user types
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.browser
+def test_a_foreign_page_in_chromium_cannot_drive_the_server(served, chromium, tmp_path):
+    """A page of another origin (another port of this machine) sends what a hostile page can: a
+    no-cors text/plain POST, a form-like POST, and a JSON POST with a guessed token (which needs a
+    preflight). None changes the session; the server's images do not load there either."""
+    from test_search_browser import DevTools
+
+    app, port, session_path = served
+    before = session_path.read_bytes()
+
+    class Blank(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"<!doctype html><title>elsewhere</title><body>hi</body>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.1:{port}"
+    row = app.state()["results"][0]["id"]
+    dt = DevTools(chromium, tmp_path / "profile")
+    try:
+        dt.attach_page()
+        dt.call("Page.enable")
+        dt.call("Page.navigate", url=f"http://localhost:{evil.server_address[1]}/")
+        dt.wait_for("document.title === 'elsewhere'")
+        body = json.dumps({"marks": {str(row): True}})
+        outcome = dt.js(f"""(async () => {{
+          const out = [];
+          const tries = [
+            {{method: "POST", mode: "no-cors", body: {json.dumps(body)}}},
+            {{method: "POST", mode: "no-cors", body: {json.dumps(body)},
+              headers: {{"Content-Type": "application/x-www-form-urlencoded"}}}},
+            {{method: "POST", body: {json.dumps(body)},
+              headers: {{"Content-Type": "application/json", "X-Itae-Token": "guess"}}}},
+          ];
+          for (const t of tries) {{
+            try {{ const r = await fetch("{target}/api/refine", t); out.push(r.type + ":" + r.status); }}
+            catch (e) {{ out.push("blocked"); }}
+          }}
+          const img = new Image();
+          const loaded = await new Promise(res => {{ img.onload = () => res(true); img.onerror = () => res(false);
+                                                      img.src = "{target}/img/0"; }});
+          out.push("img:" + loaded);
+          return out.join(",");
+        }})()""")
+    finally:
+        dt.close()
+        evil.shutdown()
+        evil.server_close()
+    assert "img:false" in outcome, outcome
+    assert session_path.read_bytes() == before, outcome
+    assert app.session.judgments == {}
