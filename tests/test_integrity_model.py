@@ -199,3 +199,21 @@ def test_a_field_on_one_side_only_is_reported(tiny_model, tmp_path):
     model.with_suffix(".json").write_text(json.dumps(side))
     with pytest.raises(InputError, match=r"field 'preprocessing\.std' differs"):
         read_manifest(model)
+
+
+def test_itae_validate_refuses_a_consistently_edited_mean_of_a_registered_model(tiny_model, tmp_path):
+    """Every copy edited and the graph resealed: the registry is the second source for a
+    registered model, so itae-validate still fails, naming the field."""
+    model = _copy(tiny_model, tmp_path / "model.onnx")
+    proto = onnx.load(str(model))
+    manifest = json.loads(_meta(proto)[METADATA_KEY])
+    manifest["model"] = "dinov2_vits14"  # a registered name: its mean and std are known
+    for mean, needle in ((manifest["preprocessing"]["mean"], "weights"), ([0.5, 0.5, 0.5], "preprocessing.mean")):
+        manifest["preprocessing"]["mean"] = mean
+        seal(proto, manifest)
+        onnx.save(proto, str(model))
+        model.with_suffix(".json").write_text(json.dumps(manifest))
+        res = CliRunner().invoke(validate_cli, [str(model)])
+        _one_line(res, needle)
+        if needle == "weights":  # the unedited one gets past the preprocessing check
+            assert "preprocessing" not in res.output

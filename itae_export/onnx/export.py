@@ -41,7 +41,7 @@ from itae_export.onnx.contract import (
     external_data_name,
 )
 from itae_export.onnx.functions import attach_functions, translation_table
-from itae_export.onnx.manifest import manifest_path, read_manifest, seal, write_manifest
+from itae_export.onnx.manifest import manifest_path, read_manifest, registry_difference, seal, write_manifest
 from itae_export.onnx.optimize import choose_fusions, fold_layerscale_, quantize_graph, validate_int8
 from itae_export.onnx.validate import torch_reference, validate_model
 from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
@@ -548,6 +548,10 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
     """itae-validate: rebuild the PyTorch model from the manifest and compare again."""
 
     manifest = read_manifest(onnx_path, verify=True)  # the digest too: a graph changed after export is refused
+    field = registry_difference(manifest)
+    if field is not None:
+        raise InputError(f"{onnx_path}: the manifest's '{field}' differs from the registry's {manifest['model']}: the "
+                         "model would be fed wrongly normalised pixels; export it again")
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: an int8 graph is validated against its fp32 graph at export "
                          "(manifest: quantization.validation); itae-validate re-runs fp32 and fp16 validations only")

@@ -23,9 +23,10 @@ import json
 import os
 from pathlib import Path
 
-from itae_export.errors import InputError
+from itae_export.errors import InputError, UnknownModelError
 from itae_export.files import atomic_write_json
 from itae_export.onnx.contract import MANIFEST_SUFFIX, METADATA_KEY
+from itae_export.registry import get_model_spec
 
 INTEGRITY_KEY = "itae.integrity"
 
@@ -130,6 +131,29 @@ def output_problem(manifest: dict, sess) -> str | None:
     emb = next((r for r in recorded if r.get("name") == "embedding"), None)
     if emb is not None and (not isinstance(dim, int) or emb["shape"][-1] != dim):
         return f"the manifest's embed_dim {dim!r} differs from its embedding output {emb['shape']}"
+    return None
+
+
+def registry_difference(manifest: dict) -> str | None:
+    """For a model of the registry: the first preprocessing field (resolution aside, which an
+    export may choose) where the manifest differs from the registry's, or None. Unregistered
+    models have no second source to compare with."""
+    try:
+        spec = get_model_spec(manifest["model"])
+    except (UnknownModelError, KeyError, TypeError):
+        return None
+    want = json.loads(json.dumps(spec.preprocessing.to_dict()))
+    got = manifest.get("preprocessing")
+    if not isinstance(got, dict):
+        return "preprocessing"
+    for key in sorted(want):
+        if key == "resolution":
+            continue
+        if key not in got:
+            return f"preprocessing.{key}"
+        d = first_difference(got[key], want[key], f"preprocessing.{key}.")
+        if d is not None:
+            return d
     return None
 
 
