@@ -217,3 +217,33 @@ def test_itae_validate_refuses_a_consistently_edited_mean_of_a_registered_model(
         _one_line(res, needle)
         if needle == "weights":  # the unedited one gets past the preprocessing check
             assert "preprocessing" not in res.output
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m["preprocessing"].__setitem__("mean", "0.5"), "preprocessing.mean"),
+    (lambda m: m["preprocessing"].__setitem__("std", [0.2, 0.0, 0.2]), "preprocessing.std"),
+    (lambda m: m["preprocessing"].__setitem__("std", [0.2, float("nan"), 0.2]), "preprocessing.std"),
+    (lambda m: m["preprocessing"].__setitem__("resolution", [56]), "preprocessing.resolution"),
+    (lambda m: m.pop("preprocessing"), "preprocessing"),
+    (lambda m: m.__setitem__("embed_dim", "64"), "embed_dim"),
+    (lambda m: m["itae"].__setitem__("theta", None), "itae"),
+    (lambda m: m.__setitem__("outputs", {}), "outputs"),
+    (lambda m: m.__setitem__("schema", 99), "schema"),
+])
+def test_a_forged_manifest_is_one_line(tiny_model, images, tmp_path, edit, field):
+    """Sealed, flat copies consistent, no sidecar: the manifest itself is malformed."""
+    model = tmp_path / "model.onnx"
+    shutil.copy(tiny_model, model)
+    proto = onnx.load(str(model))
+    manifest = json.loads(_meta(proto)[METADATA_KEY])
+    edit(manifest)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(manifest)
+    reseal_entry = proto.metadata_props.add()
+    reseal_entry.key, reseal_entry.value = INTEGRITY_KEY, ""
+    reseal(proto)
+    onnx.save(proto, str(model))
+    with pytest.raises(InputError, match=field):
+        read_manifest(model)
+    _one_line(_cluster(images, model, tmp_path), field)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 from pathlib import Path
 
 from itae_export.errors import InputError, UnknownModelError
 from itae_export.files import atomic_write_json
-from itae_export.onnx.contract import MANIFEST_SUFFIX, METADATA_KEY
+from itae_export.onnx.contract import MANIFEST_SCHEMA, MANIFEST_SUFFIX, METADATA_KEY
 from itae_export.registry import get_model_spec
 
 INTEGRITY_KEY = "itae.integrity"
@@ -134,6 +135,47 @@ def output_problem(manifest: dict, sess) -> str | None:
     return None
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def field_problem(manifest: dict) -> str | None:
+    """The first field a reader relies on that is missing or of the wrong kind (a forged or
+    hand-edited manifest), as "'field': why", or None."""
+    def pos_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        return f"'schema': {manifest.get('schema')!r} is not {MANIFEST_SCHEMA}"
+    if not isinstance(manifest.get("model"), str) or not manifest["model"]:
+        return "'model': not a name"
+    prep = manifest.get("preprocessing")
+    if not isinstance(prep, dict):
+        return "'preprocessing': not an object"
+    for key in ("mean", "std"):
+        v = prep.get(key)
+        if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v):
+            return f"'preprocessing.{key}': not 3 finite numbers"
+    if not all(x > 0 for x in prep["std"]):
+        return "'preprocessing.std': not all > 0"
+    res = prep.get("resolution")
+    if not isinstance(res, list) or len(res) != 2 or not all(pos_int(x) for x in res):
+        return "'preprocessing.resolution': not [height, width] in pixels"
+    if "scale" in prep and not (_finite(prep["scale"]) and prep["scale"] > 0):
+        return "'preprocessing.scale': not a positive number"
+    if not pos_int(manifest.get("embed_dim")):
+        return "'embed_dim': not a positive integer"
+    itae = manifest.get("itae")
+    if not isinstance(itae, dict) or not _finite(itae.get("theta")) or not isinstance(itae.get("enabled"), bool):
+        return "'itae': not an object with a finite theta and a boolean enabled"
+    for key in ("inputs", "outputs"):
+        v = manifest.get(key)
+        if not isinstance(v, list) or not v or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                       and isinstance(t.get("shape"), list) for t in v):
+            return f"'{key}': not a list of {{name, dtype, shape}}"
+    return None
+
+
 def registry_difference(manifest: dict) -> str | None:
     """For a model of the registry: the first preprocessing field (resolution aside, which an
     export may choose) where the manifest differs from the registry's, or None. Unregistered
@@ -174,6 +216,9 @@ def read_manifest(onnx_path: str | os.PathLike, *, verify: bool = False) -> dict
     if field is not None:
         raise InputError(f"{onnx_path}: the graph's metadata '{field}' differs from its embedded manifest; the "
                          "model was edited after export: export it again")
+    problem = field_problem(embedded)
+    if problem is not None:
+        raise InputError(f"{onnx_path}: the manifest's {problem}; export the model again")
     if verify:
         _check_digest(proto, onnx_path)
     if side.is_file():
