@@ -81,15 +81,8 @@ def image_content_type(head: bytes) -> str | None:
 
 def check_bind(host: str, allow_remote: bool = False) -> None:
     """Loopback addresses only, unless ``allow_remote``."""
-    if allow_remote:
+    if allow_remote or _is_loopback_name(host):
         return
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
     raise InputError(f"--host {host}: not a loopback address; the page would be reachable from other machines. "
                      "Add --allow-remote if that is what you want")
 
