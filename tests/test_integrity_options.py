@@ -123,3 +123,23 @@ def test_cli_triton_without_tritonclient(without_tritonclient, tiny_weights, tmp
     assert res.exit_code == 0, res.output
     assert "tritonclient is not installed" in res.stderr and "pip install" in res.stderr
     assert (tmp_path / "repo" / "m" / "config.pbtxt").is_file()
+
+
+def test_search_outputs_checked_before_the_index_loads(collection, tmp_path, monkeypatch):
+    """itae-search query/serve: a --session or --output that cannot be written fails first."""
+    import itae_export.search.index as index_mod
+    from itae_export.cli.search import main as search_cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the index was loaded before the outputs were checked")
+
+    monkeypatch.setattr(index_mod, "load_index", refuse)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.json").mkdir()
+    like = "x.png"
+    for args, needle in ((["query", "--session", str(tmp_path / "file" / "s.json")], "--session"),
+                         (["query", "-o", str(tmp_path / "file" / "r.csv")], "--output"),
+                         (["query", "-o", str(tmp_path / "dir.json")], "-o"),
+                         (["serve", "--session", str(tmp_path / "file" / "s.json")], "--session")):
+        res = CliRunner().invoke(search_cli, [args[0], str(collection), "--like", like, *args[1:]])
+        _one_line(res, (1, 2), needle)
