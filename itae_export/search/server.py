@@ -42,6 +42,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -312,20 +313,31 @@ def make_handler(app: SearchApp, local_only: bool = True, port: int | None = Non
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
         def _send_image(self, path: Path) -> bool:
+            try:  # the resolved path, opened without following a link swapped in since, nor blocking on a FIFO
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            except OSError:
+                return False
             try:
-                with open(path, "rb") as fh:
+                with os.fdopen(fd, "rb") as fh:
+                    st = os.fstat(fh.fileno())
+                    if not stat.S_ISREG(st.st_mode):
+                        return False
                     head = fh.read(16)
                     ctype = image_content_type(head)
                     if ctype is None:
                         return False
-                    size = os.fstat(fh.fileno()).st_size
+                    size = st.st_size
                     self.send_response(200)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(size))
                     self.end_headers()
+                    self.close_connection = True
                     if self.command != "HEAD":
-                        self.wfile.write(head)
-                        shutil.copyfileobj(fh, self.wfile)
+                        try:  # a client gone mid-image, or a file cut short: the connection just ends
+                            self.wfile.write(head)
+                            shutil.copyfileobj(fh, self.wfile)
+                        except OSError:
+                            pass
                     return True
             except OSError:
                 return False
