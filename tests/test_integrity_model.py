@@ -247,3 +247,19 @@ def test_a_forged_manifest_is_one_line(tiny_model, images, tmp_path, edit, field
     with pytest.raises(InputError, match=field):
         read_manifest(model)
     _one_line(_cluster(images, model, tmp_path), field)
+
+
+def test_triton_and_in_graph_build_only_on_an_intact_graph(tiny_model, tmp_path):
+    from itae_export.onnx.preprocess_graph import export_in_graph
+    from itae_export.onnx.triton import write_triton_repository
+
+    model = _copy(tiny_model, tmp_path / "model.onnx")
+    proto = onnx.load(str(model))
+    init = next(t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1.0, init.name))
+    onnx.save(proto, str(model))
+    with pytest.raises(InputError, match="integrity digest"):
+        write_triton_repository(model, tmp_path / "repo", check=False)
+    with pytest.raises(InputError, match="integrity digest"):
+        export_in_graph(model, validate=False)
+    assert not (tmp_path / "repo" / "model").exists() and not (tmp_path / "model_image.onnx").exists()

@@ -380,7 +380,7 @@ def export_in_graph(onnx_path: str | os.PathLike, output: str | os.PathLike | No
     (else rebuilt from the manifest's weights, or ``weights``). Nothing is written at ``output``
     unless the validation passes (or ``validate=False``)."""
     onnx_path = Path(onnx_path)
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, verify=True)  # build only on a graph that is what it was exported as
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: in-graph preprocessing starts from a float graph, not an int8 one")
     if manifest.get("inputs", [{}])[0].get("name") != INPUT_NAME:

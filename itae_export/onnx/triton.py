@@ -147,7 +147,7 @@ def write_triton_repository(onnx_path: str | os.PathLike, repo: str | os.PathLik
     elif check and not tritonclient_available():
         raise MissingDependencyError(f"--triton: checking config.pbtxt needs tritonclient ({INSTALL_HINT})")
     onnx_path = Path(onnx_path)
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, verify=True)  # publish only a graph that is what it was exported as
     name = name or onnx_path.stem
     check_model_name(name)
     if not 1 <= max_batch_size <= MAX_BATCH:
