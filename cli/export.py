@@ -53,7 +53,7 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
       itae-export --model vitb14 --optimize --quantize int8 --validate-images photos/
     """
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
-    from itae_export.onnx.export import export_onnx
+    from itae_export.onnx.export import default_output_path, export_onnx
     from itae_export.onnx.optimize import format_int8_report
     from itae_export.onnx.preprocess_graph import export_in_graph
     from itae_export.onnx.triton import write_triton_repository
@@ -66,9 +66,13 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     spec = get_model_spec(model_name)
     if preprocess_in_graph and quantize:
         raise click.UsageError("--preprocess-in-graph starts from a float graph; drop --quantize int8")
+    check_targets(output, triton_repo, preprocess_in_graph, quantize, int8_plan, log)  # before any work
     options, preloaded = resolve_options(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,
                                          lsa=lsa, enabled=not no_itae, calibration_images=calibration_images,
                                          weights=weights, pos_rule=pos_rule, log=log)
+    if output is None and triton_repo:  # the default name is known once --theta auto is resolved
+        check_targets(default_output_path(spec, options, resolution, precision, quantize), triton_repo,
+                      preprocess_in_graph, None, None, lambda m: None)
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **preloaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          validate=validate, validate_images=validate_images, external_data=external_data,
@@ -86,6 +90,33 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
                              log=log).path] if preprocess_in_graph else []  # post-processing steps
     for path in ([result.path, *extra] if triton_repo else extra):
         click.echo(str(write_triton_repository(path, triton_repo) if triton_repo else path))
+
+
+def check_targets(output, triton_repo, preprocess_in_graph, quantize, int8_plan, log) -> None:
+    """The options that would otherwise fail only after the export (or the calibration): the
+    output path, the Triton repository and model names, tritonclient, the int8 plan."""
+    from pathlib import Path
+
+    from itae_export.files import check_writable
+    from itae_export.onnx.optimize import read_int8_plan
+    from itae_export.onnx.preprocess_graph import in_graph_path
+    from itae_export.onnx.triton import INSTALL_HINT, check_repository, tritonclient_available
+
+    if int8_plan is not None:
+        if quantize != "int8-static":
+            raise click.UsageError("--int8-plan is the layer plan of --quantize int8-static; add that option")
+        read_int8_plan(int8_plan)
+    if output is not None:
+        output = Path(output)
+        if output.suffix != ".onnx":
+            raise click.BadParameter(f"{output} must end with .onnx", param_hint="--output")
+        check_writable(output, "--output", folder=False)
+    if triton_repo:
+        names = [] if output is None else [output.stem] + ([in_graph_path(output).stem] if preprocess_in_graph else [])
+        check_repository(triton_repo, names)
+        if not tritonclient_available():
+            log(f"--triton: tritonclient is not installed; config.pbtxt is written without Triton's own parse "
+                f"check ({INSTALL_HINT} adds it)")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,15 @@ def query_options(f):
     return f
 
 
-def _open(collection, kind):
+def _open(collection, kind, **outputs):
+    """The index, after the files this command will write (``outputs``: option name -> path or
+    None) are checked, so that a bad path fails before any work."""
+    from itae_export.files import check_writable
     from itae_export.search.index import load_index
 
+    for option, path in outputs.items():
+        if path is not None:
+            check_writable(path, option, folder=False)
     return load_index(collection, kind=kind, log=lambda m: click.echo(m, err=True))
 
 
@@ -81,7 +87,7 @@ def query_cmd(collection, image, like, text, onnx, text_model, method, k, sessio
     """Rank the images not judged yet; write the ranked paths as CSV or JSON."""
     from itae_export.search.session import write_ranked
 
-    index = _open(collection, kind)
+    index = _open(collection, kind, **{"--session": session_path, "--output": output})
     session = _session(index, collection, session_path, feedback, method, k, image, like, text, onnx, text_model, device)
     results = session.results(index)
     if session_path:
@@ -106,8 +112,8 @@ def serve_cmd(collection, image, like, text, onnx, text_model, method, k, sessio
         check_bind(host, allow_remote)
     except InputError as e:
         raise click.BadParameter(str(e).split(": ", 1)[1], param_hint="--host") from None
-    index = _open(collection, kind)
     session_path = session_path or str(Path(collection) / "search" / "session.json")
+    index = _open(collection, kind, **{"--session": session_path})
     session = _session(index, collection, session_path, None, method, k, image, like, text, onnx, text_model, device)
     server = make_server(SearchApp(index, session, session_path), host, port, allow_remote)
     h, p = server.server_address[:2]

@@ -39,6 +39,32 @@ def ensure_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> None:
+    """Check up front, creating nothing, that ``path`` can be written (a folder with ``folder``,
+    else a file): no part of it is a file, it is not the other kind already, and the nearest
+    existing folder above it is writable. OutputError in one line naming ``what``."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise OutputError(f"{what}: {path} exists and is not a folder")
+        if not folder and path.is_dir():
+            raise OutputError(f"{what}: {path} is a folder, not a file name")
+    probe = path if (folder and path.is_dir()) else path.parent
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            raise OutputError(f"{what}: {probe} is a broken link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{what}: {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            ro = os.statvfs(probe).f_flag & os.ST_RDONLY
+        except OSError:
+            ro = False
+        why = "the filesystem is read-only" if ro else "permission denied"
+        raise OutputError(f"{what}: cannot write in {probe} ({why})")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from itae_export.errors import InputError, OptionError
 from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
+from itae_export.onnx.manifest import output_problem, read_manifest
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
@@ -111,7 +112,8 @@ class Session:
 
 def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op_threads: int | None = None,
                  spinning: bool | None = None) -> Session:
-    """A session for an exported encoder on ``device`` (resolved here, once), its contract checked."""
+    """A session for an exported encoder on ``device`` (resolved here, once), its contract, its
+    manifest's agreement with the graph and its integrity digest checked."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise OptionError(f"--onnx: {onnx_path}: no such file")
@@ -129,6 +131,12 @@ def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op
     problem = contract_problem(sess)
     if problem:
         raise InputError(f"{onnx_path}: not an itae-export encoder: {problem} (see docs/onnx-contract.md)")
+    # one truth for the model: the manifest agrees with the graph's metadata, the digest written at
+    # export still matches, and the outputs have the shapes the manifest records
+    manifest = read_manifest(onnx_path, verify=True)
+    problem = output_problem(manifest, sess)
+    if problem:
+        raise InputError(f"{onnx_path}: the graph does not match its manifest: {problem}")
     return Session(sess, got, why)
 
 

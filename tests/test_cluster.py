@@ -178,12 +178,13 @@ def _stamp_identity(path: Path, identity: dict) -> None:
     import onnx
 
     from itae_export.onnx.contract import METADATA_KEY
+    from itae_export.onnx.manifest import seal
 
     proto = onnx.load(str(path))
     prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
     manifest = json.loads(prop.value)
     manifest["identity"] = identity
-    prop.value = json.dumps(manifest, sort_keys=True)
+    seal(proto, manifest)
     onnx.save(proto, str(path))
     path.with_suffix(".json").write_text(json.dumps(manifest))
 

@@ -190,6 +190,7 @@ def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
     import onnx
 
     from itae_export.onnx.contract import METADATA_KEY
+    from itae_export.onnx.manifest import seal
 
     tiny = Path(json.loads((collection / "summary.json").read_text())["onnx"])
     other = tmp_path / "other.onnx"
@@ -197,7 +198,7 @@ def test_query_by_image_with_another_model_is_refused(collection, tmp_path):
     prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
     manifest = json.loads(prop.value)
     manifest["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
-    prop.value = json.dumps(manifest)  # in the graph (the authority) and beside it, consistently
+    seal(proto, manifest)  # in the graph (the authority, resealed) and beside it, consistently
     onnx.save(proto, str(other))
     other.with_suffix(".json").write_text(json.dumps(manifest))
     img = next(Path(json.loads((collection / "summary.json").read_text())["folder"]).rglob("*.png"))
@@ -347,15 +348,17 @@ def test_server_refine_api(served):
     state = json.loads(_get(base + "/api/results")[1])
     ids = [r["id"] for r in state["results"]]
     marks = {str(ids[0]): True, str(ids[1]): False}
+    token = _get(base + "/")[1].decode().split('name="itae-token" content="', 1)[1].split('"', 1)[0]
+    own = {"Content-Type": "application/json", "Origin": base, "X-Itae-Token": token}
     req = urllib.request.Request(base + "/api/refine", data=json.dumps({"marks": marks}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers=own, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         new = json.loads(r.read())
     assert new["round"] == state["round"] + 1 and new["judged"] == {"relevant": 1, "irrelevant": 1}
     assert not {ids[0], ids[1]} & {r["id"] for r in new["results"]}
     saved = Session.load(session_path)
     assert saved.judgments == {index.paths[ids[0]]: True, index.paths[ids[1]]: False}
-    bad = urllib.request.Request(base + "/api/refine", data=b'{"marks": {"99999": true}}', method="POST")
+    bad = urllib.request.Request(base + "/api/refine", data=b'{"marks": {"99999": true}}', headers=own, method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(bad, timeout=10)
     assert e.value.code == 400

@@ -101,6 +101,14 @@ def choose_k(embeddings, k_range=range(2, 21), criterion: str = "silhouette", se
         x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
     if ks[-1] >= len(x):
         raise InputError(f"k_range goes up to {ks[-1]} but there are only {len(x)} embeddings")
+    if not np.isfinite(x).all():
+        raise InputError("--k auto: some embeddings are not finite numbers (NaN or inf)")
+    distinct = len(np.unique(x, axis=0))
+    if distinct < 3:
+        raise InputError(f"--k auto: the {len(x)} images have only {distinct} distinct embedding"
+                         f"{'s' if distinct != 1 else ''} (identical images?), too few to compare numbers of "
+                         "clusters; give --k N instead")
+    ks = [k for k in ks if k < distinct]  # more clusters than distinct points leaves some empty
     if criterion == "silhouette":
         from sklearn.cluster import KMeans
         from sklearn.metrics import silhouette_score
@@ -113,6 +121,7 @@ def choose_k(embeddings, k_range=range(2, 21), criterion: str = "silhouette", se
         curve = _eigengap_curve(x, ks, n_neighbors)
     else:
         raise InputError(f"unknown criterion {criterion!r}; choose 'silhouette' or 'eigengap'")
+    curve = {k: (v if np.isfinite(v) else float("-inf")) for k, v in curve.items()}
     best = max(curve, key=lambda k: (curve[k], -k))
     return best, curve
 

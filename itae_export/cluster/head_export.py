@@ -15,6 +15,7 @@ import numpy as np
 from itae_export.errors import InputError, ToleranceError
 from itae_export.files import atomic_write_bytes
 from itae_export.onnx.contract import OUTPUT_EMBEDDING
+from itae_export.onnx.manifest import reseal
 from itae_export.runtime import ort_session
 
 OUTPUT_PROBS = "cluster_probs"
@@ -130,6 +131,7 @@ def compose_head(encoder, head, *, prefix: str = HEAD_PREFIX):
     onnx.helper.set_model_props(merged, props)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(merged, attr, getattr(encoder, attr))
+    reseal(merged)  # a new graph: the encoder's integrity digest is recomputed over it
     onnx.checker.check_model(merged)
     return merged
 

@@ -271,8 +271,9 @@ def _resolve_k(res: EmbedResult, opts: ClusterOptions, log) -> tuple[int, dict |
     if opts.k != "auto":
         check_k(opts.k, n, "images that could be decoded")
         return opts.k, None
+    if n < 3:  # k = 2 .. n-1 must hold one k to compare; name no k the user never typed
+        raise InputError(f"--k auto needs at least 3 images that could be decoded, not {n}; give --k N instead")
     top = min(opts.k_max, n - 1)
-    check_k(top, n - 1, "images that could be decoded, minus one")
     with _kmeans_threads(n):
         k, curve = choose_k(res.embeddings, range(2, top + 1), criterion=opts.k_criterion, seed=opts.seed)
     log(f"--k auto: k={k} ({opts.k_criterion} over 2..{top})")

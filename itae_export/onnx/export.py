@@ -30,7 +30,6 @@ from itae_export.onnx.contract import (
     ITAE_DOMAIN_VERSION,
     MANIFEST_SCHEMA,
     MAX_BATCH,
-    METADATA_KEY,
     ONNX_OPSET,
     OUTPUT_CLS_ATTENTION,
     OUTPUT_EMBEDDING,
@@ -42,7 +41,7 @@ from itae_export.onnx.contract import (
     external_data_name,
 )
 from itae_export.onnx.functions import attach_functions, translation_table
-from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
+from itae_export.onnx.manifest import manifest_path, read_manifest, registry_difference, seal, write_manifest
 from itae_export.onnx.optimize import choose_fusions, fold_layerscale_, quantize_graph, validate_int8
 from itae_export.onnx.validate import torch_reference, validate_model
 from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
@@ -146,22 +145,12 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
 
 
 def _set_metadata(proto, manifest: dict) -> None:
-    del proto.metadata_props[:]
     for node in proto.graph.node:  # the exporter's per-node stack traces: build paths, most of the graph's bytes
         del node.metadata_props[:]
-    flat = {
-        METADATA_KEY: json.dumps(manifest, sort_keys=True),
-        "itae.model": manifest["model"],
-        "itae.theta": str(manifest["itae"]["theta"]),
-        "itae.enabled": str(manifest["itae"]["enabled"]).lower(),
-        "itae.preprocessing": json.dumps(manifest["preprocessing"], sort_keys=True),
-    }
-    for k, v in flat.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
     proto.doc_string = f"{manifest['model']} with ITAE ({json.dumps(manifest['itae'])}); exported by itae-export"
     proto.producer_name = "itae-export"
     proto.producer_version = manifest["package_version"]
+    seal(proto, manifest)  # the manifest, its flat copies and the integrity digest, last
 
 
 def _save(proto, path: Path, external: bool) -> str | None:
@@ -558,7 +547,11 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
                log: Callable[[str], None] = lambda m: None) -> dict:
     """itae-validate: rebuild the PyTorch model from the manifest and compare again."""
 
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, verify=True)  # the digest too: a graph changed after export is refused
+    field = registry_difference(manifest)
+    if field is not None:
+        raise InputError(f"{onnx_path}: the manifest's '{field}' differs from the registry's {manifest['model']}: the "
+                         "model would be fed wrongly normalised pixels; export it again")
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: an int8 graph is validated against its fp32 graph at export "
                          "(manifest: quantization.validation); itae-validate re-runs fp32 and fp16 validations only")

@@ -27,6 +27,7 @@ saved model is only valid on the machine that wrote it.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -710,6 +711,41 @@ def image_classes(images_dir: str | os.PathLike | None) -> int:
     return len(classes) if len(classes) >= 2 else 10
 
 
+def read_int8_plan(path: str | os.PathLike) -> dict:
+    """A plan JSON of ``--int8-plan``, every field it must have checked (so that a bad plan fails
+    before any calibration); InputError in one line naming the file and the field."""
+    import json
+
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--int8-plan: {path} is not a readable plan ({e})") from None
+
+    def bad(field: str, want: str):
+        return InputError(f"--int8-plan: {path}: '{field}' must be {want} (bench/bench_int8_static.py --save-plan)")
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(plan, dict):
+        raise InputError(f"--int8-plan: {path}: not a JSON object (bench/bench_int8_static.py --save-plan)")
+    if not isinstance(plan.get("keep_fp32"), list) or not all(isinstance(x, str) and x for x in plan["keep_fp32"]):
+        raise bad("keep_fp32", "a list of layer labels")
+    if not isinstance(plan.get("selection"), str):
+        raise bad("selection", "a text")
+    if not number(plan.get("min_ari_selection")):
+        raise bad("min_ari_selection", "a number")
+    if not isinstance(plan.get("trials"), list):
+        raise bad("trials", "a list")
+    rows = plan.get("sensitivity")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("layer"), str)
+                                             and number(r.get("damage")) and number(r.get("mask_flips"))
+                                             for r in rows):
+        raise bad("sensitivity", "a list of {layer, damage, mask_flips}")
+    return plan
+
+
 def quantize_graph(kind: str, fp32_path: str | os.PathLike, dst: str | os.PathLike, manifest: dict, *,
                    workdir: str | os.PathLike, images_dir=None, per_channel: bool = True,
                    plan: str | os.PathLike | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
@@ -728,14 +764,9 @@ def quantize_graph(kind: str, fp32_path: str | os.PathLike, dst: str | os.PathLi
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if plan is not None:
-        import json
-
         path = Path(plan)
-        try:
-            plan = json.loads(path.read_text())
-            plan["keep_fp32"], sel_what = list(plan["keep_fp32"]), plan["selection"] + f" (plan {path.name})"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"--int8-plan: {path} is not a readable plan ({e})") from e
+        plan = read_int8_plan(path)
+        sel_what = plan["selection"] + f" (plan {path.name})"
         log(f"int8 static: the plan {path} ({len(plan['keep_fp32'])} layers float32); calibrating ...")
         cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
         plan["cache"] = str(workdir / "calibration.json")

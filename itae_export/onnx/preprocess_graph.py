@@ -48,13 +48,12 @@ from itae_export.onnx.contract import (
     IMAGE_INPUT_NAME,
     IN_GRAPH_SUFFIX,
     INPUT_NAME,
-    METADATA_KEY,
     OUTPUT_EMBEDDING,
     OUTPUT_MASK,
     external_data_name,
 )
 from itae_export.onnx.export import ExportResult, spec_from_manifest, staging_folder
-from itae_export.onnx.manifest import manifest_path, read_manifest, write_manifest
+from itae_export.onnx.manifest import manifest_path, read_manifest, seal, write_manifest
 from itae_export.onnx.validate import format_report, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
 from itae_export.runtime import ort_session
@@ -366,14 +365,10 @@ def in_graph_manifest(manifest: dict) -> dict:
 
 
 def _set_manifest_metadata(path: Path, manifest: dict) -> None:
-    import json
-
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            p.value = json.dumps(manifest, sort_keys=True)
+    seal(proto, manifest)
     onnx.save_model(proto, str(path))
 
 
@@ -385,7 +380,7 @@ def export_in_graph(onnx_path: str | os.PathLike, output: str | os.PathLike | No
     (else rebuilt from the manifest's weights, or ``weights``). Nothing is written at ``output``
     unless the validation passes (or ``validate=False``)."""
     onnx_path = Path(onnx_path)
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, verify=True)  # build only on a graph that is what it was exported as
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: in-graph preprocessing starts from a float graph, not an int8 one")
     if manifest.get("inputs", [{}])[0].get("name") != INPUT_NAME:

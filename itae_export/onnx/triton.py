@@ -17,8 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from itae_export.errors import InputError
-from itae_export.files import atomic_write_bytes, atomic_write_json
+from itae_export.errors import InputError, MissingDependencyError, OptionError
+from itae_export.files import atomic_write_bytes, atomic_write_json, check_writable, ensure_dir
 from itae_export.onnx.contract import MAX_BATCH
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import ort_session
@@ -28,7 +28,33 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_U
                 "int64": "TYPE_INT64"}
 _ORT_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
                  "tensor(bool)": "bool", "tensor(int64)": "int64"}
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# a model folder name: no '.', '..' or hidden name, no separator
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+INSTALL_HINT = "pip install 'tritonclient[grpc]'"
+
+
+def tritonclient_available() -> bool:
+    """Whether Triton's protobuf definitions (the config check) can be imported."""
+    try:
+        from tritonclient.grpc import model_config_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_model_name(name: str) -> None:
+    """A Triton model name that is one safe folder name (not '.', '..', hidden or with a separator)."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise OptionError(f"--triton: model name {name!r} (the output's stem) may hold only letters, digits, '_', '.' "
+                          "and '-', and must not start with '.'; choose another --output name")
+
+
+def check_repository(repo: str | os.PathLike, names: list[str]) -> None:
+    """Everything about a ``--triton`` target that can be checked before an export starts: the
+    model names, and that ``repo`` is (or can be made) a writable folder. Creates nothing."""
+    for name in names:
+        check_model_name(name)
+    check_writable(repo, "--triton", folder=True)
 
 
 def _dims(shape: list) -> list[int]:
@@ -64,7 +90,7 @@ def parse_config(text: str):
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError as e:
-        raise InputError(f"checking a Triton config needs the tritonclient[grpc] package ({e})") from e
+        raise MissingDependencyError(f"checking a Triton config needs tritonclient ({INSTALL_HINT}; {e})") from None
     try:
         return text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as e:
@@ -109,18 +135,24 @@ def check_config(model_dir: str | os.PathLike, name: str | None = None) -> dict:
 
 
 def write_triton_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, name: str | None = None,
-                            max_batch_size: int = DEFAULT_MAX_BATCH, check: bool = True) -> Path:
+                            max_batch_size: int = DEFAULT_MAX_BATCH, check: bool | None = None) -> Path:
     """Write ``repo/<name>/`` for Triton from an exported graph (plain or in-graph preprocessing);
-    returns that folder. An existing ``repo/<name>/`` is replaced only once the new one is complete."""
+    returns that folder. An existing ``repo/<name>/`` is replaced only once the new one is complete.
+
+    ``check``: parse the config with Triton's protobuf and compare it with the graph; None (the
+    default) checks where tritonclient is installed and writes the config unchecked otherwise
+    (True without tritonclient is an error naming what to install)."""
+    if check is None:
+        check = tritonclient_available()
+    elif check and not tritonclient_available():
+        raise MissingDependencyError(f"--triton: checking config.pbtxt needs tritonclient ({INSTALL_HINT})")
     onnx_path = Path(onnx_path)
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, verify=True)  # publish only a graph that is what it was exported as
     name = name or onnx_path.stem
-    if not _NAME.match(name):
-        raise InputError(f"--triton: model name {name!r} may hold only letters, digits, '_', '.' and '-'")
+    check_model_name(name)
     if not 1 <= max_batch_size <= MAX_BATCH:
         raise InputError(f"max_batch_size {max_batch_size} is not in 1..{MAX_BATCH}")
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
+    repo = ensure_dir(repo, "--triton")
     tmp = Path(tempfile.mkdtemp(dir=repo, prefix=f".{name}.", suffix=".tmp"))
     try:
         (tmp / "1").mkdir()

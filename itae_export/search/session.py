@@ -36,10 +36,21 @@ class Session:
     schema: int = SESSION_SCHEMA
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise InputError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.k < 1:
-            raise InputError(f"-k: {self.k} must be >= 1")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"-k: {self.k!r} must be an integer >= 1")
+        if not isinstance(self.collection, str) or not isinstance(self.model_id, str):
+            raise InputError("the session's collection and model_id must be texts")
+        if not isinstance(self.query, dict) or not isinstance(self.query.get("kind"), str) \
+                or not isinstance(self.query.get("value"), str):
+            raise InputError("the session's query must be an object {kind, value}")
+        if not isinstance(self.judgments, dict) or not all(isinstance(p, str) and isinstance(v, bool)
+                                                           for p, v in self.judgments.items()):
+            raise InputError("the session's judgments must be an object {path: true|false}")
+        if not isinstance(self.rounds, list) or not all(isinstance(r, dict) for r in self.rounds):
+            raise InputError("the session's rounds must be a list of objects")
+        self.vector = check_vector(self.vector, "the session's query vector")
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, asdict(self))
@@ -59,9 +70,13 @@ class Session:
             return cls(**data)
         except TypeError as e:
             raise InputError(f"--session: {path}: bad session file ({e})") from None
+        except InputError as e:
+            raise InputError(f"--session: {path}: {e}") from None
 
     def check(self, index: SearchIndex) -> None:
         index.check_model(self.model_id, "this session's query")
+        if len(self.vector) != index.dim:
+            raise InputError(f"the session's query vector has dimension {len(self.vector)}, the index {index.dim}")
         unknown = [p for p in self.judgments if p not in set(index.paths)]
         if unknown:
             raise InputError(f"{len(unknown)} judged images are not in the index (e.g. {unknown[0]})")
@@ -86,11 +101,27 @@ class Session:
         return out
 
 
+def check_vector(vector, what: str) -> list[float]:
+    """``vector`` as a list of finite floats with a non-zero norm (a query direction); InputError
+    in one line naming ``what`` otherwise."""
+    if not isinstance(vector, (list, tuple, np.ndarray)) or len(vector) == 0:
+        raise InputError(f"{what} must be a non-empty list of numbers")
+    if not all(isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
+               for x in vector):
+        raise InputError(f"{what} must hold only numbers")
+    v = np.asarray(vector, np.float64)
+    if not np.isfinite(v).all():
+        raise InputError(f"{what} holds values that are not finite (NaN or inf)")
+    if not np.any(v):
+        raise InputError(f"{what} is zero: it points nowhere")
+    return [float(x) for x in v]
+
+
 def new_session(index: SearchIndex, out_dir, query: dict, vector: np.ndarray, model_id: str, *, method: str = "knn",
                 k: int = 20) -> Session:
     index.check_model(model_id)
-    v = np.asarray(vector, np.float32).reshape(-1)
-    v = v / max(float(np.linalg.norm(v)), 1e-12)
+    v = np.asarray(check_vector(np.asarray(vector).reshape(-1), "the query's vector"), np.float64)
+    v = (v / np.linalg.norm(v)).astype(np.float32)
     return Session(str(Path(out_dir).resolve()), model_id, query, v.tolist(), method, k)
 
 
