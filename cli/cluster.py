@@ -95,6 +95,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
     # Long only by its parameter list: Click passes every option; the body parses, calls
     # resolve_options/ensure_export/run_cluster_job, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
+    from itae_export.cluster.artifacts import report_lines
     from itae_export.cluster.job import format_summary, run_cluster_job
     from itae_export.cluster.report import write_report
     from itae_export.onnx.export import ensure_export
@@ -150,7 +151,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         sys.exit(130)
     except ITAEError as e:
         raise to_click_error(e) from None
-    click.echo(format_summary(summary))
+    click.echo("\n".join([format_summary(summary), *report_lines(summary["artifacts"])]))
 
 
 if __name__ == "__main__":

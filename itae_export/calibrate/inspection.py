@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from itae_export.calibrate.theta import suggest_theta
+from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_json
 from itae_export.images import decode_image, load_images, sample_evenly, scan_images
@@ -315,6 +316,8 @@ def _norms_record(im: InspectModel, sample: NormSample, sug, root: Path, random_
             "current": {"below": int((flat <= cur).sum()), "above": int((flat > cur).sum())},
             "suggested": {"below": int((flat <= sug.theta).sum()), "above": int((flat > sug.theta).sum())},
         },
+        "artifacts": artifact_stats(counts_from_masks(artifact_mask_np(sample.norms, cur)), sample.norms.shape[1],
+                                    theta=cur),
         "per_image_artifacts": {
             "current": per_image_summary(artifact_mask_np(sample.norms, cur), sample.num_register_tokens),
             "suggested": per_image_summary(artifact_mask_np(sample.norms, sug.theta), sample.num_register_tokens),
@@ -351,6 +354,8 @@ def format_result(result: dict) -> str:
     c = result["per_image_artifacts"]["current"]
     lines.append(f"artifacts per image at the current theta: mean {c['mean']:.2f}, max {c['max']}, "
                  f"{c['images_with_artifacts']}/{c['images']} images with any")
+    if result.get("artifacts", {}).get("warning"):
+        lines.append(result["artifacts"]["warning"])
     lines.append("outputs: " + ", ".join(str(Path(result["out_dir"]) / f) for f in result["files"].values()))
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from itae_export.cluster.evaluation import (
     over_clustering_scores,
 )
 from itae_export.cluster import faiss_kmeans as fk
+from itae_export.cluster.artifacts import cluster_artifacts
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
@@ -187,6 +188,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     t_cluster = time.perf_counter() - t0
 
     summary = _summary(scan.root, out_dir, onnx_path, manifest, res, opts, k, clustering)
+    summary["artifacts"] = cluster_artifacts(res, manifest)  # flagged tokens per image (cluster/artifacts.py)
     columns = {"path": res.paths, "cluster": clustering.labels.tolist(),
                "distance": [f"{d:.6f}" for d in clustering.distances]}
     if opts.use_labels:
