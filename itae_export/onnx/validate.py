@@ -30,6 +30,7 @@ from itae_export.onnx.contract import (
     FP32_REL_TOL,
     MASK_MARGIN_MIN_REL,
     OUTPUT_EMBEDDING,
+    OUTPUT_EMBEDDING_UNPATCHED,
     OUTPUT_MASK,
 )
 from itae_export.registry import GROUP_CODES
@@ -153,6 +154,21 @@ class Reference:
     mask32: np.ndarray
     float32: dict  # float32 PyTorch against float64, its mask replaced by the float64 one
     replays: dict = dataclasses.field(default_factory=dict)  # (input, mask bytes) -> float64 embedding
+    emb64_unpatched: np.ndarray | None = None  # float64 CLS embedding without the edit (when the graph has it)
+
+    def unpatched64(self, model, batch_size: int = 8) -> np.ndarray:
+        """The float64 embeddings without the ITAE edit (the graph's ``embedding_unpatched``), computed once."""
+        if self.emb64_unpatched is None:
+            import torch
+
+            out = []
+            with in_float64(model), torch.no_grad():
+                for i in range(0, len(self.x), batch_size):
+                    px = torch.from_numpy(np.ascontiguousarray(self.x[i : i + batch_size])).double()
+                    out.append(model.forward_features(px, cls_only=True, unpatched=True)["embedding_unpatched"]
+                               .double().numpy())
+            self.emb64_unpatched = np.concatenate(out)
+        return self.emb64_unpatched
 
     @property
     def scale(self) -> float:
@@ -428,6 +444,20 @@ def _failure(finite: bool, unexplained: list, margin: float, max_abs: float, sca
     return None
 
 
+def judge_unpatched(report: dict, ref: Reference, got: np.ndarray, model) -> None:
+    """The optional ``embedding_unpatched`` output against float64 PyTorch without the edit, at the
+    embedding's tolerance; fails the report when it is off."""
+    want = ref.unpatched64(model)
+    got = np.asarray(got, np.float64)
+    scale = float(np.abs(want).max()) or 1.0
+    rel = float(np.abs(want - got).max()) / scale if np.isfinite(got).all() else float("inf")
+    tol = report["tolerance"]["rel_max_abs_diff"]
+    report["unpatched"] = {"rel_max_abs_diff": rel, "min_cosine": _min_cosine(want, got), "tolerance": tol}
+    if not rel <= tol:
+        report["passed"] = False
+        report["failure"] = f"{OUTPUT_EMBEDDING_UNPATCHED}: max abs diff {rel:.3g} of the output scale (> {tol:.3g})"
+
+
 def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Callable[[str], None] = lambda m: None,
                    batch_sizes: tuple[int, ...] = (1, 3), reference: Reference | None = None) -> dict:
     """Judge ONNX Runtime's outputs against float64 PyTorch, at each batch size; the report also
@@ -440,6 +470,8 @@ def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Ca
     for bs in batch_sizes:
         got = run_onnx(sess, ref.x, batch_size=bs)
         r = judge(ref, got[OUTPUT_EMBEDDING], got[OUTPUT_MASK], manifest, model)
+        if OUTPUT_EMBEDDING_UNPATCHED in got and r["passed"]:
+            judge_unpatched(r, ref, got[OUTPUT_EMBEDDING_UNPATCHED], model)
         per_batch[str(bs)] = {k: r[k] for k in ("max_abs_diff", "min_cosine", "mask_mismatch", "passed")}
         per_batch[str(bs)]["mask_flips"] = r["mask_flips"]["tokens"]
         if report is None or not r["passed"]:
