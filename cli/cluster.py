@@ -99,6 +99,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
     # Long only by its parameter list: Click passes every option; the body parses, calls
     # resolve_options/ensure_export/run_cluster_job, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
+    from itae_export.calibrate.inspection import inspect_run
     from itae_export.cluster.artifacts import report_lines
     from itae_export.cluster.baseline import format_baseline, require_unpatched_output
     from itae_export.cluster.job import format_summary, run_cluster_job
@@ -151,7 +152,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             compare_baseline=compare_baseline, log=log,
         )
         if report:
-            log(f"Report: {write_report(summary['out_dir'])}")
+            log(f"Report: {write_report(summary['out_dir'], pictures=inspect_run)}")
         if save_inputs:  # the model's inputs and masks beside the embeddings (itae_export.cluster.tensors)
             log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'])['rows']} rows")
     except KeyboardInterrupt:

@@ -580,9 +580,19 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: an int8 graph is validated against its fp32 graph at export "
                          "(manifest: quantization.validation); itae-validate re-runs fp32 and fp16 validations only")
-    spec = spec_from_manifest(manifest)
+    model = model_from_manifest(manifest, onnx_path, weights=weights)
+    return validate_model(onnx_path, model, manifest, images_dir=images_dir, log=log)
+
+
+def options_from_manifest(manifest: dict) -> ITAEOptions:
     itae = {k: v for k, v in manifest["itae"].items() if k in {f.name for f in dataclasses.fields(ITAEOptions)}}
-    options = ITAEOptions(**itae)
+    return ITAEOptions(**itae)
+
+
+def model_from_manifest(manifest: dict, onnx_path, *, weights: str | None = None):
+    """The float32 PyTorch model (ITAE injected as recorded) that an exported graph was made from,
+    rebuilt from its manifest and the weights it names (or ``weights``), checked by sha256."""
+    spec = spec_from_manifest(manifest)
     recorded = manifest.get("weights", {})
     source = weights or recorded.get("source")
     if not source or not Path(source).exists():
@@ -590,10 +600,10 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
             f"{onnx_path}: the weights it was exported from ({recorded.get('source') or 'unknown'}) are not on this "
             "machine; pass --weights PATH"
         )
-    model, loaded = checkpoints.load_model(spec, options, weights=source, pos_rule=manifest.get("pos_rule"))
+    model, loaded = checkpoints.load_model(spec, options_from_manifest(manifest), weights=source,
+                                           pos_rule=manifest.get("pos_rule"))
     if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
         raise CheckpointError(f"{source}: sha256 {loaded.sha256[:12]}… differs from the exported weights' "
                               f"{recorded['sha256'][:12]}…")
-    res = manifest["preprocessing"]["resolution"][0]
-    model.fix_resolution(res)
-    return validate_model(onnx_path, model.float().eval(), manifest, images_dir=images_dir, log=log)
+    model.fix_resolution(manifest["preprocessing"]["resolution"][0])
+    return model.float().eval()
