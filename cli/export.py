@@ -24,7 +24,8 @@ from itae_export.onnx.contract import QUANTIZATIONS
 @click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Also validate on the images of this folder.")
 @click.option("--calibration-images", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Images for --theta auto.")
+              help="Images for --theta auto; also validated on (and their artifacts counted) when "
+                   "--validate-images is not given.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
 @click.option("--optimize", is_flag=True,
@@ -75,7 +76,8 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **preloaded,
                          precision=precision, attention_output=attention_output, inline=inline,
                          unpatched_output=unpatched_output,
-                         validate=validate, validate_images=validate_images, external_data=external_data,
+                         validate=validate, validate_images=validate_images or calibration_images,
+                         external_data=external_data,
                          optimize=optimize, quantize=quantize, int8_plan=int8_plan, log=log)
     if not quiet:
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log

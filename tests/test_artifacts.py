@@ -126,6 +126,7 @@ def test_a_theta_no_input_reaches_gets_constructed_inputs(tmp_path):
     ex = r.manifest["validation"]["exercised"]
     assert ex["constructed_inputs"] == 2 and ex["constructed_with_mask"] >= 1 and ex["mask_tokens"] > 0
     assert "constructed to cross theta" in format_report(r.manifest["validation"])
+    assert all(p.grad is None for p in model.parameters()), "the construction leaves the weights alone"
 
 
 def test_a_theta_nothing_reaches_is_never_a_plain_pass(tmp_path):

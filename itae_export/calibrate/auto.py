@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from itae_export.calibrate.inspection import InspectModel, compute_norms, pick_images
+from itae_export.calibrate.inspection import InspectModel, artifact_mask_np, compute_norms, pick_images
 from itae_export.calibrate.theta import suggest_theta
+from itae_export.cluster.artifacts import artifact_stats, counts_from_masks, report_lines
 from itae_export.errors import OptionError
 from itae_export.model.itae import inject_itae
 from itae_export.registry import ITAEOptions, ModelSpec, parse_theta
@@ -30,14 +31,19 @@ def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = 
     if not sug.bimodal:
         log(f"--theta auto: the {src} norms of the {len(sample.paths)} images of {images_dir} show no bimodality "
             f"(confidence {sug.confidence:.2f}): no artifacts to attenuate, so ITAE is off (as --no-itae); pass "
-            f"--theta to force one (docs/guide.md, 'When ITAE applies')")
+            "--theta to force one (docs/guide.md, 'Theta: when ITAE applies, and when not')")
         return None
     log(f"--theta auto: {sug.theta:.4g} (confidence {sug.confidence:.2f}, {sug.method}) from {len(sample.paths)} images")
+    mask = artifact_mask_np(sample.norms, sug.theta, options.group)
+    stats = artifact_stats(counts_from_masks(mask), mask.shape[1], theta=sug.theta)
+    for line in report_lines(stats, "calibration images"):
+        log(line)
     return float(sug.theta)
 
 
 def load_and_calibrate(spec: ModelSpec, images_dir, *, weights: str | None = None, pos_rule: str | None = None,
-                       source: str | None = None, log: Callable[[str], None] = lambda m: None) -> tuple[float | None, dict]:
+                       source: str | None = None,
+                       log: Callable[[str], None] = lambda m: None) -> tuple[float | None, dict]:
     """(theta or None when the norms are unimodal, keyword arguments for
     :func:`itae_export.onnx.export.export_onnx`): the checkpoint is read once, for the calibration and
     for the export that follows."""
