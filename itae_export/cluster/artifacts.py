@@ -96,6 +96,9 @@ def cluster_artifacts(res, manifest: dict) -> dict:
         return {"available": False, "reason": "the embed stage recorded no per-image counts",
                 "candidate_tokens_per_image": candidates, "warn_share": WARN_SHARE}
     counts = np.asarray(counts, dtype=np.int64)
+    if len(counts) != len(res.paths):
+        return {"available": False, "reason": f"{len(counts)} counts for {len(res.paths)} images",
+                "candidate_tokens_per_image": candidates, "warn_share": WARN_SHARE}
     stats = artifact_stats(counts, candidates, theta=itae.get("theta"), enabled=bool(itae.get("enabled", True)))
     if stats["available"]:
         order = np.argsort(-counts, kind="stable")[:TOP_IMAGES]

@@ -15,6 +15,11 @@ from itae_export.onnx.contract import OUTPUT_EMBEDDING_UNPATCHED
 MAX_CHANGED_LISTED = 200  # images listed in summary.json (the count is always whole)
 
 
+def embed_outputs(compare_baseline: bool) -> dict:
+    """The embed stage's keyword for the graph outputs this comparison needs (``EmbedResult.extra``)."""
+    return {"extra_outputs": (OUTPUT_EMBEDDING_UNPATCHED,)} if compare_baseline else {}
+
+
 def require_unpatched_output(manifest: dict, onnx_path) -> None:
     """--compare-baseline needs a graph with the ``embedding_unpatched`` output: one line otherwise."""
     names = [o.get("name") for o in manifest.get("outputs", [])]

@@ -23,7 +23,7 @@ from itae_export.cluster.evaluation import (
 )
 from itae_export.cluster import faiss_kmeans as fk
 from itae_export.cluster.artifacts import cluster_artifacts
-from itae_export.cluster.baseline import baseline_block
+from itae_export.cluster.baseline import baseline_block, embed_outputs
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
@@ -183,7 +183,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     with EmbeddingStore(out_dir / STORE_NAME) as store:
         res = embed_folder(scan.root, onnx_path, scan=scan, manifest=manifest, store=store,
                            batch_size=opts.batch_size, workers=opts.workers, pool=opts.pool, progress=opts.progress,
-                           session=session, max_pixels=opts.max_pixels, log=log)
+                           session=session, max_pixels=opts.max_pixels, log=log,
+                           **embed_outputs(opts.compare_baseline))
     if not res.paths:
         _write_skipped(out_dir, res)
         raise InputError(f"{folder}: none of the {res.n_found} images could be embedded (see {out_dir / 'skipped.csv'})")
