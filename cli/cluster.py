@@ -161,8 +161,10 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
         sys.exit(130)
     except ITAEError as e:
         raise to_click_error(e) from None
-    click.echo("\n".join([format_summary(summary), *report_lines(summary["artifacts"]),
-                           *(format_baseline(summary["baseline"]) if "baseline" in summary else [])]))
+    lines = [format_summary(summary)]
+    lines += report_lines(summary["artifacts"]) if "artifacts" in summary else []  # the flagged tokens per image
+    lines += format_baseline(summary["baseline"]) if "baseline" in summary else []
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":
