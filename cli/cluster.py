@@ -83,6 +83,9 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--knn-reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="[--labels-from-dirs] A labelled ImageFolder: adds 10-NN classification accuracy of FOLDER's "
                    "images against it (cosine, weighted vote).")
+@click.option("--compare-baseline", is_flag=True,
+              help="Also cluster the unpatched CLS embedding of the same pass (the graph's embedding_unpatched "
+                   "output; --model exports with it) and report both, with the images whose cluster changed.")
 @click.option("--report", is_flag=True, help="Also write an HTML report into the output folder.")
 @click.option("--save-inputs", is_flag=True, help="Also write pixel_values.npy and artifact_mask.npy (rows as in "
               "embeddings.npy; one more decode and CPU pass) for comparing a port (docs/onnx-contract.md).")
@@ -93,18 +96,22 @@ re-running after an interruption, or into another --out, embeds only the images 
 def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule,
          resolution, precision, out_dir, device, batch_size, workers, pool, intra_op_threads, seed, n_init, max_pixels,
          labels_from_dirs,
-         protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference, report,
-         save_inputs, save_inputs_rgb, quiet):
+         protocol, protocol_sets, protocol_runs, k_max, k_criterion, method, epochs, head_out, knn_reference,
+         compare_baseline, report, save_inputs, save_inputs_rgb, quiet):
     """Embed every image of INPUT (a folder, a list of paths, or WebDataset tars) with an exported ITAE
     model on ONNX Runtime, then cluster them with K-Means on the L2-normalised embeddings (or a
     TSP/TEMI head with --method)."""
     # Long only by its parameter list: Click passes every option; the body parses, calls
-    # resolve_options/ensure_export/run_cluster_job, and reports.
+    # resolve_options/ensure_export/run_cluster, and reports.
     from itae_export.calibrate.auto import resolve_options  # the library loads only when a command runs
+    from itae_export.calibrate.inspection import inspect_run
+    from itae_export.cluster.artifacts import report_lines
+    from itae_export.cluster.baseline import format_baseline, require_unpatched_output
     from itae_export.cluster.job import format_summary
     from itae_export.cluster.shard_cluster import run_cluster
     from itae_export.cluster.report import write_report
     from itae_export.onnx.export import ensure_export
+    from itae_export.onnx.manifest import read_manifest
     from itae_export.registry import get_model_spec
 
     def log(msg: str) -> None:
@@ -137,7 +144,10 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
                                                  rows=rows, lsa=lsa, enabled=not no_itae, calibration_images=folder,
                                                  weights=weights, pos_rule=pos_rule, log=log)
             onnx_path = ensure_export(spec, options, resolution=resolution, precision=precision, weights=weights,
-                                      pos_rule=pos_rule, preloaded=preloaded, log=log)
+                                      pos_rule=pos_rule, preloaded=preloaded, unpatched_output=compare_baseline,
+                                      log=log)
+        elif compare_baseline:
+            require_unpatched_output(read_manifest(onnx_path), onnx_path)  # before any embedding
         summary = run_cluster(
             folder, onnx_path, k, out_dir, seed=seed, n_init=n_init, max_pixels=max_pixels, batch_size=batch_size,
             workers=workers,
@@ -145,7 +155,7 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             protocol=protocol, protocol_sets=protocol_sets, protocol_runs=protocol_runs, progress=not quiet,
             method=method, k_max=k_max, k_criterion=k_criterion,
             head_params={"epochs": epochs} if epochs else None, head_out=head_out, knn_reference=knn_reference,
-            log=log,
+            compare_baseline=compare_baseline, log=log,
         )
         if (report or save_inputs or save_inputs_rgb) and "shards" in summary:
             log("--report/--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
@@ -154,14 +164,17 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             log("--save-inputs: not for WebDataset tars (it reads the image files again); the outputs are written")
             save_inputs = save_inputs_rgb = False
         if report:
-            log(f"Report: {write_report(summary['out_dir'])}")
+            log(f"Report: {write_report(summary['out_dir'], pictures=inspect_run)}")
         if save_inputs or save_inputs_rgb:  # the model's inputs and masks beside the embeddings (cluster.tensors)
             log(f"Inputs and masks: {write_inputs_and_masks(summary['out_dir'], images=save_inputs_rgb)['rows']} rows")
     except KeyboardInterrupt:
         click.echo("Interrupted: the embeddings of finished batches are saved; run the same command again "
                    "to resume.", err=True)
         sys.exit(130)
-    click.echo(format_summary(summary))
+    lines = [format_summary(summary)]
+    lines += report_lines(summary["artifacts"]) if "artifacts" in summary else []  # the flagged tokens per image
+    lines += format_baseline(summary["baseline"]) if "baseline" in summary else []
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ from itae_export.onnx.contract import QUANTIZATIONS
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Output .onnx path [exported/<model>_<res>_<options>.onnx].")
 @click.option("--attention-output", is_flag=True, help="Add the output cls_attention [batch, heads, T].")
+@click.option("--unpatched-output", is_flag=True,
+              help="Add the output embedding_unpatched [batch, D]: the CLS embedding without the ITAE edit "
+                   "(itae-cluster --compare-baseline).")
 @click.option("--inline", is_flag=True, help="Also write <name>.inline.onnx with the itae functions inlined.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch before publishing.")
 @click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Also validate on the images of this folder.")
 @click.option("--calibration-images", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Images for --theta auto.")
+              help="Images for --theta auto; also validated on (and their artifacts counted) when "
+                   "--validate-images is not given.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
 @click.option("--optimize", is_flag=True,
@@ -42,7 +46,7 @@ from itae_export.onnx.contract import QUANTIZATIONS
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors
 def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights, pos_rule, resolution, precision,
-         output, attention_output, inline, validate, validate_images, calibration_images, external_data, optimize,
+         output, attention_output, unpatched_output, inline, validate, validate_images, calibration_images, external_data, optimize,
          quantize, int8_plan, preprocess_in_graph, triton_repo, quiet):
     """Export MODEL with ITAE baked in as nodes of the `itae` ONNX domain.
 
@@ -75,7 +79,9 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
                       preprocess_in_graph, None, None, lambda m: None)
     result = export_onnx(spec, options, output, weights=weights, pos_rule=pos_rule, resolution=resolution, **preloaded,
                          precision=precision, attention_output=attention_output, inline=inline,
-                         validate=validate, validate_images=validate_images, external_data=external_data,
+                         unpatched_output=unpatched_output,
+                         validate=validate, validate_images=validate_images or calibration_images,
+                         external_data=external_data,
                          optimize=optimize, quantize=quantize, int8_plan=int8_plan, log=log)
     if not quiet:
         if result.validation.get("skipped"):  # a validation that ran was already reported by the log

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Callable
 
-from itae_export.calibrate.inspection import InspectModel, compute_norms, pick_images
+from itae_export.calibrate.inspection import InspectModel, artifact_mask_np, compute_norms, pick_images
 from itae_export.calibrate.theta import suggest_theta
-from itae_export.errors import InputError, OptionError
+from itae_export.cluster.artifacts import artifact_stats, counts_from_masks, report_lines
+from itae_export.errors import OptionError
 from itae_export.model.itae import inject_itae
 from itae_export.registry import ITAEOptions, ModelSpec, parse_theta
 from itae_export.weights import checkpoints
 
 
 def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = None, max_images: int = 64,
-                    log: Callable[[str], None] = lambda m: None) -> float:
-    """The suggested theta of :func:`itae_export.calibrate.theta.suggest_theta` over up to ``max_images`` images.
+                    log: Callable[[str], None] = lambda m: None) -> float | None:
+    """The suggested theta of :func:`itae_export.calibrate.theta.suggest_theta` over up to ``max_images`` images,
+    or None when the norms show no bimodality: these images show no artifacts to attenuate, and a
+    threshold picked inside one mode would flag ordinary tokens (the caller then turns ITAE off).
 
     ``model``: the loaded VisionTransformer; ITAE is (re-)injected into it for ``source``.
-    Refuses (InputError) when the norms show no bimodality: a threshold picked from one mode
-    would flag arbitrary tokens.
     """
 
     src = source or "query"
@@ -28,18 +29,24 @@ def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = 
     sample = compute_norms(InspectModel(model.eval(), spec, options, "the loaded model"), root, paths)
     sug = suggest_theta(sample.norms)
     if not sug.bimodal:
-        raise InputError(
-            f"{images_dir}: the {src} norms of its {len(sample.paths)} images show no bimodality, so --theta auto "
-            f"has no threshold to pick; pass --theta explicitly (the model's default is {spec.theta:g})"
-        )
+        log(f"--theta auto: the {src} norms of the {len(sample.paths)} images of {images_dir} show no bimodality "
+            f"(confidence {sug.confidence:.2f}): no artifacts to attenuate, so ITAE is off (as --no-itae); pass "
+            "--theta to force one (docs/guide.md, 'Theta: when ITAE applies, and when not')")
+        return None
     log(f"--theta auto: {sug.theta:.4g} (confidence {sug.confidence:.2f}, {sug.method}) from {len(sample.paths)} images")
+    mask = artifact_mask_np(sample.norms, sug.theta, options.group)
+    stats = artifact_stats(counts_from_masks(mask), mask.shape[1], theta=sug.theta)
+    for line in report_lines(stats, "calibration images"):
+        log(line)
     return float(sug.theta)
 
 
 def load_and_calibrate(spec: ModelSpec, images_dir, *, weights: str | None = None, pos_rule: str | None = None,
-                       source: str | None = None, log: Callable[[str], None] = lambda m: None) -> tuple[float, dict]:
-    """(theta, keyword arguments for :func:`itae_export.onnx.export.export_onnx`): the checkpoint is read
-    once, for the calibration and for the export that follows."""
+                       source: str | None = None,
+                       log: Callable[[str], None] = lambda m: None) -> tuple[float | None, dict]:
+    """(theta or None when the norms are unimodal, keyword arguments for
+    :func:`itae_export.onnx.export.export_onnx`): the checkpoint is read once, for the calibration and
+    for the export that follows."""
 
     log(f"loading weights for {spec.name} ...")
     model, loaded = checkpoints.load_model(spec, None, weights=weights, pos_rule=pos_rule)
@@ -61,6 +68,7 @@ def resolve_options(spec: ModelSpec, *, theta: float | str | None = None, source
             raise OptionError("--theta auto needs calibration images (--calibration-images DIR)")
         theta, preloaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
                                               source=source, log=log)
+        enabled = enabled and theta is not None  # unimodal norms: the unpatched model (calibrate_theta said so)
     elif theta is None and spec.theta_note and enabled:
         log(f"warning: {spec.name}: {spec.theta_note}")
     options = ITAEOptions.for_model(spec, theta=theta, source=source, group=group, strategy=strategy, rows=rows,

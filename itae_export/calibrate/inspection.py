@@ -16,19 +16,21 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from itae_export.calibrate.theta import suggest_theta
+from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_json
 from itae_export.images import decode_image, load_images, sample_evenly, scan_images
 from itae_export.model import ops
 from itae_export.model.itae import inject_itae
 from itae_export.model.vit import build_model, init_random_
-from itae_export.onnx.export import export_onnx
+from itae_export.onnx.export import export_onnx, model_from_manifest, options_from_manifest, spec_from_manifest
 from itae_export.plots import plot_attention, plot_norm_histogram
 from itae_export.registry import GROUP_CODES, ITAEOptions, ModelSpec, get_model_spec
 from itae_export.runtime import ort_session
@@ -315,6 +317,8 @@ def _norms_record(im: InspectModel, sample: NormSample, sug, root: Path, random_
             "current": {"below": int((flat <= cur).sum()), "above": int((flat > cur).sum())},
             "suggested": {"below": int((flat <= sug.theta).sum()), "above": int((flat > sug.theta).sum())},
         },
+        "artifacts": artifact_stats(counts_from_masks(artifact_mask_np(sample.norms, cur)), sample.norms.shape[1],
+                                    theta=cur),
         "per_image_artifacts": {
             "current": per_image_summary(artifact_mask_np(sample.norms, cur), sample.num_register_tokens),
             "suggested": per_image_summary(artifact_mask_np(sample.norms, sug.theta), sample.num_register_tokens),
@@ -341,6 +345,42 @@ def _attention_record(maps: AttentionMaps, R: int) -> dict:
     }
 
 
+def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out_dir: Path, *,
+                flagged: list[str] | None = None, max_images: int = 64, n_maps: int = 4,
+                hist_name: str = HIST_NAME, attention_name: str = ATTENTION_NAME) -> dict:
+    """The pictures of an itae-cluster run: the norm histogram of (up to ``max_images``, evenly
+    spaced) of its own images with its theta, and the CLS attention maps with and without ITAE of
+    its most-flagged images (``flagged``, else the most-flagged of the sample). Needs the weights
+    the graph was exported from (CheckpointError otherwise)."""
+    spec = spec_from_manifest(manifest)
+    options = options_from_manifest(manifest)
+    if not options.enabled:
+        options = dataclasses_replace(options, enabled=True)  # the norms exist only with ITAE injected
+    model = model_from_manifest(manifest, onnx_path)
+    inject_itae(model, options)
+    im = InspectModel(model, spec, options, str(manifest.get("weights", {}).get("source")))
+    paths = [root / p for p in sample_evenly(rel_paths, max_images)]
+    sample = compute_norms(im, root, paths)
+    sug = suggest_theta(sample.norms) if sample.norms.size >= 20 else None
+    plot_norm_histogram(sample, out_dir / hist_name, theta=options.theta, suggestion=sug,
+                        title=f"{spec.name}: {sample.source} norms of {len(sample.paths)} of the run's images")
+    mask = artifact_mask_np(sample.norms, options.theta, options.group)
+    if not flagged:
+        counts = mask.sum(1)
+        flagged = [sample.paths[i] for i in np.argsort(-counts, kind="stable")[:n_maps] if counts[i] > 0]
+    record = {"images": len(sample.paths), "histogram": hist_name,
+              "suggestion": None if sug is None else {"theta": sug.theta, "confidence": sug.confidence,
+                                                      "bimodal": sug.bimodal},
+              "artifacts": artifact_stats(counts_from_masks(mask), mask.shape[1], theta=options.theta)}
+    if flagged:
+        maps = attention_maps(im, root, [root / p for p in flagged[:n_maps]], backend="torch")
+        plot_attention(maps, out_dir / attention_name, num_register_tokens=sample.num_register_tokens,
+                       grid=sample.grid, title=f"the most-flagged images: CLS attention without and with ITAE "
+                                               f"(theta {options.theta:g})")
+        record.update(attention=attention_name, attention_images=maps.paths)
+    return record
+
+
 def format_result(result: dict) -> str:
     """The lines the CLI prints on stderr."""
     lines = [
@@ -351,6 +391,8 @@ def format_result(result: dict) -> str:
     c = result["per_image_artifacts"]["current"]
     lines.append(f"artifacts per image at the current theta: mean {c['mean']:.2f}, max {c['max']}, "
                  f"{c['images_with_artifacts']}/{c['images']} images with any")
+    if result.get("artifacts", {}).get("warning"):
+        lines.append(result["artifacts"]["warning"])
     lines.append("outputs: " + ", ".join(str(Path(result["out_dir"]) / f) for f in result["files"].values()))
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ choose k, cluster (K-Means or a TSP/TEMI head), score against labels, write the 
 from __future__ import annotations
 
 import importlib.util
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from itae_export.cluster.evaluation import (
     over_clustering_scores,
 )
 from itae_export.cluster import faiss_kmeans as fk
+from itae_export.cluster.artifacts import cluster_artifacts
+from itae_export.cluster.baseline import baseline_block, embed_outputs
 from itae_export.cluster.head_export import append_head, check_composed, export_head
 from itae_export.cluster.heads import TEMI_DEFAULTS, TSP_DEFAULTS, fit_head
 from itae_export.cluster.metrics import clustering_scores, l2_normalize, many_to_one_accuracy, paper_protocol
@@ -128,6 +131,7 @@ class ClusterOptions:
     head_out: str | os.PathLike | None = None
     knn_reference: str | os.PathLike | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    compare_baseline: bool = False  # also K-Means on the graph's embedding_unpatched (cluster/baseline.py)
 
     def check(self) -> None:
         for name, low, high in (("n_init", 1, MAX_N_INIT), ("intra_op_threads", 1, None), ("workers", 1, None),
@@ -149,6 +153,8 @@ class ClusterOptions:
             raise OptionError(f"--protocol: {self.protocol!r} is not 'paper'")
         if self.protocol and not self.use_labels:
             raise OptionError("--protocol paper needs the true labels: add --labels-from-dirs")
+        if self.compare_baseline and self.method != "kmeans":
+            raise OptionError("--compare-baseline compares K-Means on both embeddings: use --method kmeans")
 
 
 @dataclass
@@ -187,7 +193,8 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     with EmbeddingStore() as store:
         res = embed_items(job.items, onnx_path, root=job.root, manifest=manifest, store=store,
                            batch_size=opts.batch_size, workers=opts.workers, pool=opts.pool, progress=opts.progress,
-                           session=session, max_pixels=opts.max_pixels, log=log)
+                           session=session, max_pixels=opts.max_pixels, log=log,
+                           **embed_outputs(opts.compare_baseline))
     if not res.paths:
         _write_skipped(out_dir, res)
         raise InputError(f"{folder}: none of the {res.n_found} images could be embedded (see {out_dir / 'skipped.csv'})")
@@ -198,10 +205,15 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
 
     summary = _summary(job.root, out_dir, onnx_path, manifest, res, opts, k, clustering)
     summary["input"] = job.source
+    summary["artifacts"] = cluster_artifacts(res, manifest)  # flagged tokens per image (cluster/artifacts.py)
     columns = {"path": res.paths, "cluster": clustering.labels.tolist(),
                "distance": [f"{d:.6f}" for d in clustering.distances]}
     if opts.use_labels:
         columns["label"] = _score_labels(summary, res, clustering.labels, k, opts, onnx_path, out_dir, session, log)
+    if opts.compare_baseline:  # the unpatched embeddings of the same pass, clustered the same way
+        summary["baseline"] = baseline_block(res, manifest, onnx_path, clustering.labels, k,
+                                             functools.partial(kmeans_assign, n_init=opts.n_init),
+                                             y=columns.get("label"), seed=opts.seed)
     if k_auto is not None:
         summary["k_auto"] = k_auto
     if clustering.head is not None:

@@ -20,19 +20,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote
 
 import numpy as np
 
+from itae_export.cluster.artifacts import report_lines
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.data.outputs import read_outputs
-from itae_export.errors import InputError
+from itae_export.errors import InputError, ITAEError
 from itae_export.files import atomic_write_bytes
 from itae_export.images import to_rgb
+from itae_export.onnx.manifest import read_manifest
 from itae_export.plots import plot_embedding_map
 
 REPORT_NAME = "report.html"
 MAP_NAME = "map.png"
+NORMS_NAME = "norms_hist.png"  # the run's own norm histogram, with its theta
+FLAGGED_NAME = "flagged_attention.png"  # CLS attention maps of the most-flagged images
 THUMBS_DIR = "thumbs"
 MAP_METHODS = ("auto", "tsne", "pca")
 TSNE_MAX_POINTS = 2000
@@ -129,7 +134,7 @@ section.cluster{background:#fff;border:1px solid #ddd;border-radius:6px;padding:
 .grid a{display:block;width:THUMBpx;height:THUMBpx;background:#eee;display:flex;align-items:center;justify-content:center;
  overflow:hidden;font-size:10px;color:#a00;text-decoration:none}
 .grid img{max-width:THUMBpx;max-height:THUMBpx}
-.muted{color:#777;font-size:.9em} .toc a{margin-right:.6em} img.map{max-width:100%;border:1px solid #ddd;background:#fff}
+.muted{color:#777;font-size:.9em} .warn{color:#a00;font-weight:600} .toc a{margin-right:.6em} img.map{max-width:100%;border:1px solid #ddd;background:#fff}
 """
 
 # Sets data-* attributes on <body> once every image has loaded or failed: the test reads them
@@ -155,8 +160,12 @@ def _method_name(summary: dict) -> str:
 
 def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24, map_method: str = "auto",
                  tsne_max_points: int = TSNE_MAX_POINTS, thumb_size: int = THUMB_SIZE, seed: int = 0,
-                 workers: int = 4) -> Path:
-    """Write ``report.html`` (with ``map.png`` and ``thumbs/``) into an itae-cluster output folder."""
+                 workers: int = 4, pictures: Callable | None = None, norm_images: int = 64) -> Path:
+    """Write ``report.html`` (with ``map.png`` and ``thumbs/``) into an itae-cluster output folder.
+
+    ``pictures``: :func:`itae_export.calibrate.inspection.inspect_run` (passed in, so that this module
+    loads no torch), for the norm histogram of ``norm_images`` of the run's images and the attention
+    maps of its most-flagged images (PyTorch, from the weights the graph names)."""
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     data = read_cluster_output(out)
@@ -182,6 +191,7 @@ def write_report(out_dir: str | os.PathLike, *, max_thumbs_per_cluster: int = 24
 
     parts = _page_head(summary, data, root, out, k, thumb_size)
     parts += _metrics_html(summary, breakaway, len(rows), map_note)
+    parts += _itae_html(summary, out, root, [r["path"] for r in rows], pictures, norm_images)
     parts.append('<p class="toc">' + " ".join(f'<a href="#c{c}">{c} ({sizes[c]})</a>' for c in range(k)) + "</p>")
     for c in range(k):
         parts += _cluster_html(c, sizes[c], rows, root, out, clusters, dist, labels, thumbs)
@@ -266,6 +276,50 @@ def _metrics_html(summary: dict, breakaway, n_rows: int, map_note: str) -> list[
     if map_note:
         parts.append(f'<h2>Map of the embeddings</h2><p class="muted">{esc(map_note)}</p>'
                      f'<img class="map" src="{MAP_NAME}" alt="2-D map of the embeddings">')
+    return parts
+
+
+def _itae_html(summary: dict, out: Path, root: Path, rel_paths: list[str], pictures: Callable | None,
+               norm_images: int) -> list[str]:
+    """What ITAE did: the artifact counts (and the sanity warning), the run's norm histogram with
+    its theta, the most-flagged images' attention maps, and the baseline comparison."""
+    esc = html.escape
+    a = summary.get("artifacts")
+    parts = ['<h2 id="itae">What ITAE did</h2>']
+    if a:
+        parts += [f'<p class="{"warn" if line.startswith("warning") else "muted"}">{esc(line)}</p>'
+                  for line in report_lines(a)]
+        if a.get("most_flagged"):
+            parts.append('<p class="muted">Most flagged: ' + ", ".join(
+                f'{esc(m["path"])} ({m["tokens"]})' for m in a["most_flagged"]) + "</p>")
+    if pictures is not None and norm_images > 0 and summary.get("onnx") and rel_paths:
+        try:
+            manifest = read_manifest(summary["onnx"])
+            flagged = [m["path"] for m in (a or {}).get("most_flagged", [])]
+            pics = pictures(manifest, summary["onnx"], root, rel_paths, out, flagged=flagged,
+                               max_images=norm_images, hist_name=NORMS_NAME, attention_name=FLAGGED_NAME)
+        except ITAEError as e:
+            parts.append(f'<p class="muted">No norm histogram: {esc(str(e))}</p>')
+        else:
+            parts.append(f'<p class="muted">Query norms of {pics["images"]} of these images (the histogram of '
+                         f'itae-inspect): ITAE treats the minority side of the theta line as artifacts; a theta '
+                         f'inside one mode flags ordinary patches (docs/guide.md, "Reading the histogram").</p>'
+                         f'<img class="map" id="norms" src="{NORMS_NAME}" alt="norm histogram with theta">')
+            if "attention" in pics:
+                parts.append('<p class="muted">The most-flagged images: the image, the CLS attention without '
+                             'and with ITAE, and the flagged tokens.</p>'
+                             f'<img class="map" id="flagged" src="{FLAGGED_NAME}" alt="attention maps">')
+    b = summary.get("baseline")
+    if b:
+        if "metrics" in b:
+            m = b["metrics"]
+            parts.append('<table class="metrics" id="baseline"><tr><th></th><th>ACC</th><th>NMI</th><th>ARI</th></tr>' +
+                         "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{m[key][x]:+.4f}</td>" if key == "delta" else
+                                                                  f"<td>{m[key][x]:.4f}</td>" for x in ("acc", "nmi", "ari"))
+                                 + "</tr>" for name, key in (("ITAE", "itae"), ("baseline (unpatched)", "baseline"),
+                                                             ("difference", "delta"))) + "</table>")
+        parts.append(f'<p>{b["n_changed"]} images changed cluster between the baseline and ITAE' +
+                     (": " + ", ".join(esc(c["path"]) for c in b["changed"][:20]) if b["changed"] else "") + "</p>")
     return parts
 
 

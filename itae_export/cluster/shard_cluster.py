@@ -161,7 +161,7 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
 SHARDED_MIN_IMAGES = 200_000
 SHARD_DIR = "shards"  # inside itae-cluster's --out
 IN_MEMORY_ONLY = {"use_labels": "--labels-from-dirs", "protocol": "--protocol", "head_out": "--head-out",
-                  "knn_reference": "--knn-reference"}
+                  "knn_reference": "--knn-reference", "compare_baseline": "--compare-baseline"}
 
 
 def run_cluster(input_spec, onnx_path, k, out_dir=None, *, log: Callable[[str], None] | None = None,

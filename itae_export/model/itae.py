@@ -32,9 +32,12 @@ class ITAEAttention(nn.Module):
         """source=output: plain L2 norms of the unpatched block's output tokens (no 1/sqrt(d))."""
         return torch.ops.itae.artifact_mask(x_out_BTC, self.options.theta, 1.0, self.options.group_code)
 
-    def forward(self, x_BTC: torch.Tensor, artifact_mask=None, bypass: bool = False, cls_only: bool = False):
+    def forward(self, x_BTC: torch.Tensor, artifact_mask=None, bypass: bool = False, cls_only: bool = False,
+                unpatched: bool = False):
         """``cls_only``: the output for the CLS token alone, [B, 1, C]. The mask, the keys and
-        the values still come from every token; only the CLS row of the attention is computed."""
+        the values still come from every token; only the CLS row of the attention is computed.
+        ``unpatched`` (with ``cls_only``): also the CLS row without the ITAE edit, in
+        ``aux["cls_out_unpatched"]``; the logits are shared, only the softmax row is done twice."""
         B, T, C = x_BTC.shape
         H = self.num_heads
         d = C // H
@@ -58,11 +61,15 @@ class ITAEAttention(nn.Module):
         k_BHTD = k_BTC.reshape(B, T, H, d).transpose(1, 2)
         v_BHTD = v_BTC.reshape(B, T, H, d).transpose(1, 2)
         s_BHTT = (q_BHTD * d**-0.5) @ k_BHTD.transpose(-2, -1)
+        aux = {}
+        if unpatched and cls_only:
+            o_plain_BTC = (s_BHTT.softmax(dim=-1) @ v_BHTD).transpose(1, 2).reshape(B, Tq, C)
+            aux["cls_out_unpatched"] = self.proj(o_plain_BTC)
         if edit:
             s_BHTT = torch.ops.itae.attenuate_logits(s_BHTT, mask_BN, opts.strategy_code, opts.rows == "all", opts.lsa)
         a_BHTT = s_BHTT.softmax(dim=-1)
         o_BTC = (a_BHTT @ v_BHTD).transpose(1, 2).reshape(B, Tq, C)
-        aux = {"artifact_mask": mask_BN, "cls_attention": a_BHTT[:, :, 0]}
+        aux.update(artifact_mask=mask_BN, cls_attention=a_BHTT[:, :, 0])
         if norms_BN is not None:
             aux["norms"] = norms_BN
         return self.proj(o_BTC), aux

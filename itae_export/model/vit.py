@@ -199,18 +199,21 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(x)
 
     def forward_features(self, pixel_values: torch.Tensor, cls_only: bool = False,
-                         artifact_mask: torch.Tensor | None = None) -> dict:
+                         artifact_mask: torch.Tensor | None = None, unpatched: bool = False) -> dict:
         """Every output; ``cls_only`` (needs ITAE injected) runs the last block's attention row,
         projection and MLP for the CLS token only, and returns the CLS entries and ITAE's.
         ``artifact_mask`` [B, T-1] (bool, needs ITAE injected): use this mask instead of the
         one ITAE would compute (validation replays a graph's mask through the float64 model)."""
         x = self.prepare_tokens(pixel_values)
         cls_kw = {"cls_only": True} if cls_only else {}
+        if unpatched:  # the CLS embedding without the ITAE edit too (cls_only, ITAE injected)
+            cls_kw["unpatched"] = True
         for blk in self.blocks[:-1]:
             x = blk(x)
         last = self.blocks[-1]
         aux = {}
         attn = last.attn
+        x_in = x
         if artifact_mask is not None:
             x, aux = last(x, artifact_mask=(artifact_mask, None), **cls_kw)
         elif getattr(attn, "needs_unpatched_output", False):
@@ -220,6 +223,11 @@ class VisionTransformer(nn.Module):
         else:
             out = last(x, **cls_kw)
             x, aux = out if isinstance(out, tuple) else (out, {})
+        if "cls_out_unpatched" in aux:  # the rest of the last block for the unedited CLS row
+            aux = dict(aux)
+            x_u = x_in[:, :1] + last.ls1(aux.pop("cls_out_unpatched"))
+            x_u = x_u + last.ls2(last.mlp(last.norm2(x_u)))
+            aux["embedding_unpatched"] = self.head(self.norm(x_u)[:, 0])
         x_norm = self.norm(x)
         if cls_only:
             return {"x_norm_clstoken": x_norm[:, 0], "embedding": self.head(x_norm[:, 0]), **aux}

@@ -10,6 +10,7 @@ INPUT_NAME = "pixel_values"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_MASK = "artifact_mask"
 OUTPUT_CLS_ATTENTION = "cls_attention"
+OUTPUT_EMBEDDING_UNPATCHED = "embedding_unpatched"  # optional: the CLS embedding without the ITAE edit
 # the in-graph preprocessing variant (itae_export.onnx.preprocess_graph): uint8 [batch, h, w, 3] RGB
 IMAGE_INPUT_NAME = "image"
 IN_GRAPH_SUFFIX = "_image"  # model.onnx -> model_image.onnx

@@ -33,6 +33,7 @@ from itae_export.onnx.contract import (
     ONNX_OPSET,
     OUTPUT_CLS_ATTENTION,
     OUTPUT_EMBEDDING,
+    OUTPUT_EMBEDDING_UNPATCHED,
     OUTPUT_MASK,
     PRECISIONS,
     QUANTIZATIONS,
@@ -64,8 +65,8 @@ def export_dir() -> Path:
 
 
 def default_output_path(spec: ModelSpec | str, options: ITAEOptions, resolution: int | None = None,
-                        precision: str = "fp32", quantize: str | None = None) -> Path:
-    """``exported/<model>_<res>_<itae options>[_fp16][_int8].onnx``."""
+                        precision: str = "fp32", quantize: str | None = None, unpatched_output: bool = False) -> Path:
+    """``exported/<model>_<res>_<itae options>[_fp16][_int8][_unpatched].onnx``."""
     spec = get_model_spec(spec) if isinstance(spec, str) else spec
     res = resolution or spec.preprocessing.resolution
     name = f"{spec.name}_{res}_{options.slug()}"
@@ -73,6 +74,8 @@ def default_output_path(spec: ModelSpec | str, options: ITAEOptions, resolution:
         name += f"_{precision}"
     if quantize:
         name += f"_{quantize}"
+    if unpatched_output:
+        name += "_unpatched"
     return export_dir() / f"{name}.onnx"
 
 
@@ -80,7 +83,7 @@ class _ExportWrapper:
     """Builds the torch module whose outputs are the contract's outputs (lazy torch import)."""
 
     @staticmethod
-    def make(model, attention_output: bool, half: bool):
+    def make(model, attention_output: bool, half: bool, unpatched_output: bool = False):
         import torch
 
         class Wrapper(torch.nn.Module):
@@ -90,23 +93,29 @@ class _ExportWrapper:
 
             def forward(self, pixel_values):
                 x = pixel_values.half() if half else pixel_values
-                f = self.model.forward_features(x, cls_only=True)  # the outputs need only the CLS row
+                # the outputs need only the CLS row
+                f = self.model.forward_features(x, cls_only=True, unpatched=unpatched_output)
                 outs = (f["embedding"].float(), f["artifact_mask"])
                 if attention_output:
                     outs = outs + (f["cls_attention"].float(),)
+                if unpatched_output:
+                    outs = outs + (f["embedding_unpatched"].float(),)
                 return outs
 
         return Wrapper().eval()
 
 
-def output_names(attention_output: bool) -> list[str]:
+def output_names(attention_output: bool, unpatched_output: bool = False) -> list[str]:
     names = [OUTPUT_EMBEDDING, OUTPUT_MASK]
     if attention_output:
         names.append(OUTPUT_CLS_ATTENTION)
+    if unpatched_output:
+        names.append(OUTPUT_EMBEDDING_UNPATCHED)
     return names
 
 
-def _torch_export(model, resolution: int, attention_output: bool, half: bool, path: Path, external: bool):
+def _torch_export(model, resolution: int, attention_output: bool, half: bool, path: Path, external: bool,
+                  unpatched_output: bool = False):
     """torch.export -> ONNX at ``path`` with ``itae`` nodes; returns (graph proto without weights
     loaded when external, external data file name or None). Saved through the IR so that models
     over protobuf's 2 GiB limit (ViT-g/14) never become one in-memory proto."""
@@ -115,7 +124,7 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
     import torch
 
 
-    wrapper = _ExportWrapper.make(model, attention_output, half)
+    wrapper = _ExportWrapper.make(model, attention_output, half, unpatched_output)
     example = torch.randn(2, 3, resolution, resolution)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     quiet_logger = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping ..."
@@ -130,7 +139,7 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
                 dynamo=True,
                 opset_version=ONNX_OPSET,
                 input_names=[INPUT_NAME],
-                output_names=output_names(attention_output),
+                output_names=output_names(attention_output, unpatched_output),
                 dynamic_shapes=({0: batch},),
                 custom_translation_table=translation_table(),
                 verbose=False,
@@ -170,7 +179,8 @@ def _weights_nbytes(model) -> int:
 
 
 def build_manifest(spec: ModelSpec, options: ITAEOptions, *, resolution: int, precision: str,
-                   attention_output: bool, pos_rule: str, weights_info: dict, num_tokens: int) -> dict:
+                   attention_output: bool, pos_rule: str, weights_info: dict, num_tokens: int,
+                   unpatched_output: bool = False) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -185,6 +195,8 @@ def build_manifest(spec: ModelSpec, options: ITAEOptions, *, resolution: int, pr
     ]
     if attention_output:
         outputs.append({"name": OUTPUT_CLS_ATTENTION, "dtype": "float32", "shape": ["batch", a.num_heads, num_tokens]})
+    if unpatched_output:
+        outputs.append({"name": OUTPUT_EMBEDDING_UNPATCHED, "dtype": "float32", "shape": ["batch", spec.embed_dim]})
     itae = options.to_dict()
     itae.update(group_code=options.group_code, strategy_code=options.strategy_code)
     return {
@@ -222,6 +234,7 @@ class ExportRequest:
     resolution: int
     precision: str = "fp32"
     attention_output: bool = False
+    unpatched_output: bool = False  # also the CLS embedding without the ITAE edit (embedding_unpatched)
     inline: bool = False
     validate: bool = True
     validate_images: str | os.PathLike | None = None
@@ -248,7 +261,8 @@ class ExportRequest:
         p = spec.arch.patch_size
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % p:
             raise OptionError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
-        output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize)
+        output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize,
+                                                                 kw.get("unpatched_output", False))
         if output.suffix != ".onnx":
             raise OptionError(f"--output: {output} must end with .onnx")
         return cls(spec, options, output, resolution, **kw)
@@ -292,17 +306,19 @@ def export_identity(req: "ExportRequest", weights_id: str, pos_rule: str | None)
     return {
         "model": req.spec.name, "weights": weights_id, "pos_rule": pos_rule, "resolution": req.resolution,
         "precision": req.precision, "itae": req.options.to_dict(), "optimize": req.optimize,
-        "quantize": req.quantize, "attention_output": req.attention_output, "package_version": __version__,
+        "quantize": req.quantize, "attention_output": req.attention_output,
+        "unpatched_output": req.unpatched_output, "package_version": __version__,
         "exporter": {pkg: version(pkg) for pkg in ("torch", "onnx", "onnxscript")},
     }
 
 
 def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | None = None, precision: str = "fp32",
                   weights: str | None = None, pos_rule: str | None = None, preloaded: dict | None = None,
-                  log: Callable[[str], None] = lambda m: None) -> Path:
+                  unpatched_output: bool = False, log: Callable[[str], None] = lambda m: None) -> Path:
     """The exported model for these options and weights under exported/: reused when everything that
     shapes the graph matches (:func:`export_identity`), exported (again) otherwise."""
-    req = ExportRequest.make(spec, options, None, resolution=resolution, precision=precision)
+    req = ExportRequest.make(spec, options, None, resolution=resolution, precision=precision,
+                             unpatched_output=unpatched_output)
     path = req.output
     if path.is_file():
         want = export_identity(req, checkpoints.weights_identity(spec, weights), pos_rule)
@@ -322,7 +338,7 @@ def ensure_export(spec: ModelSpec, options: ITAEOptions, *, resolution: int | No
     else:
         log(f"{path} is missing: exporting {spec.name} ({options.slug()}) first")
     return export_onnx(spec, options, path, weights=weights, pos_rule=pos_rule, resolution=resolution,
-                       precision=precision, log=log, **(preloaded or {})).path
+                       precision=precision, unpatched_output=unpatched_output, log=log, **(preloaded or {})).path
 
 
 @contextlib.contextmanager
@@ -394,7 +410,8 @@ class _ExportJob:
         num_tokens = 1 + spec.arch.num_register_tokens + (res // spec.arch.patch_size) ** 2
         self.manifest = build_manifest(spec, req.options, resolution=res, precision=req.precision,
                                        attention_output=req.attention_output, pos_rule=model.applied_pos_rule(res),
-                                       weights_info=weights_info, num_tokens=num_tokens)
+                                       weights_info=weights_info, num_tokens=num_tokens,
+                                       unpatched_output=req.unpatched_output)
         self.reference = None  # the PyTorch reference outputs, computed once per export
         self.folded = None
 
@@ -423,7 +440,8 @@ class _ExportJob:
         self.tmpdir, self.tmp_path = tmpdir, tmpdir / req.output.name
         with torch.no_grad():
             proto, self.location = _torch_export(export_model, req.resolution, req.attention_output,
-                                                 req.precision == "fp16", self.tmp_path, self.external)
+                                                 req.precision == "fp16", self.tmp_path, self.external,
+                                                 req.unpatched_output)
         self.manifest["external_data"] = self.location
         _set_metadata(proto, self.manifest)
         onnx.save_model(proto, str(self.tmp_path))
@@ -555,9 +573,19 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
     if "quantization" in manifest:
         raise InputError(f"{onnx_path}: an int8 graph is validated against its fp32 graph at export "
                          "(manifest: quantization.validation); itae-validate re-runs fp32 and fp16 validations only")
-    spec = spec_from_manifest(manifest)
+    model = model_from_manifest(manifest, onnx_path, weights=weights)
+    return validate_model(onnx_path, model, manifest, images_dir=images_dir, log=log)
+
+
+def options_from_manifest(manifest: dict) -> ITAEOptions:
     itae = {k: v for k, v in manifest["itae"].items() if k in {f.name for f in dataclasses.fields(ITAEOptions)}}
-    options = ITAEOptions(**itae)
+    return ITAEOptions(**itae)
+
+
+def model_from_manifest(manifest: dict, onnx_path, *, weights: str | None = None):
+    """The float32 PyTorch model (ITAE injected as recorded) that an exported graph was made from,
+    rebuilt from its manifest and the weights it names (or ``weights``), checked by sha256."""
+    spec = spec_from_manifest(manifest)
     recorded = manifest.get("weights", {})
     source = weights or recorded.get("source")
     if not source or not Path(source).exists():
@@ -565,10 +593,10 @@ def revalidate(onnx_path: str | os.PathLike, *, weights: str | None = None, imag
             f"{onnx_path}: the weights it was exported from ({recorded.get('source') or 'unknown'}) are not on this "
             "machine; pass --weights PATH"
         )
-    model, loaded = checkpoints.load_model(spec, options, weights=source, pos_rule=manifest.get("pos_rule"))
+    model, loaded = checkpoints.load_model(spec, options_from_manifest(manifest), weights=source,
+                                           pos_rule=manifest.get("pos_rule"))
     if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
         raise CheckpointError(f"{source}: sha256 {loaded.sha256[:12]}… differs from the exported weights' "
                               f"{recorded['sha256'][:12]}…")
-    res = manifest["preprocessing"]["resolution"][0]
-    model.fix_resolution(res)
-    return validate_model(onnx_path, model.float().eval(), manifest, images_dir=images_dir, log=log)
+    model.fix_resolution(manifest["preprocessing"]["resolution"][0])
+    return model.float().eval()

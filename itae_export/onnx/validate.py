@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
 from itae_export.cluster.metrics import kmeans_ari, l2_normalize
 from itae_export.errors import OptionError
 from itae_export.images import PreprocessSpec, load_images, scan_images, to_rgb
@@ -29,6 +30,7 @@ from itae_export.onnx.contract import (
     FP32_REL_TOL,
     MASK_MARGIN_MIN_REL,
     OUTPUT_EMBEDDING,
+    OUTPUT_EMBEDDING_UNPATCHED,
     OUTPUT_MASK,
 )
 from itae_export.registry import GROUP_CODES
@@ -152,6 +154,21 @@ class Reference:
     mask32: np.ndarray
     float32: dict  # float32 PyTorch against float64, its mask replaced by the float64 one
     replays: dict = dataclasses.field(default_factory=dict)  # (input, mask bytes) -> float64 embedding
+    emb64_unpatched: np.ndarray | None = None  # float64 CLS embedding without the edit (when the graph has it)
+
+    def unpatched64(self, model, batch_size: int = 8) -> np.ndarray:
+        """The float64 embeddings without the ITAE edit (the graph's ``embedding_unpatched``), computed once."""
+        if self.emb64_unpatched is None:
+            import torch
+
+            out = []
+            with in_float64(model), torch.no_grad():
+                for i in range(0, len(self.x), batch_size):
+                    px = torch.from_numpy(np.ascontiguousarray(self.x[i : i + batch_size])).double()
+                    out.append(model.forward_features(px, cls_only=True, unpatched=True)["embedding_unpatched"]
+                               .double().numpy())
+            self.emb64_unpatched = np.concatenate(out)
+        return self.emb64_unpatched
 
     @property
     def scale(self) -> float:
@@ -173,9 +190,105 @@ class Reference:
 
 def torch_reference(model, manifest: dict, images_dir=None) -> Reference:
     """The inputs and the PyTorch runs that :func:`validate_model` judges a graph by: float64 (the
-    reference) and float32 (the measure of what float32 can reach on these inputs)."""
+    reference) and float32 (the measure of what float32 can reach on these inputs). When ITAE is on
+    and no input has a flagged token at theta, inputs constructed to have some are added
+    (:func:`constructed_inputs`), so that the patched path is compared too."""
     x, names = validation_inputs(manifest, images_dir)
-    return reference_for(model, x, names)
+    ref = reference_for(model, x, names)
+    if itae_active(manifest) and not ref.mask64.any():
+        cx, cnames = constructed_inputs(model, manifest, x)
+        if len(cx):
+            ref = merge_references(ref, reference_for(model, cx, cnames))
+    return ref
+
+
+CONSTRUCTED = "constructed:"  # the name prefix of the inputs made to put tokens across theta
+NOISE = "noise:"
+
+
+def itae_active(manifest: dict) -> bool:
+    return bool(manifest["itae"].get("enabled", True))
+
+
+def _query_norms(model, px, source: str):
+    """Differentiable last-block norms [B, T-1] of ``source`` (query, key or value), as Eq. 2."""
+    import torch
+
+    x = model.prepare_tokens(px)
+    for blk in model.blocks[:-1]:
+        x = blk(x)
+    last = model.blocks[-1]
+    C = x.shape[-1]
+    q, k, v = last.attn.qkv(last.norm1(x)).split(C, dim=-1)
+    p = {"query": q, "key": k, "value": v}[source]
+    d = C // last.attn.num_heads  # the same norms as itae::artifact_mask, with a gradient
+    return ((p[:, 1:] * d**-0.5) ** 2).sum(-1).sqrt()
+
+
+def constructed_inputs(model, manifest: dict, x: np.ndarray, *, n: int = 2, tokens: int = 4, steps: int = 30,
+                       overshoot: float = 0.1) -> tuple[np.ndarray, list[str]]:
+    """Inputs whose artifact mask is not empty at theta: starting from the first ``n`` inputs, the
+    pixels are moved by gradient steps until ``tokens`` tokens lie ``overshoot`` (relative) beyond
+    theta on the side that the group mode flags (above theta when the inputs' norms all lie below,
+    and the other way round). Returns none for source=output (its norms need the block's output)."""
+    import torch
+
+    itae = manifest["itae"]
+    source, theta = itae.get("source", "query"), float(itae["theta"])
+    if source not in ("query", "key", "value") or not len(x):
+        return np.zeros((0,) + x.shape[1:], np.float32), []
+    group = int(itae.get("group_code", GROUP_CODES.get(itae.get("group", "minority"), 0)))
+    px = torch.from_numpy(np.ascontiguousarray(x[:n])).float()
+    with torch.no_grad():
+        start = _query_norms(model, px, source)
+    # which side to push a few tokens to: the side that has (almost) none of them
+    up = group == _GROUP_ABOVE or (group == _GROUP_MINORITY and bool((start <= theta).float().mean() >= 0.5))
+    target = theta * (1 + overshoot) if up else theta * (1 - overshoot)
+    order = start.argsort(dim=1, descending=up)[:, :tokens]  # the tokens nearest that side move
+    delta = torch.zeros_like(px, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.1)
+    for _ in range(steps):
+        norms = _query_norms(model, px + delta, source).gather(1, order)
+        gap = (target - norms).clamp(min=0) if up else (norms - target).clamp(min=0)
+        if not bool((gap > 0).any()):
+            break
+        (delta.grad,) = torch.autograd.grad(gap.sum(), delta)  # the pixels only: no weight gradients
+        opt.step()
+    out = (px + delta).detach().numpy().astype(np.float32)
+    side = "above" if up else "below"
+    return out, [f"{CONSTRUCTED}{side}-theta:{i}" for i in range(len(out))]
+
+
+def merge_references(a: Reference, b: Reference) -> Reference:
+    """One reference over the inputs of both (their float32 measures combined conservatively)."""
+    cat = np.concatenate
+    f32 = {"rel_max_abs_diff": max(a.float32["rel_max_abs_diff"] * a.scale, b.float32["rel_max_abs_diff"] * b.scale),
+           "min_cosine": min(a.float32["min_cosine"], b.float32["min_cosine"]),
+           "mask_mismatch": a.float32["mask_mismatch"] + b.float32["mask_mismatch"],
+           "norm_rel_err": max(a.float32["norm_rel_err"], b.float32["norm_rel_err"])}
+    norms = None if a.norms64 is None or b.norms64 is None else cat([a.norms64, b.norms64])
+    ref = Reference(cat([a.x, b.x]), a.names + b.names, cat([a.emb64, b.emb64]), cat([a.mask64, b.mask64]), norms,
+                    cat([a.emb32, b.emb32]), cat([a.mask32, b.mask32]), f32)
+    ref.float32["rel_max_abs_diff"] /= ref.scale  # relative to the merged scale
+    return ref
+
+
+def exercised(ref: Reference, manifest: dict) -> dict:
+    """What the validation inputs put through the patched path: flagged tokens and the inputs with any."""
+    counts = counts_from_masks(ref.mask64)
+    constructed = [i for i, nm in enumerate(ref.names) if nm.startswith(CONSTRUCTED)]
+    return {"itae_enabled": itae_active(manifest), "mask_tokens": int(counts.sum()),
+            "inputs": int((counts > 0).sum()), "of_inputs": int(len(counts)),
+            "constructed_inputs": len(constructed),
+            "constructed_with_mask": int((counts[constructed] > 0).sum()) if constructed else 0}
+
+
+def image_artifacts(ref: Reference, manifest: dict) -> dict:
+    """The artifact statistics of the validation images (photos and --validate-images; not the
+    noise or constructed inputs), with the sanity rule of :mod:`itae_export.cluster.artifacts`."""
+    keep = [i for i, nm in enumerate(ref.names) if not nm.startswith((NOISE, CONSTRUCTED))]
+    return artifact_stats(counts_from_masks(ref.mask64[keep]), ref.mask64.shape[1], theta=manifest["itae"]["theta"],
+                          enabled=itae_active(manifest))
 
 
 def reference_for(model, x: np.ndarray, names: list[str]) -> Reference:
@@ -330,6 +443,20 @@ def _failure(finite: bool, unexplained: list, margin: float, max_abs: float, sca
     return None
 
 
+def judge_unpatched(report: dict, ref: Reference, got: np.ndarray, model) -> None:
+    """The optional ``embedding_unpatched`` output against float64 PyTorch without the edit, at the
+    embedding's tolerance; fails the report when it is off."""
+    want = ref.unpatched64(model)
+    got = np.asarray(got, np.float64)
+    scale = float(np.abs(want).max()) or 1.0
+    rel = float(np.abs(want - got).max()) / scale if np.isfinite(got).all() else float("inf")
+    tol = report["tolerance"]["rel_max_abs_diff"]
+    report["unpatched"] = {"rel_max_abs_diff": rel, "min_cosine": _min_cosine(want, got), "tolerance": tol}
+    if not rel <= tol:
+        report["passed"] = False
+        report["failure"] = f"{OUTPUT_EMBEDDING_UNPATCHED}: max abs diff {rel:.3g} of the output scale (> {tol:.3g})"
+
+
 def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Callable[[str], None] = lambda m: None,
                    batch_sizes: tuple[int, ...] = (1, 3), reference: Reference | None = None) -> dict:
     """Judge ONNX Runtime's outputs against float64 PyTorch, at each batch size; the report also
@@ -342,6 +469,8 @@ def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Ca
     for bs in batch_sizes:
         got = run_onnx(sess, ref.x, batch_size=bs)
         r = judge(ref, got[OUTPUT_EMBEDDING], got[OUTPUT_MASK], manifest, model)
+        if OUTPUT_EMBEDDING_UNPATCHED in got and r["passed"]:
+            judge_unpatched(r, ref, got[OUTPUT_EMBEDDING_UNPATCHED], model)
         per_batch[str(bs)] = {k: r[k] for k in ("max_abs_diff", "min_cosine", "mask_mismatch", "passed")}
         per_batch[str(bs)]["mask_flips"] = r["mask_flips"]["tokens"]
         if report is None or not r["passed"]:
@@ -350,7 +479,11 @@ def validate_model(onnx_path, model, manifest: dict, *, images_dir=None, log: Ca
             break
     report["batch_sizes"] = per_batch
     report["inputs"] = ref.names
+    report["exercised"] = exercised(ref, manifest)
+    report["artifacts"] = image_artifacts(ref, manifest)
     log(format_report(report))
+    if report["artifacts"].get("warning"):
+        log(report["artifacts"]["warning"] + " (counted on the validation photos)")
     return report
 
 
@@ -360,9 +493,24 @@ def format_report(r: dict) -> str:
     ari = "n/a" if r.get("kmeans_ari") is None else f"{r['kmeans_ari']:.3f}"
     verdict = "PASSED" if r["passed"] else f"FAILED ({r['failure']})"
     ref = r.get("reference", "PyTorch")
-    return (
+    ex = r.get("exercised")
+    if r["passed"] and ex and ex["itae_enabled"] and not ex["mask_tokens"]:
+        verdict = "PASSED for the unpatched path only (ITAE NOT exercised)"
+    line = (
         f"validation {verdict}: {r['n_inputs']} inputs against {ref}, embedding max abs diff {r['max_abs_diff']:.3g} "
         f"({r['rel_max_abs_diff']:.3g} of scale), min cosine {r['min_cosine']:.6f}, "
         f"mask tokens differing {r['mask_mismatch']}/{r['mask_tokens']} (within the margin of theta: "
         f"{r.get('mask_flips', {}).get('tokens', 0)}), K-Means ARI {ari}"
     )
+    return line + (f"; {format_exercised(ex)}" if ex else "")
+
+
+def format_exercised(ex: dict) -> str:
+    """How much of the patched path the validation compared: flagged (attenuated) tokens and inputs."""
+    if not ex["itae_enabled"]:
+        return "ITAE off: no mask to exercise"
+    if not ex["mask_tokens"]:
+        return ("no validation input had a flagged token at this theta, so the ITAE edit was not compared with "
+                "PyTorch (pass --validate-images with images that have artifacts, or see itae-inspect)")
+    made = f", {ex['constructed_with_mask']} of them constructed to cross theta" if ex["constructed_inputs"] else ""
+    return f"ITAE exercised on {ex['mask_tokens']} mask tokens in {ex['inputs']} of {ex['of_inputs']} inputs{made}"
