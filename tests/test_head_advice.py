@@ -220,3 +220,25 @@ def test_fit_head_logs_its_estimate_before_training_and_records_the_threads(meth
     # a fixed thread count gives the same head as the same count chosen by the trial
     fixed = fit_head(x, 4, method, seed=0, progress=False, threads=r.threads["threads"], **hp)
     np.testing.assert_array_equal(fixed.probs_, r.probs_)
+
+
+def test_training_drops_to_one_thread_when_the_machine_gets_busier():
+    """Two threads chosen in the trial, then an epoch runs slower than one thread did there: the
+    rest of the fit runs on one thread, logged and recorded; the settings are restored at the end."""
+    import time as _time
+
+    from itae_export.cluster.heads import FALLBACK_SLOWDOWN, _TrainingThreads
+
+    before = torch.get_num_threads()
+    logs = []
+    choice = {"threads": 2, "seconds_per_step": {1: 0.001, 2: 0.0005}, "estimate_s": 1.0}
+    with _TrainingThreads(choice, logs.append) as pool:
+        assert torch.get_num_threads() == 2
+        pool.epoch_done(1, steps=1000)  # fast: stays on two threads
+        assert torch.get_num_threads() == 2 and "fallback" not in choice
+        _time.sleep(0.001 * FALLBACK_SLOWDOWN * 4)
+        pool.epoch_done(2, steps=2)  # 3 ms a step against 1 ms on one thread
+        assert torch.get_num_threads() == 1
+    assert choice["fallback"]["after_epoch"] == 2 and choice["fallback"]["threads"] == 1
+    assert logs and "one thread from here on" in logs[0]
+    assert torch.get_num_threads() == before
