@@ -271,6 +271,8 @@ def cost_check(n: int, dim: int, k: int, temi_hp: dict, tsp_hp: dict, methods=("
     """One epoch of each head on n x dim vectors (10 Gaussian clusters) against its matmul FLOPs."""
     import math
 
+    import torch
+
     from itae_export.cluster.heads import (
         TEMI_DEFAULTS,
         TSP_DEFAULTS,
@@ -308,7 +310,7 @@ def cost_check(n: int, dim: int, k: int, temi_hp: dict, tsp_hp: dict, methods=("
         ends: list[float] = []
         t0 = time.perf_counter()
         fit_head(x, k, method, progress=lambda e, n_ep, info: ends.append(time.perf_counter()), neighbors=graph,
-                 epochs=2 if method == "tsp" else 1, **hp)
+                 epochs=2 if method == "tsp" else 1, threads=torch.get_num_threads(), **hp)
         rate = (rate0 + sgemm_rate()) / 2
         epoch = ends[1] - ends[0] if method == "tsp" else ends[0] - t0
         est = flops / rate

@@ -137,6 +137,8 @@ def test_int8_keeps_mask_source_fp32_and_reports(tiny, tmp_path, monkeypatch):
     v = q["validation"]
     assert v["passed"] and v["k"] == 10 and "Fashion-MNIST" in v["real_images"]
     assert v["mean_cosine"] > 0.95 and v["mask_agreement"] > 0.9 and v["kmeans_ari"] is not None  # tiny random net
+    # what a user loses goes into the manifest too (issue 24)
+    assert 0 < v["neighbour_overlap"] <= 1 and 0 < v["centroid_kept"] <= 1 and v["neighbour_overlap_k"] == 10
     assert manifest_path(r.path).is_file()
 
 
@@ -338,3 +340,22 @@ def test_int8_static_reuses_a_plan(folded, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="--int8-plan"):
         quantize_graph("int8-static", folded.path, tmp_path / "bad.onnx", folded.manifest, workdir=tmp_path / "w",
                        plan=plan)
+
+
+def test_guard_user_measures_by_hand():
+    """neighbour_overlap and centroid_kept: 1 for the same embeddings; by hand for a known swap."""
+    from itae_export.onnx.optimize import centroid_kept, neighbour_overlap
+
+    # four points on a circle: 0 and 1 close, 2 and 3 close
+    ang = np.array([0.0, 0.1, 2.0, 2.1])
+    a = np.stack([np.cos(ang), np.sin(ang)], 1)
+    assert neighbour_overlap(a, a, 1) == 1.0 and centroid_kept(a, a, 2) == 1.0
+    # point 1 moves to 1.2 rad. Nearest under b: 0 -> 1 (1.2 rad against 2.0), 1 -> 2 (0.8), 2 -> 3,
+    # 3 -> 2; under a: 1, 0, 3, 2: one of four lists changed.
+    b = a.copy()
+    b[1] = [np.cos(1.2), np.sin(1.2)]
+    assert neighbour_overlap(a, b, 1) == 0.75
+    # K-Means on a: centroids at 0.05 and 2.05 rad; 1.2 rad is nearer 2.05 (0.85 against 1.15)
+    assert centroid_kept(a, b, 2) == 0.75
+    with pytest.raises(InputError, match="2 rows"):
+        neighbour_overlap(a[:1], b[:1])

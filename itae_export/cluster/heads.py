@@ -18,8 +18,10 @@ torch is imported inside the functions only, so ``import itae_export`` stays lig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.errors import InputError
+from itae_export.runtime import available_cores
 
 METHODS = ("tsp", "temi")
 
@@ -52,14 +55,17 @@ TSP_DEFAULTS: dict[str, Any] = {
 
 # The poster gives beta in (0.5, 1], 50 heads, 50-NN pairs and 3-layer MLP heads; the other
 # values follow the official TEMI code's defaults (DINO-style self-distillation) as far as known.
+# Heads and steps are cut to what a CPU does in seconds (issue 24, docs/heads.md): the poster's 50
+# heads of 512 cost ~85 GFLOP a step on 384-d embeddings, about 45 minutes for 2,000 steps on 2
+# cores; 4 heads of 128 for 1,000 steps reached the same ACC on digits (85.4 % against K-Means 78.7 %).
 TEMI_DEFAULTS: dict[str, Any] = {
-    "n_heads": 50,
+    "n_heads": 4,          # the poster: 50
     "n_neighbors": 50,
     "beta": 0.6,
-    "hidden_dim": 512,
+    "hidden_dim": 128,     # the official code: 512
     "epochs": None,        # None: max(min_epochs, ceil(min_steps / steps per epoch))
     "min_epochs": 200,
-    "min_steps": 2000,
+    "min_steps": 1000,
     "batch_size": 256,
     "lr": 1e-3,             # AdamW (the official code: 1e-4 over tens of thousands of steps)
     "weight_decay": 1e-4,
@@ -100,6 +106,7 @@ class HeadResult:
     method: str = ""
     hparams: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
+    threads: dict = field(default_factory=dict)  # {threads, seconds_per_step {n: s}, estimate_s, seconds}
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -353,6 +360,141 @@ def tsp_step_flops(n_rows: int, dim: int, k: int, n_heads: int = 1) -> float:
     return 2.0 * n_rows * dim * k * n_heads * 2
 
 
+# ----------------------------------------------------------------------------- threads and the estimate
+
+#: Steps timed per thread count (after one warm-up step each), interleaved, on throwaway state.
+TRIAL_STEPS = 4
+#: Below this many optimiser steps the trial would cost more than any choice saves: one thread.
+MIN_STEPS_TO_MEASURE = 60
+#: The set-up (scikit-learn K-Means starts of the TSP heads, the neighbour graph) runs on one thread
+#: below this many points: its OpenMP chunks are too few to pay for a second thread's barriers.
+SETUP_ONE_THREAD_BELOW = 20_000
+
+
+def thread_candidates(cores: int) -> list[int]:
+    """The thread counts the trial compares: one, half the cores and all of them."""
+    return sorted({1, max(1, cores // 2), max(1, cores)})
+
+
+@contextlib.contextmanager
+def thread_limits(n: int):
+    """torch's intra-op threads and every BLAS/OpenMP pool (numpy, scipy, scikit-learn, faiss) at
+    ``n`` together, restored on exit. Two pools of two threads each on two busy cores is what made
+    a TSP fit 12x slower than with OMP_NUM_THREADS=1 (issue 24)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=n):
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def choose_threads(step: Callable[[], Any], state: list, total_steps: int, threads: int | None = None,
+                   cores: int | None = None) -> dict:
+    """Time ``step`` (one optimiser step on throwaway state) at each candidate thread count and pick
+    the fastest: {threads, seconds_per_step {n: median s}, estimate_s}.
+
+    The steps are interleaved (1, 2, 1, 2, ...) so that a change in the machine's load hits every
+    candidate alike. ``state``: the tensors the step changes (weights, EMA buffers); they are put
+    back afterwards, so the fit proper starts from the same point whatever was measured.
+    ``threads`` given: only that count is timed (for the estimate). Fewer than
+    :data:`MIN_STEPS_TO_MEASURE` steps: one thread, no trial, no estimate.
+    """
+    import torch
+
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise InputError(f"threads must be an integer >= 1, got {threads!r}")
+        candidates = [threads]
+    elif total_steps < MIN_STEPS_TO_MEASURE:
+        return {"threads": 1, "seconds_per_step": {}, "estimate_s": None}
+    else:
+        candidates = thread_candidates(cores or available_cores())
+    saved = [t.detach().clone() for t in state]
+    times: dict[int, list[float]] = {c: [] for c in candidates}
+    try:
+        for c in candidates:
+            with thread_limits(c):
+                step()  # warm-up: allocations, the thread pool's start
+        for _ in range(TRIAL_STEPS):
+            for c in candidates:
+                with thread_limits(c):
+                    t0 = time.perf_counter()
+                    step()
+                    times[c].append(time.perf_counter() - t0)
+    finally:
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)
+    per_step = {c: float(np.median(v)) for c, v in times.items()}
+    best = min(per_step, key=lambda c: per_step[c] * (MULTI_THREAD_MARGIN if c > 1 else 1.0))
+    return {"threads": best, "seconds_per_step": per_step, "estimate_s": per_step[best] * total_steps}
+
+
+#: Several threads must beat one by this factor in the trial: on a shared machine a second thread
+#: that loses its core makes every step wait (measured: 192 s instead of the 16 s estimated).
+MULTI_THREAD_MARGIN = 1.25
+#: Training on several threads drops to one when an epoch's steps run this much slower than the
+#: trial measured on one thread (the machine got busier after the trial).
+FALLBACK_SLOWDOWN = 1.5
+
+
+class _TrainingThreads:
+    """The training loop's thread setting: the trial's choice, dropped to one thread for the rest
+    of the fit when an epoch shows that several threads now lose to what one thread did in the
+    trial. The drop is recorded in ``choice["fallback"]`` and logged."""
+
+    def __init__(self, choice: dict, log: Callable[[str], None] | None):
+        self.choice, self.log = choice, log
+        self.n = choice["threads"]
+        self.one = choice["seconds_per_step"].get(1)
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        self.stack.enter_context(thread_limits(self.n))
+        self.t0 = time.perf_counter()
+        return self
+
+    def epoch_done(self, epoch: int, steps: int) -> None:
+        now = time.perf_counter()
+        per_step, self.t0 = (now - self.t0) / max(steps, 1), now
+        if self.n > 1 and self.one and per_step > FALLBACK_SLOWDOWN * self.one:
+            self.stack.close()
+            self.stack.enter_context(thread_limits(1))
+            self.choice["fallback"] = {"after_epoch": epoch, "threads": 1, "seconds_per_step_then": per_step}
+            if self.log:
+                self.log(f"{self.n} threads ran {per_step * 1e3:.1f} ms/step against {self.one * 1e3:.1f} on one "
+                         "thread in the trial: one thread from here on")
+            self.n = 1
+            self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stack.close()
+        return False
+
+
+def _announce(log: Callable[[str], None] | None, name: str, n: int, dim: int, plan: dict, choice: dict,
+              what: str) -> None:
+    """The estimate, logged before training."""
+    if log is None:
+        return
+    measured = ", ".join(f"{c} thread{'s' if c > 1 else ''} {s * 1e3:.1f} ms/step"
+                         for c, s in sorted(choice["seconds_per_step"].items()))
+    eta = (f"about {_duration(choice['estimate_s'])}" if choice["estimate_s"] is not None
+           else "too few steps to time")
+    log(f"{name}: {plan['steps']:,} optimiser steps ({plan['epochs']} epochs of {plan['steps_per_epoch']}) on "
+        f"{n:,} x {dim} ({what}); {choice['threads']} thread{'s' if choice['threads'] > 1 else ''}"
+        + (f" (measured: {measured})" if measured else "") + f"; {eta}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -427,13 +569,17 @@ def _neighbours_for(xn: np.ndarray, n_neighbors: int, neighbors) -> tuple[np.nda
 
 def fit_head(embeddings: np.ndarray, k: int, method: str = "tsp", *, seed: int = 0, device: str = "cpu",
              progress: bool | Callable = True, neighbors: tuple[np.ndarray, np.ndarray] | None = None,
-             **hparams) -> HeadResult:
+             threads: int | None = None, log: Callable[[str], None] | None = None, **hparams) -> HeadResult:
     """Train a TSP or TEMI clustering head on ``embeddings`` [N, D] for ``k`` clusters.
 
     ``hparams`` override :data:`TSP_DEFAULTS` / :data:`TEMI_DEFAULTS`. Deterministic for a given
     seed, device and thread count. ``progress``: tqdm to stderr, False, or callable(epoch, epochs, info).
     ``neighbors``: a precomputed graph (distances, indices) from :func:`nearest_neighbors` on
     these embeddings, with at least ``n_neighbors`` columns (it is computed otherwise).
+    ``threads``: torch and BLAS threads for training; None: the fastest of 1, half and all the
+    cores, timed on a few throwaway steps (:func:`choose_threads`). ``log``: receives the time
+    estimate before training (default: stderr when ``progress`` is True). The set-up (K-Means
+    starts, neighbour graph) runs on one thread below :data:`SETUP_ONE_THREAD_BELOW` points.
     """
     x = _check_inputs(embeddings, k, method)
     import torch
@@ -448,18 +594,28 @@ def fit_head(embeddings: np.ndarray, k: int, method: str = "tsp", *, seed: int =
     if not 1 <= hp["n_neighbors"] < len(x):
         raise InputError(f"need 1 <= n_neighbors < number of embeddings, got {hp['n_neighbors']} "
                          f"with {len(x)} embeddings")
-    graph = _neighbours_for(xn, hp["n_neighbors"], neighbors)
+    if log is None and progress is True:
+        log = _stderr
+    t0 = time.perf_counter()
     state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)
-        kw = {key: v for key, v in hp.items() if key not in ("epochs", "min_epochs", "min_steps", "n_neighbors")}
-        head, history = fit(xn, k, graph, plan["epochs"], seed=seed, device=device, progress=progress, **kw)
+        with thread_limits(1 if len(x) < SETUP_ONE_THREAD_BELOW else available_cores()):
+            graph = _neighbours_for(xn, hp["n_neighbors"], neighbors)
+            torch.manual_seed(seed)
+            kw = {key: v for key, v in hp.items() if key not in ("epochs", "min_epochs", "min_steps", "n_neighbors")}
+            head, history, choice = fit(xn, k, graph, plan, seed=seed, device=device, progress=progress,
+                                        threads=threads, log=log, **kw)
     finally:
         torch.random.set_rng_state(state)
     head = head.cpu().eval()
     probs = _predict(head, x, "cpu")
+    choice = {**choice, "seconds": round(time.perf_counter() - t0, 3)}
     return HeadResult(labels_=probs.argmax(axis=1).astype(np.int64), probs_=probs, head=head,
-                      history=history, method=method, hparams=hp, schedule=plan)
+                      history=history, method=method, hparams=hp, schedule=plan, threads=choice)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _batches(n: int, batch_size: int, gen) -> list:
@@ -493,7 +649,7 @@ def _tsp_init(xn: np.ndarray, k: int, n_heads: int, init: str, seed: int, kmeans
     return torch.empty(n_heads, k, n_dim).uniform_(-bound, bound).numpy()
 
 
-def _fit_tsp(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progress, sigma_rank,
+def _fit_tsp(xn: np.ndarray, k: int, graph, plan: dict, *, seed, device, progress, threads, log, sigma_rank,
              entropy_weight, lr, batch_size, init, kmeans_n_init, n_heads, temperature):
     import torch
     from torch.nn import functional as F
@@ -528,32 +684,42 @@ def _fit_tsp(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progre
     Z = torch.as_tensor(xn * np.float32(scale), device=device)
     I = torch.as_tensor(idx, device=device)
     Wn = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    def step(bt, opt):
+        # Each distinct row once: anchors and neighbours overlap, more so on small collections.
+        rows, inv = torch.unique(torch.cat([bt, I.index_select(0, bt).reshape(-1)]), return_inverse=True)
+        p = torch.softmax(all_logits(Z.index_select(0, rows)), dim=-1).index_select(0, inv)
+        pa, pn = p[:len(bt)], p[len(bt):].view(len(bt), n_neighbors, n_heads, k)
+        loss, c, e = tsp_head_losses(pa, pn, Wn.index_select(0, bt), entropy_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()  # heads share no weights: each gets the gradient of its own loss
+        opt.step()
+        return loss, c, e
+
+    trial_batch = _batches(n, batch_size, torch.Generator().manual_seed(seed + 1))[0].to(device)
+    trial_opt = torch.optim.Adam(params, lr=lr)
+    choice = choose_threads(lambda: step(trial_batch, trial_opt), params, plan["steps"], threads)
+    del trial_opt
+    _announce(log, "TSP", n, dim, plan, choice, f"{n_heads} head{'s' if n_heads > 1 else ''} of k = {k}")
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
+    epochs = plan["epochs"]
     bar = _Progress(progress, epochs, "TSP heads" if n_heads > 1 else "TSP head")
-    for epoch in range(epochs):
-        tot = cons = ent = 0.0
-        batches = _batches(n, batch_size, gen)
-        for bt in batches:
-            bt = bt.to(device)
-            # Each distinct row once: anchors and neighbours overlap, more so on small collections.
-            rows, inv = torch.unique(torch.cat([bt, I.index_select(0, bt).reshape(-1)]), return_inverse=True)
-            p = torch.softmax(all_logits(Z.index_select(0, rows)), dim=-1).index_select(0, inv)
-            pa, pn = p[:len(bt)], p[len(bt):].view(len(bt), n_neighbors, n_heads, k)
-            loss, c, e = tsp_head_losses(pa, pn, Wn.index_select(0, bt), entropy_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # heads share no weights: each gets the gradient of its own loss
-            opt.step()
-            tot, cons, ent = tot + loss.mean().item(), cons + c.mean().item(), ent + e.mean().item()
-        info = {"epoch": epoch + 1, "loss": tot / len(batches), "consistency": cons / len(batches),
-                "entropy": ent / len(batches)}
-        history.append(info)
-        bar.update(epoch + 1, info)
-    bar.close()
-
-    with torch.no_grad():
-        full = _tsp_full_losses(all_logits, Z, I, Wn, n_heads, k, entropy_weight)
+    with _TrainingThreads(choice, log) as pool:
+        for epoch in range(epochs):
+            tot = cons = ent = 0.0
+            batches = _batches(n, batch_size, gen)
+            for bt in batches:
+                loss, c, e = step(bt.to(device), opt)
+                tot, cons, ent = tot + loss.mean().item(), cons + c.mean().item(), ent + e.mean().item()
+            info = {"epoch": epoch + 1, "loss": tot / len(batches), "consistency": cons / len(batches),
+                    "entropy": ent / len(batches)}
+            history.append(info)
+            bar.update(epoch + 1, info)
+            pool.epoch_done(epoch + 1, len(batches))
+        bar.close()
+        with torch.no_grad():
+            full = _tsp_full_losses(all_logits, Z, I, Wn, n_heads, k, entropy_weight)
     best = int(torch.argmin(full))
     if history:
         history[-1].update(head_losses=full.tolist(), best_head=best)
@@ -568,7 +734,7 @@ def _fit_tsp(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progre
         with torch.no_grad():
             head.linear.weight.copy_(W[sl])
             head.linear.bias.copy_(b[sl])
-    return head, history
+    return head, history, choice
 
 
 def _tsp_full_losses(all_logits, Z, I, Wn, n_heads: int, k: int, entropy_weight: float, chunk: int = 2048):
@@ -593,8 +759,8 @@ def _adamw(params, lr, weight_decay):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _fit_temi(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progress, n_heads, beta, hidden_dim,
-              batch_size, lr, weight_decay, student_temp, teacher_temp, teacher_momentum, probs_momentum):
+def _fit_temi(xn: np.ndarray, k: int, graph, plan: dict, *, seed, device, progress, threads, log, n_heads, beta,
+              hidden_dim, batch_size, lr, weight_decay, student_temp, teacher_temp, teacher_momentum, probs_momentum):
     import copy
 
     import torch
@@ -612,48 +778,62 @@ def _fit_temi(xn: np.ndarray, k: int, graph, epochs: int, *, seed, device, progr
 
     X = torch.as_tensor(xn, device=device)
     I = torch.as_tensor(idx, device=device)
+    total_steps = max(1, plan["steps"])
+    step_no = [0]
+
+    def step(b, gen, opt):
+        pick = torch.randint(0, n_neighbors, (len(b),), generator=gen)
+        b = b.to(device)
+        b2 = I[b, pick.to(device)]
+        xb = X.index_select(0, torch.cat([b, b2]))
+        s = torch.softmax(student(xb) / student_temp, dim=-1)
+        with torch.no_grad():
+            t = torch.softmax(teacher(xb) / teacher_temp, dim=-1)
+        s1, s2 = s[:, :len(b)], s[:, len(b):]
+        t1, t2 = t[:, :len(b)], t[:, len(b):]
+        loss, per_head = temi_loss(s1, s2, t1, t2, marginal, beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            m = 1 - (1 - teacher_momentum) * (math.cos(math.pi * step_no[0] / total_steps) + 1) / 2
+            torch._foreach_lerp_(t_params, s_params, 1 - m)
+            marginal.mul_(probs_momentum).add_(t.mean(dim=1, keepdim=True), alpha=1 - probs_momentum)
+        return loss, per_head
+
+    trial_gen = torch.Generator().manual_seed(seed + 1)
+    trial_batch = _batches(len(xn), batch_size, trial_gen)[0]
+    trial_opt = _adamw(s_params, lr, weight_decay)
+    choice = choose_threads(lambda: step(trial_batch, trial_gen, trial_opt), s_params + t_params + [marginal],
+                            plan["steps"], threads)
+    del trial_opt
+    _announce(log, "TEMI", len(xn), xn.shape[1], plan, choice, f"{n_heads} heads of {hidden_dim}, k = {k}")
     opt = _adamw(s_params, lr, weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    n_batches = math.ceil(len(xn) / batch_size)
-    total_steps = max(1, epochs * n_batches)
-    step = 0
+    n_batches = plan["steps_per_epoch"]
     history = []
-    bar = _Progress(progress, epochs, "TEMI heads")
-    for epoch in range(epochs):
-        student.train()
-        tot = 0.0
-        head_loss = torch.zeros(n_heads)
-        for b in _batches(len(xn), batch_size, gen):
-            pick = torch.randint(0, n_neighbors, (len(b),), generator=gen)
-            b = b.to(device)
-            b2 = I[b, pick.to(device)]
-            xb = X.index_select(0, torch.cat([b, b2]))
-            s = torch.softmax(student(xb) / student_temp, dim=-1)
-            with torch.no_grad():
-                t = torch.softmax(teacher(xb) / teacher_temp, dim=-1)
-            s1, s2 = s[:, :len(b)], s[:, len(b):]
-            t1, t2 = t[:, :len(b)], t[:, len(b):]
-            loss, per_head = temi_loss(s1, s2, t1, t2, marginal, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                m = 1 - (1 - teacher_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
-                torch._foreach_lerp_(t_params, s_params, 1 - m)
-                marginal.mul_(probs_momentum).add_(t.mean(dim=1, keepdim=True), alpha=1 - probs_momentum)
-            step += 1
-            tot += loss.item()
-            head_loss += per_head.detach().cpu()
-        info = {"epoch": epoch + 1, "loss": tot / n_batches,
-                "head_losses": (head_loss / n_batches).tolist()}
-        history.append(info)
-        bar.update(epoch + 1, info)
+    bar = _Progress(progress, plan["epochs"], "TEMI heads")
+    with _TrainingThreads(choice, log) as pool:
+        for epoch in range(plan["epochs"]):
+            student.train()
+            tot = 0.0
+            head_loss = torch.zeros(n_heads)
+            for b in _batches(len(xn), batch_size, gen):
+                loss, per_head = step(b, gen, opt)
+                step_no[0] += 1
+                tot += loss.item()
+                head_loss += per_head.detach().cpu()
+            info = {"epoch": epoch + 1, "loss": tot / n_batches,
+                    "head_losses": (head_loss / n_batches).tolist()}
+            history.append(info)
+            bar.update(epoch + 1, info)
+            pool.epoch_done(epoch + 1, n_batches)
     bar.close()
     # As the official code: keep the teacher head with the lowest loss over the last epoch.
     best = int(np.argmin(history[-1]["head_losses"])) if history else 0
     if history:
         history[-1]["best_head"] = best
-    return mods["MLPClusterHead"].from_multi(teacher, best, teacher_temp), history
+    return mods["MLPClusterHead"].from_multi(teacher, best, teacher_temp), history, choice
 
 
 # ----------------------------------------------------------------------------- estimator

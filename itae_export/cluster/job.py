@@ -312,7 +312,7 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, opts: ClusterOptions,
     if advice.warning:
         log(advice.warning)
     head = fit_head(embeddings, k, opts.method, seed=opts.seed, progress=opts.progress, neighbors=advice.neighbors,
-                    **params)
+                    log=log, **params)
     labels = np.asarray(head.labels_)
     used = len(np.unique(labels))
     if used < k:

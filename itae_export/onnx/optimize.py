@@ -19,6 +19,9 @@
   and are never quantized.
 - :func:`validate_int8`: cosine to the fp32 graph's embeddings, artifact-mask agreement, and the
   ARI between fp32 and int8 K-Means assignments of real images; below :data:`INT8_MIN_ARI` it fails.
+  It also records what a user loses on those images: the share of each image's 10 nearest
+  neighbours that int8 keeps (:func:`neighbour_overlap`) and the share of images that keep their
+  fp32 K-Means centroid (:func:`centroid_kept`).
 
 ORT's own session-level optimizations (``ORT_ENABLE_ALL``) still run when a session opens. The
 result of those is not shipped: at that level ORT adds hardware-specific layouts (NCHWc), and the
@@ -557,6 +560,37 @@ def end_to_end_sensitivity(fp32_path: str | os.PathLike, qdq_path: str | os.Path
     return sorted(rows, key=lambda r: -r["damage"])
 
 
+#: Neighbours compared by :func:`neighbour_overlap` (an itae-search page shows about this many).
+GUARD_NEIGHBOURS = 10
+
+
+def neighbour_overlap(ref: np.ndarray, got: np.ndarray, n_neighbors: int = GUARD_NEIGHBOURS) -> float:
+    """Mean share of each row's ``n_neighbors`` nearest rows (cosine, itself excluded) under ``ref``
+    that are also among its nearest under ``got``: what a search user sees change (issue 24)."""
+    a, b = l2_normalize(np.asarray(ref, np.float64)), l2_normalize(np.asarray(got, np.float64))
+    k = min(n_neighbors, len(a) - 1)
+    if k < 1:
+        raise InputError(f"neighbour overlap needs at least 2 rows, got {len(a)}")
+
+    def nearest(x):
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+
+    na, nb = nearest(a), nearest(b)
+    return float(np.mean([len(np.intersect1d(p, q)) / k for p, q in zip(na, nb)]))
+
+
+def centroid_kept(ref: np.ndarray, got: np.ndarray, k: int, seed: int = 0) -> float:
+    """Share of rows whose nearest K-Means centroid (K-Means on ``ref``, L2-normalised) is the same
+    for their ``got`` embedding: the images a user's clusters keep."""
+    from sklearn.cluster import KMeans
+
+    a, b = l2_normalize(np.asarray(ref, np.float64)), l2_normalize(np.asarray(got, np.float64))
+    km = KMeans(k, n_init=10, random_state=seed).fit(a)
+    return float((km.predict(a) == km.predict(b)).mean())
+
+
 def int8_agreement(ref: dict, got: dict, k: int) -> dict:
     """Cosine of the embeddings, artifact-mask agreement and warm-started K-Means ARI of two runs."""
     a = np.asarray(ref[OUTPUT_EMBEDDING], np.float64)
@@ -567,7 +601,8 @@ def int8_agreement(ref: dict, got: dict, k: int) -> dict:
     cos = (l2_normalize(a) * l2_normalize(b)).sum(1)
     ari, _ = kmeans_ari(l2_normalize(a), l2_normalize(b), k)
     return {"finite": True, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "mask_agreement": float((ref[OUTPUT_MASK] == got[OUTPUT_MASK]).mean()), "kmeans_ari": ari}
+            "mask_agreement": float((ref[OUTPUT_MASK] == got[OUTPUT_MASK]).mean()), "kmeans_ari": ari,
+            "neighbour_overlap": neighbour_overlap(a, b), "centroid_kept": centroid_kept(a, b, k)}
 
 
 def fewest_fp32(n_layers: int, passes: Callable[[int], bool]) -> int:
@@ -807,10 +842,11 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
     finite = bool(np.isfinite(b).all())
     cos = (l2_normalize(a) * l2_normalize(b)).sum(1) if finite else np.array([np.nan])
     mask_agree = float((ref[OUTPUT_MASK] == got[OUTPUT_MASK]).mean())
-    ari = ari_independent = None
+    ari = ari_independent = overlap = kept = None
     if finite:  # the guard's ARI is the warm-started one (see kmeans_ari)
         r = len(x_val)
         ari, ari_independent = kmeans_ari(l2_normalize(a[r:]), l2_normalize(b[r:]), k)
+        overlap, kept = neighbour_overlap(a[r:], b[r:]), centroid_kept(a[r:], b[r:], k)
     failure = None
     if not finite:
         failure = "the int8 embedding has NaN or inf"
@@ -822,6 +858,9 @@ def validate_int8(fp32_path, int8_path, manifest: dict, *, images_dir=None, n_im
         "min_cosine": float(np.min(cos)), "mean_cosine": float(np.mean(cos)),
         "mask_agreement": mask_agree, "kmeans_ari": ari, "min_ari": min_ari,
         "kmeans_ari_independent_runs": ari_independent,
+        # what a user loses, on the real images (recorded, not yet a threshold: see docs/performance.md)
+        "neighbour_overlap": overlap, "neighbour_overlap_k": GUARD_NEIGHBOURS, "centroid_kept": kept,
+        "mean_cosine_real": float(np.mean(cos[len(x_val):])) if finite else None,
         "passed": failure is None, "failure": failure,
     }
     log(format_int8_report(report))
@@ -833,4 +872,7 @@ def format_int8_report(r: dict) -> str:
     ari = "n/a" if r["kmeans_ari"] is None else f"{r['kmeans_ari']:.4f}"
     return (f"int8 validation {verdict}: {r['n_inputs']} inputs ({r['real_images']}), cosine to fp32 min "
             f"{r['min_cosine']:.5f} mean {r['mean_cosine']:.5f}, artifact-mask agreement {r['mask_agreement']:.4%}, "
-            f"K-Means ARI fp32 vs int8 {ari} (k={r['k']}, needs >= {r['min_ari']})")
+            f"K-Means ARI fp32 vs int8 {ari} (k={r['k']}, needs >= {r['min_ari']})"
+            + (f"; {r['neighbour_overlap']:.1%} of the {r['neighbour_overlap_k']} nearest neighbours kept, "
+               f"{r['centroid_kept']:.1%} of the images keep their fp32 centroid"
+               if r.get("neighbour_overlap") is not None else ""))
