@@ -18,13 +18,40 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+
 def png(samples: np.ndarray, color_type: int, depth: int, *, palette: np.ndarray | None = None,
-        trns: bytes | None = None, extra: list[tuple[bytes, bytes]] = (), after_idat: list[tuple[bytes, bytes]] = ()) -> bytes:
-    """A PNG from raw samples [h, w, channels] (or [h, w] / indices) at any bit depth and colour type."""
+        trns: bytes | None = None, extra: list[tuple[bytes, bytes]] = (), after_idat: list[tuple[bytes, bytes]] = (),
+        interlace: bool = False) -> bytes:
+    """A PNG from raw samples [h, w, channels] (or [h, w] / indices) at any bit depth and colour
+    type, plain or Adam7-interlaced."""
     a = np.asarray(samples)
     h, w = a.shape[:2]
     ch = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
-    a = a.reshape(h, w * ch)
+    a = a.reshape(h, w, ch)
+    if interlace:
+        images = [a[y0::dy, x0::dx] for x0, y0, dx, dy in ADAM7]
+        images = [im for im in images if im.size]
+    else:
+        images = [a]
+    rows = []
+    for im in images:
+        rows += _rows(im.reshape(im.shape[0], -1), depth)
+    out = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, int(interlace)))
+    for kind, data in extra:
+        out += _chunk(kind, data)
+    if palette is not None:
+        out += _chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
+    if trns is not None:
+        out += _chunk(b"tRNS", trns)
+    out += _chunk(b"IDAT", zlib.compress(b"".join(rows)))
+    for kind, data in after_idat:
+        out += _chunk(kind, data)
+    return out + _chunk(b"IEND", b"")
+
+
+def _rows(a: np.ndarray, depth: int) -> list[bytes]:
     rows = []
     for r in a:
         if depth == 16:
@@ -38,17 +65,7 @@ def png(samples: np.ndarray, color_type: int, depth: int, *, palette: np.ndarray
             g = padded.reshape(-1, per).astype(np.uint16)
             row = bytes(int(sum(int(v) << (8 - depth * (k + 1)) for k, v in enumerate(grp))) for grp in g)
         rows.append(b"\x00" + row)
-    out = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
-    for kind, data in extra:
-        out += _chunk(kind, data)
-    if palette is not None:
-        out += _chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
-    if trns is not None:
-        out += _chunk(b"tRNS", trns)
-    out += _chunk(b"IDAT", zlib.compress(b"".join(rows)))
-    for kind, data in after_idat:
-        out += _chunk(kind, data)
-    return out + _chunk(b"IEND", b"")
+    return rows
 
 
 def tiff_exif(orientation: int) -> bytes:
@@ -109,6 +126,11 @@ def write_kinds(folder: Path) -> dict[str, Path]:
     pal = np.array([[i * 16, 255 - i * 16, (i * 97) % 256] for i in range(16)], np.uint8)
     idx = (grey / 16).astype(np.uint8)
     files["palette4_trns.png"] = png(idx, 3, 4, palette=pal, trns=bytes(range(0, 256, 16)))
+    files["interlaced_palette1.png"] = png((idx[:37, :29] > 7).astype(np.uint8), 3, 1, palette=pal[:2], trns=b"\x80",
+                                           interlace=True)
+    # Adam7-interlaced: 8-bit RGBA and 2-bit grey (odd size: some passes are empty)
+    files["interlaced_rgba.png"] = png(np.dstack([rgb, (alpha16 >> 8)]), 6, 8, interlace=True)
+    files["interlaced_grey2.png"] = png((grey[:7, :5] / 85).round().astype(np.uint8), 0, 2, interlace=True)
     # orientation: PNG eXIf chunk, PNG zTXt raw profile (ImageMagick), PNG iTXt XMP
     files["png_exif6.png"] = png(rgb, 2, 8, extra=[(b"eXIf", tiff_exif(6))])
     files["png_rawprofile8.png"] = png(rgb, 2, 8, extra=[(b"zTXt", b"Raw profile type exif\x00\x00"

@@ -8,7 +8,7 @@
 import decodeJpeg from "@jsquash/jpeg/decode.js";
 import decodeWebp from "@jsquash/webp/decode.js";
 import { decode as decodePngRaw } from "fast-png";
-import { unzlibSync } from "fflate";
+import { unzlibSync, zlibSync } from "fflate";
 
 // A file the page cannot turn into the contract's RGB: `message` says which file and why.
 export class RefusedImage extends Error {
@@ -213,6 +213,77 @@ function pngToRGB(png) {
   return rgb;
 }
 
+// fast-png 8.0.0 cannot de-interlace 1, 2 and 4-bit PNGs ("Unsupported filter"): such a file is
+// de-interlaced here (Adam7, then the rows unfiltered) and handed to fast-png as the same image,
+// not interlaced, with every other chunk (PLTE, tRNS, text) as it was.
+const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [0, 1, 1, 2]];
+
+function paeth(a, b, c) {
+  const p = a + b - c, pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+  return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+}
+
+function unfilter(type, line, prev) {  // one byte a pixel at these depths (bpp = 1)
+  for (let i = 0; i < line.length; i++) {
+    const a = i ? line[i - 1] : 0, b = prev[i], c = i ? prev[i - 1] : 0;
+    if (type === 1) line[i] = (line[i] + a) & 255;
+    else if (type === 2) line[i] = (line[i] + b) & 255;
+    else if (type === 3) line[i] = (line[i] + ((a + b) >> 1)) & 255;
+    else if (type === 4) line[i] = (line[i] + paeth(a, b, c)) & 255;
+    else if (type !== 0) throw new Error(`bad PNG filter type ${type}`);
+  }
+}
+
+export function deinterlaceLowDepth(u8) {
+  const dv = new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
+  const w = dv.getUint32(16), h = dv.getUint32(20), depth = u8[24];
+  if (u8[28] !== 1 || depth >= 8) return u8;
+  const chunks = [], idat = [];
+  for (let i = 8; i + 8 <= u8.length;) {
+    const len = dv.getUint32(i), type = ascii(u8, i + 4, i + 8);
+    if (type === "IDAT") idat.push(u8.subarray(i + 8, i + 8 + len));
+    else if (type !== "IHDR" && type !== "IEND") chunks.push([type, u8.subarray(i + 8, i + 8 + len)]);
+    if (type === "IEND") break;
+    i += 12 + len;
+  }
+  const raw = unzlibSync(idat.reduce(concat, new Uint8Array(0)));
+  const mask = (1 << depth) - 1, samples = new Uint8Array(w * h);
+  let pos = 0;
+  for (const [x0, y0, dx, dy] of ADAM7) {
+    const pw = Math.ceil((w - x0) / dx), ph = Math.ceil((h - y0) / dy);
+    if (pw <= 0 || ph <= 0) continue;
+    const bpl = Math.ceil((pw * depth) / 8);
+    let prev = new Uint8Array(bpl);
+    for (let r = 0; r < ph; r++) {
+      const line = raw.slice(pos + 1, pos + 1 + bpl);
+      unfilter(raw[pos], line, prev);
+      for (let i = 0; i < pw; i++) {
+        const bit = i * depth;
+        samples[(y0 + r * dy) * w + x0 + i * dx] = (line[bit >> 3] >> (8 - depth - (bit & 7))) & mask;
+      }
+      prev = line;
+      pos += 1 + bpl;
+    }
+  }
+  const bpl = Math.ceil((w * depth) / 8), rows = new Uint8Array(h * (bpl + 1));
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    const bit = x * depth;
+    rows[y * (bpl + 1) + 1 + (bit >> 3)] |= samples[y * w + x] << (8 - depth - (bit & 7));
+  }
+  const chunk = (type, data) => {
+    const c = new Uint8Array(12 + data.length), v = new DataView(c.buffer);
+    v.setUint32(0, data.length);
+    for (let k = 0; k < 4; k++) c[4 + k] = type.charCodeAt(k);
+    c.set(data, 8);
+    return c;  // CRC left 0: fast-png does not check it by default
+  };
+  const ihdr = u8.slice(16, 29);
+  ihdr[12] = 0;
+  const parts = [u8.subarray(0, 8), chunk("IHDR", ihdr), ...chunks.map(([t, d]) => chunk(t, d)),
+                 chunk("IDAT", zlibSync(rows)), chunk("IEND", new Uint8Array(0))];
+  return parts.reduce(concat, new Uint8Array(0));
+}
+
 // bytes of one file -> {rgb: Uint8Array [h*w*3], height, width, notes: [...]}; throws RefusedImage.
 export async function decodeToRGB(bytes, name = "image", { maxPixels = DEFAULT_MAX_PIXELS } = {}) {
   const u8 = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
@@ -241,7 +312,7 @@ export async function decodeToRGB(bytes, name = "image", { maxPixels = DEFAULT_M
       ({ width: w, height: h } = im);
       rgb = rgbaToRGB(im.data, w * h);
     } else {
-      const png = decodePngRaw(u8);
+      const png = decodePngRaw(deinterlaceLowDepth(u8));
       ({ width: w, height: h } = png);
       rgb = pngToRGB(png);
       if (png.depth === 16) notes.push("16-bit scaled to 8-bit");
