@@ -239,11 +239,18 @@ def test_gpu_docs_name_the_cuda_the_installed_wheel_needs():
 def test_wheel_builds_and_installs_with_extras(tmp_path):
     """`pip wheel --no-deps .` gives a wheel with the cli subpackage and the extras, and pip
     resolves `wheel[search,scale]` against this environment (offline, --dry-run)."""
+    import shutil
     import zipfile
 
+    src = tmp_path / "src"  # a copy, so that the build leaves no build/ folder in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("itae_export", "cli"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     out = tmp_path / "dist"
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (whl,) = out.glob("itae_export-*.whl")
     names = zipfile.ZipFile(whl).namelist()
