@@ -124,7 +124,7 @@ function pngInfo(u8) {
   const text = {};
   for (let i = 8; i + 8 <= u8.length;) {
     const len = dv.getUint32(i), type = ascii(u8, i + 4, i + 8), d = u8.subarray(i + 8, i + 8 + len);
-    if (type === "eXIf" && !meta.exif) meta.exif = d;
+    if (type === "eXIf") meta.exif = d;  // the last one, as Pillow keeps it
     if (type === "tEXt" || type === "zTXt" || type === "iTXt") {
       const z = d.indexOf(0), key = ascii(d, 0, z);
       let v;
@@ -134,7 +134,7 @@ function pngInfo(u8) {
         const flag = d[z + 1], l1 = d.indexOf(0, z + 3), l2 = d.indexOf(0, l1 + 1);
         v = flag ? unzlibSync(d.subarray(l2 + 1)) : d.subarray(l2 + 1);
       }
-      if (!(key in text)) text[key] = latin1(v);
+      text[key] = latin1(v);  // of several chunks with one keyword, the last, as Pillow keeps it
       if (type === "iTXt" && key === "XML:com.adobe.xmp") text.__xmp = new TextDecoder().decode(v);
     }
     if (type === "IEND") break;
@@ -155,8 +155,8 @@ function webpInfo(u8) {
   const meta = { exif: null, xmp: null, width: 0, height: 0 };
   for (let i = 12; i + 8 <= u8.length;) {
     const type = ascii(u8, i, i + 4), len = dv.getUint32(i + 4, true), d = u8.subarray(i + 8, i + 8 + len);
-    if (type === "EXIF") meta.exif = d;
-    if (type === "XMP ") meta.xmp = latin1(d);
+    if (type === "EXIF" && !meta.exif) meta.exif = d;  // the first of each, as libwebp's demuxer gives it
+    if (type === "XMP " && meta.xmp === null) meta.xmp = latin1(d);
     if (type === "VP8X") { meta.width = 1 + (d[4] | (d[5] << 8) | (d[6] << 16)); meta.height = 1 + (d[7] | (d[8] << 8) | (d[9] << 16)); }
     if (type === "VP8 " && !meta.width) { meta.width = dv.getUint16(i + 14, true) & 0x3fff; meta.height = dv.getUint16(i + 16, true) & 0x3fff; }
     if (type === "VP8L" && !meta.width) { const b = dv.getUint32(i + 9, true); meta.width = 1 + (b & 0x3fff); meta.height = 1 + ((b >> 14) & 0x3fff); }
