@@ -189,8 +189,17 @@ async function handleFiles(files) {
   } else if (!state.manifestFile) {
     state.manifestFile = list.find((f) => f.name.endsWith(".json")) || null;
   }
+  if (state.modelFile && !state.manifestFile) {
+    $("status").textContent = `${state.modelFile.name}: drop its manifest ${state.modelFile.name.replace(/\.onnx$/, ".json")} too`;
+    return;
+  }
   if (state.modelFile && state.manifestFile && (!state.session || list.includes(state.modelFile))) {
-    await loadModel(new Uint8Array(await state.modelFile.arrayBuffer()), JSON.parse(await state.manifestFile.text()));
+    try {
+      await loadModel(new Uint8Array(await state.modelFile.arrayBuffer()), JSON.parse(await state.manifestFile.text()));
+    } catch (err) {
+      $("status").textContent = `${state.modelFile.name}: cannot load: ${err && err.message || err}`;
+      return;
+    }
   }
   for (const f of list.filter((f) => !/\.(onnx|json)$/.test(f.name))) {
     if (!state.session) { $("status").textContent = "Drop the model first."; return; }
