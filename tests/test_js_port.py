@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itae_export.images import PreprocessSpec, decode_image, preprocess
+from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, preprocess
 
 pytestmark = pytest.mark.node
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,30 @@ def _jpeg_variants(folder: Path) -> list[Path]:
     return out
 
 
+BROKEN = ("truncated.jpg", "truncated.png", "truncated.webp", "notimage.png", "empty.jpg", "huge.png")
+
+
+def _broken(folder: Path) -> list[Path]:
+    """Files both paths must refuse: truncated JPEG/PNG/WebP, not an image, empty, over the size limit."""
+    import struct
+    import zlib
+
+    from hostile import photo, png
+
+    a = photo(120, 160, seed=2)
+    Image.fromarray(a).save(folder / "whole.jpg", quality=90)
+    Image.fromarray(a).save(folder / "whole.webp", quality=90)
+    (folder / "truncated.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:4000])
+    (folder / "truncated.webp").write_bytes((folder / "whole.webp").read_bytes()[:1500])
+    (folder / "truncated.png").write_bytes(png(a, 2, 8)[:5000])
+    (folder / "notimage.png").write_bytes(b"hello, not a PNG")
+    (folder / "empty.jpg").write_bytes(b"")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                                       + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    return [folder / n for n in BROKEN]
+
+
 def test_js_decoder_gives_pillows_rgb(tmp_path):
     """examples/browser/decode.mjs (the page's decoder: @jsquash/jpeg, @jsquash/webp, fast-png and the
     contract's rules) against the Python path's decode_image, value for value, on every hostile kind,
@@ -104,7 +128,7 @@ def test_js_decoder_gives_pillows_rgb(tmp_path):
     if not (browser / "node_modules" / "@jsquash" / "jpeg").is_dir():
         pytest.skip("examples/browser/node_modules is not installed (npm ci --ignore-scripts)")
     files = list(write_kinds(tmp_path / "kinds").values()) + sorted((GOLDEN / "inputs").iterdir()) \
-        + _jpeg_variants(tmp_path)
+        + _jpeg_variants(tmp_path) + _broken(tmp_path)
     jobs = [{"name": f"{i}_{p.name}", "path": str(p), "out": str(tmp_path / f"{i}.rgb")} for i, p in enumerate(files)]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run(["node", "--input-type=module", "-e", DECODE, str(tmp_path / "jobs.json")], cwd=browser,
@@ -120,6 +144,14 @@ def test_js_decoder_gives_pillows_rgb(tmp_path):
         want = np.asarray(decode_image(p)[0])
         got = np.fromfile(job["out"], np.uint8).reshape(r["height"], r["width"], 3)
         np.testing.assert_array_equal(got, want, err_msg=p.name)
-    assert set(refused) == {"cmyk.jpg"}, refused
+    python_refused = set()
+    for p in files:
+        try:
+            decode_image(p)
+        except ImageDecodeError:
+            python_refused.add(p.name)
+    assert set(refused) == python_refused | {"cmyk.jpg"}, (refused, python_refused)  # CMYK: refused by the page only
+    assert python_refused == {n for n in BROKEN}
     assert "cmyk.jpg" in refused["cmyk.jpg"] and "CMYK" in refused["cmyk.jpg"]
+    assert "above the limit of 120000000 pixels" in refused["huge.png"]
     assert len(files) - len(refused) >= 30

@@ -95,14 +95,18 @@ export function orient(rgb, h, w, o) {
 // ------------------------------------------------------------------ containers: size and metadata
 
 function jpegInfo(u8) {
-  const meta = { exif: null, xmp: null, components: 3, width: 0, height: 0 };
+  const meta = { exif: null, xmp: null, components: 3, width: 0, height: 0, complete: false };
   let i = 2;
   while (i + 4 <= u8.length) {
     if (u8[i] !== 0xff) { i++; continue; }
     const marker = u8[i + 1];
     if (marker === 0xff) { i++; continue; }
     if (marker === 0xd8 || (marker >= 0xd0 && marker <= 0xd7) || marker === 0x01) { i += 2; continue; }
-    if (marker === 0xd9 || marker === 0xda) break;
+    if (marker === 0xd9) break;
+    if (marker === 0xda) {  // entropy-coded data follows; 0xFF 0xD9 cannot occur inside it (0xFF is stuffed)
+      for (let k = i + 2; k + 1 < u8.length; k++) if (u8[k] === 0xff && u8[k + 1] === 0xd9) { meta.complete = true; break; }
+      break;
+    }
     const len = (u8[i + 2] << 8) | u8[i + 3], s = u8.subarray(i + 4, i + 2 + len);
     if (marker === 0xe1 && ascii(s, 0, 6) === "Exif\0\0") {
       meta.exif = meta.exif ? concat(meta.exif, s.subarray(6)) : s;
@@ -304,6 +308,8 @@ export async function decodeToRGB(bytes, name = "image", { maxPixels = DEFAULT_M
       if (meta.components === 4) {
         throw new RefusedImage(name, "CMYK/YCCK JPEG: the page's decoder (@jsquash/jpeg) returns no CMYK; itae-cluster reads it (docs/onnx-contract.md, step 4)");
       }
+      // libjpeg-turbo fills a truncated file with grey and only warns; Pillow refuses it
+      if (!meta.complete) throw new RefusedImage(name, "cannot decode: truncated image (no end-of-image marker)");
       const im = await decodeJpeg(u8);
       ({ width: w, height: h } = im);
       rgb = rgbaToRGB(im.data, w * h);
