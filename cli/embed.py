@@ -49,7 +49,7 @@ def main():
 @click.option("--part-size", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Images per output part (folders and lists; a WebDataset tar is one part).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: decode threads + one ONNX Runtime session; ray: Ray Data (pip install 'itae-export[ray]').")
+              help="local: decode threads + one ONNX Runtime session; ray: Ray Data (pip install -e '.[ray]' in the clone).")
 @click.option("--ray-address", default=None,
               help="[--engine ray] An existing Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--actors", type=click.IntRange(min=1), default=None,

@@ -55,10 +55,15 @@ if [ "$want_test" = 1 ]; then
     (cd examples/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
       || echo "warning: npm could not install onnxruntime-node; the Node.js test will skip" >&2
   fi
-  # the browser example (onnxruntime-web: its WASM files are inside the package)
-  if command -v npm >/dev/null && [ ! -d examples/browser/node_modules/onnxruntime-web ]; then
+  # the browser example (onnxruntime-web and the image decoders @jsquash/jpeg, @jsquash/webp,
+  # fast-png: their WASM files are inside the packages); again when one of them is missing
+  browser_missing=0
+  for m in onnxruntime-web @jsquash/jpeg @jsquash/webp fast-png; do
+    [ -d "examples/browser/node_modules/$m" ] || browser_missing=1
+  done
+  if command -v npm >/dev/null && [ "$browser_missing" = 1 ]; then
     (cd examples/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
-      || echo "warning: npm could not install onnxruntime-web; the browser test will skip" >&2
+      || echo "warning: npm could not install the browser example's packages; the browser tests will skip" >&2
   fi
 fi
 echo "$fingerprint" > "$stamp"

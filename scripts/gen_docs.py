@@ -52,9 +52,10 @@ def models_md() -> str:
                    f"{s.embed_dim} | {tokens} | [{s.weight_format}]({s.url}) | `{s.hf_hub_id}` |")
         if s.theta_note:
             notes.append(f"\\* `{s.name}`: {s.theta_note}.")
-    out += [""] + notes + ["", "Preprocessing (all models): resize straight to 224x224 (bicubic), scale to [0, 1], "
-                           "normalise with the model's mean and std (ImageNet for DINOv2 and DeiT III, CLIP's own for "
-                           "CLIP). Every exported model records it in its manifest.", ""]
+    out += [""] + notes + ["", "Preprocessing: every exported model records its own (resolution, interpolation, mean and "
+                           "std: ImageNet's for DINOv2 and DeiT III, CLIP's own for CLIP) in its manifest; the steps "
+                           "from a file's bytes to `pixel_values` are stated once, in "
+                           "[the contract](onnx-contract.md#preprocessing-from-the-manifest).", ""]
     return "\n".join(out)
 
 

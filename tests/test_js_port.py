@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itae_export.images import PreprocessSpec, decode_image, preprocess
+from itae_export.images import ImageDecodeError, PreprocessSpec, decode_image, preprocess
 
 pytestmark = pytest.mark.node
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +56,102 @@ def test_js_port_reaches_the_golden_tensors(tmp_path):
         np.testing.assert_array_equal(got, expect[name], err_msg=name)
         if name in golden["files"]:
             assert hashlib.sha256(got.tobytes()).hexdigest() == golden["files"][name]["sha256_pixel_values"]
+
+
+DECODE = """
+import { readFileSync, writeFileSync } from "node:fs";
+import { init as initJpeg } from "@jsquash/jpeg/decode.js";
+import { init as initWebp } from "@jsquash/webp/decode.js";
+import { decodeToRGB } from "./decode.mjs";
+await initJpeg(await WebAssembly.compile(readFileSync("node_modules/@jsquash/jpeg/codec/dec/mozjpeg_dec.wasm")));
+await initWebp(await WebAssembly.compile(readFileSync("node_modules/@jsquash/webp/codec/dec/webp_dec.wasm")));
+const jobs = JSON.parse(readFileSync(process.argv[1], "utf8")), report = {};
+for (const j of jobs) {
+  try {
+    const r = await decodeToRGB(readFileSync(j.path), j.name);
+    writeFileSync(j.out, r.rgb);
+    report[j.name] = { height: r.height, width: r.width, notes: r.notes };
+  } catch (e) { report[j.name] = { refused: e.message, kind: e.name }; }
+}
+console.log(JSON.stringify(report));
+"""
+
+
+def _jpeg_variants(folder: Path) -> list[Path]:
+    from hostile import photo
+
+    a = photo(187, 251, seed=1)
+    out = []
+    for q, ss in ((50, 0), (75, 1), (90, 2), (95, 2)):
+        out.append(folder / f"q{q}_ss{ss}.jpg")
+        Image.fromarray(a).save(out[-1], quality=q, subsampling=ss)
+    out.append(folder / "progressive.jpg")
+    Image.fromarray(a).save(out[-1], quality=80, progressive=True)
+    out.append(folder / "grey.jpg")
+    Image.fromarray(a).convert("L").save(out[-1], quality=85)
+    return out
+
+
+BROKEN = ("truncated.jpg", "truncated.png", "truncated.webp", "notimage.png", "empty.jpg", "huge.png")
+
+
+def _broken(folder: Path) -> list[Path]:
+    """Files both paths must refuse: truncated JPEG/PNG/WebP, not an image, empty, over the size limit."""
+    import struct
+    import zlib
+
+    from hostile import photo, png
+
+    a = photo(120, 160, seed=2)
+    Image.fromarray(a).save(folder / "whole.jpg", quality=90)
+    Image.fromarray(a).save(folder / "whole.webp", quality=90)
+    (folder / "truncated.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:4000])
+    (folder / "truncated.webp").write_bytes((folder / "whole.webp").read_bytes()[:1500])
+    (folder / "truncated.png").write_bytes(png(a, 2, 8)[:5000])
+    (folder / "notimage.png").write_bytes(b"hello, not a PNG")
+    (folder / "empty.jpg").write_bytes(b"")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                                       + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    return [folder / n for n in BROKEN]
+
+
+def test_js_decoder_gives_pillows_rgb(tmp_path):
+    """examples/browser/decode.mjs (the page's decoder: @jsquash/jpeg, @jsquash/webp, fast-png and the
+    contract's rules) against the Python path's decode_image, value for value, on every hostile kind,
+    the golden inputs and JPEG variants; CMYK is refused with a message naming the file."""
+    from hostile import write_kinds
+
+    browser = ROOT / "examples" / "browser"
+    if not shutil.which("node"):
+        pytest.skip("Node.js is not installed")
+    if not (browser / "node_modules" / "@jsquash" / "jpeg").is_dir():
+        pytest.skip("examples/browser/node_modules is not installed (npm ci --ignore-scripts)")
+    files = list(write_kinds(tmp_path / "kinds").values()) + sorted((GOLDEN / "inputs").iterdir()) \
+        + _jpeg_variants(tmp_path) + _broken(tmp_path)
+    jobs = [{"name": f"{i}_{p.name}", "path": str(p), "out": str(tmp_path / f"{i}.rgb")} for i, p in enumerate(files)]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run(["node", "--input-type=module", "-e", DECODE, str(tmp_path / "jobs.json")], cwd=browser,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    refused = {}
+    for job, p in zip(jobs, files):
+        r = report[job["name"]]
+        if "refused" in r:
+            refused[p.name] = r["refused"]
+            continue
+        want = np.asarray(decode_image(p)[0])
+        got = np.fromfile(job["out"], np.uint8).reshape(r["height"], r["width"], 3)
+        np.testing.assert_array_equal(got, want, err_msg=p.name)
+    python_refused = set()
+    for p in files:
+        try:
+            decode_image(p)
+        except ImageDecodeError:
+            python_refused.add(p.name)
+    assert set(refused) == python_refused | {"cmyk.jpg"}, (refused, python_refused)  # CMYK: refused by the page only
+    assert python_refused == {n for n in BROKEN}
+    assert "cmyk.jpg" in refused["cmyk.jpg"] and "CMYK" in refused["cmyk.jpg"]
+    assert "above the limit of 120000000 pixels" in refused["huge.png"]
+    assert len(files) - len(refused) >= 30

@@ -2,13 +2,14 @@
 // The in-graph variant takes image: uint8 [1, h, w, 3] RGB; the plain graph takes pixel_values float32 [n, 3, H, W].
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.all.min.mjs";
 import { preprocess } from "./preprocess.mjs";
+import { decodeToRGB, RefusedImage } from "./decode.mjs";
 
 ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
 ort.env.wasm.numThreads = globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
-const state = { session: null, manifest: null, items: [], ep: null, modelFile: null, manifestFile: null };
+const state = { session: null, manifest: null, items: [], refused: [], ep: null, modelFile: null, manifestFile: null };
 
 export async function createSession(model, ep) {
   const eps = ep ? [ep] : ("gpu" in navigator ? ["webgpu", "wasm"] : ["wasm"]);
@@ -22,24 +23,18 @@ export async function createSession(model, ep) {
   throw lastError;
 }
 
-// Decode a Blob to RGB bytes as docs/onnx-contract.md says: EXIF orientation applied, no colour
-// management, alpha composited on white with round((c a + 255 (255 - a)) / 255).
-export async function decodeToRGB(blob) {
-  const bmp = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none",
-                                              imageOrientation: "from-image" });
-  const canvas = new OffscreenCanvas(bmp.width, bmp.height);
-  const ctx = canvas.getContext("2d", { colorSpace: "srgb", willReadFrequently: true });
-  ctx.drawImage(bmp, 0, 0);
-  const rgba = ctx.getImageData(0, 0, bmp.width, bmp.height).data;
-  const rgb = new Uint8Array(bmp.width * bmp.height * 3);
-  for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
-    const a = rgba[i + 3];
-    for (let c = 0; c < 3; c++) {
-      const v = rgba[i + c];
-      rgb[j + c] = a === 255 ? v : Math.floor((2 * (v * a + 255 * (255 - a)) + 255) / 510);
-    }
-  }
-  return { rgb, height: bmp.height, width: bmp.width, bitmap: bmp };
+// Decode a file to RGB bytes as docs/onnx-contract.md says (steps 1-4): decode.mjs, WASM and JS
+// decoders that give Pillow's bytes; the canvas is only used to draw.
+export async function decodeBlob(blob, name) {
+  return decodeToRGB(new Uint8Array(await blob.arrayBuffer()), name);
+}
+
+// RGB bytes -> a canvas of that size (for drawing only).
+function rgbCanvas(rgb, height, width) {
+  const c = new OffscreenCanvas(width, height), rgba = new Uint8ClampedArray(width * height * 4);
+  for (let i = 0, j = 0; j < rgb.length; i += 4, j += 3) { rgba[i] = rgb[j]; rgba[i + 1] = rgb[j + 1]; rgba[i + 2] = rgb[j + 2]; rgba[i + 3] = 255; }
+  c.getContext("2d").putImageData(new ImageData(rgba, width, height), 0, 0);
+  return c;
 }
 
 export async function embedRGB(session, rgb, height, width) {
@@ -88,7 +83,7 @@ function drawCard(item) {
   const canvas = item.canvas;
   const ctx = canvas.getContext("2d");
   canvas.width = 224; canvas.height = 224;
-  ctx.drawImage(item.bitmap, 0, 0, 224, 224);  // squash, as the model sees it
+  ctx.drawImage(rgbCanvas(item.rgb, item.height, item.width), 0, 0, 224, 224);  // squash, as the model sees it
   ctx.strokeStyle = "rgba(255,0,80,0.9)"; ctx.fillStyle = "rgba(255,0,80,0.25)"; ctx.lineWidth = 1;
   item.mask.slice(regs).forEach((flag, t) => {
     if (!flag) return;
@@ -118,8 +113,42 @@ function render() {
   }));
 }
 
+// A refused or failed image: a visible line on the page (and in the test report).
+function refuse(name, err) {
+  const li = document.createElement("li");
+  li.textContent = err instanceof RefusedImage ? err.message : `${name}: ${err && err.message || err}`;
+  $("errors").append(li);
+  state.refused.push(li.textContent);
+}
+
+// The page's embeddings as JSON: what "Download embeddings" saves and the module API returns.
+export function embeddingsJSON() {
+  const m = state.manifest;
+  return {
+    model: m && m.model, theta: m && m.itae.theta, input: m && m.inputs[0].name, backend: state.ep,
+    embedding_dim: state.items.length ? state.items[0].embedding.length : null,
+    items: state.items.map((i) => ({ name: i.name, height: i.height, width: i.width, notes: i.notes,
+                                     embedding: i.embedding, artifact_mask: i.mask, cluster: i.cluster })),
+    refused: [...state.refused],
+  };
+}
+
+export function downloadEmbeddings() {
+  const url = URL.createObjectURL(new Blob([JSON.stringify(embeddingsJSON())], { type: "application/json" }));
+  const a = $("download");
+  a.href = url;
+  a.download = "embeddings.json";
+  return a;
+}
+
 async function addImage(blob, name) {
-  const d = await decodeToRGB(blob);
+  let d;
+  try {
+    d = await decodeBlob(blob, name);
+  } catch (err) {
+    refuse(name, err);
+    return;
+  }
   const m = state.manifest;
   const r = m.inputs[0].name === "image" ? await embedRGB(state.session, d.rgb, d.height, d.width)
     : (await embedTensor(state.session, preprocess(d.rgb, d.height, d.width, m.preprocessing),
@@ -127,32 +156,58 @@ async function addImage(blob, name) {
   state.items.push({ name, ...d, ...r, canvas: document.createElement("canvas") });
 }
 
+// The in-graph variant (NAME_image.onnx) is the page's default: given NAME.onnx, it is used when
+// it sits beside it; the plain graph only when there is no in-graph file.
+async function preferInGraph(url) {
+  if (/_image\.onnx$/.test(url)) return url;
+  const alt = url.replace(/\.onnx$/, "_image.onnx");
+  try {
+    const r = await fetch(alt.replace(/\.onnx$/, ".json"), { method: "HEAD" });
+    if (r.ok) return alt;
+  } catch { /* no in-graph file beside it */ }
+  return url;
+}
+
 async function loadModel(modelBytesOrUrl, manifest) {
   if (manifest.inputs[0].name !== "image") {
     $("status").textContent = "The plain graph (pixel_values): preprocessed in JavaScript (preprocess.mjs); the in-graph variant (--preprocess-in-graph) needs no port.";
   }
   const { session, ep } = await createSession(modelBytesOrUrl, params.get("ep"));
-  Object.assign(state, { session, ep, manifest, items: [] });
+  Object.assign(state, { session, ep, manifest, items: [], refused: [] });
+  $("errors").replaceChildren();
   $("backend").textContent = ep;
   $("model").textContent = `${manifest.model} (theta ${manifest.itae.theta})`;
 }
 
 async function handleFiles(files) {
   const list = Array.from(files);
-  for (const f of list) {
-    if (f.name.endsWith(".onnx")) state.modelFile = f;
-    if (f.name.endsWith(".json")) state.manifestFile = f;
+  const onnx = list.filter((f) => f.name.endsWith(".onnx"));
+  const model = onnx.find((f) => f.name.endsWith("_image.onnx")) || onnx[0];  // the in-graph variant first
+  if (model) {
+    state.modelFile = model;
+    state.manifestFile = list.find((f) => f.name === model.name.replace(/\.onnx$/, ".json")) || null;
+  } else if (!state.manifestFile) {
+    state.manifestFile = list.find((f) => f.name.endsWith(".json")) || null;
+  }
+  if (state.modelFile && !state.manifestFile) {
+    $("status").textContent = `${state.modelFile.name}: drop its manifest ${state.modelFile.name.replace(/\.onnx$/, ".json")} too`;
+    return;
   }
   if (state.modelFile && state.manifestFile && (!state.session || list.includes(state.modelFile))) {
-    await loadModel(new Uint8Array(await state.modelFile.arrayBuffer()), JSON.parse(await state.manifestFile.text()));
+    try {
+      await loadModel(new Uint8Array(await state.modelFile.arrayBuffer()), JSON.parse(await state.manifestFile.text()));
+    } catch (err) {
+      $("status").textContent = `${state.modelFile.name}: cannot load: ${err && err.message || err}`;
+      return;
+    }
   }
-  for (const f of list.filter((f) => f.type.startsWith("image/"))) {
+  for (const f of list.filter((f) => !/\.(onnx|json)$/.test(f.name))) {
     if (!state.session) { $("status").textContent = "Drop the model first."; return; }
     $("status").textContent = `embedding ${f.name} ...`;
     await addImage(f, f.name);
   }
   $("status").textContent = "";
-  if (state.items.length) render();
+  if (state.items.length) { render(); downloadEmbeddings(); }
 }
 
 // Test mode (?test=plan.json): run the plan, POST the results to plan.report. Used by tests/test_browser.py.
@@ -161,13 +216,20 @@ async function runPlan(url) {
   const result = { limits: $("limits").textContent, crossOriginIsolated: globalThis.crossOriginIsolated };
   try {
     const img = plan.in_graph;
-    await loadModel(img.model, await (await fetch(img.manifest)).json());
+    const modelUrl = await preferInGraph(img.model);
+    await loadModel(modelUrl, await (await fetch(modelUrl.replace(/\.onnx$/, ".json"))).json());
     result.ep = state.ep;
+    result.input = state.manifest.inputs[0].name;
     for (const u of img.images) await addImage(await (await fetch(u)).blob(), u.split("/").pop());
     render();
     result.in_graph = state.items.map((i) => ({ name: i.name, embedding: i.embedding, mask: i.mask, cluster: i.cluster,
-                                                maskType: i.maskType, maskData: i.maskData, rgb: Array.from(i.rgb) }));
+                                                maskType: i.maskType, maskData: i.maskData, rgb: Array.from(i.rgb),
+                                                height: i.height, width: i.width }));
     result.cards = Array.from(document.querySelectorAll(".card"), (c) => c.textContent);
+    result.errors = Array.from(document.querySelectorAll("#errors li"), (li) => li.textContent);
+    // what the download link saves, read back from its blob: URL
+    const a = downloadEmbeddings();
+    result.download = { name: a.download, text: await (await fetch(a.href)).text(), visible: a.offsetParent !== null };
     const plain = plan.plain;
     const { session } = await createSession(plain.model, params.get("ep") || "wasm");
     const buf = await (await fetch(plain.tensors)).arrayBuffer();
@@ -175,8 +237,8 @@ async function runPlan(url) {
     // the plain graph again, fed the JavaScript port of the contract (preprocess.mjs) from the canvas
     const pm = await (await fetch(plain.manifest)).json();
     result.plain_js = [];
-    for (const u of img.images) {
-      const d = await decodeToRGB(await (await fetch(u)).blob());
+    for (const u of plain.images || []) {
+      const d = await decodeBlob(await (await fetch(u)).blob(), u);
       const [r] = await embedTensor(session, preprocess(d.rgb, d.height, d.width, pm.preprocessing),
                                     [1, 3, ...pm.preprocessing.resolution]);
       result.plain_js.push(r);
@@ -189,6 +251,7 @@ async function runPlan(url) {
 }
 
 $("files").addEventListener("change", (e) => handleFiles(e.target.files));
+$("download").addEventListener("click", () => downloadEmbeddings());  // the href is read after this handler
 $("k").addEventListener("change", () => state.items.length && render());
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -197,7 +260,10 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove
 
 if (params.get("test")) runPlan(params.get("test"));
 else if (params.get("model")) {
-  const m = params.get("model");
-  fetch(m.replace(/\.onnx$/, ".json")).then((r) => r.json()).then((man) => loadModel(m, man))
-    .catch((e) => { $("status").textContent = `cannot load ${m}: ${e}`; });
+  preferInGraph(params.get("model")).then((m) => fetch(m.replace(/\.onnx$/, ".json")).then((r) => r.json())
+    .then((man) => loadModel(m, man))
+    .catch((e) => { $("status").textContent = `cannot load ${m}: ${e}`; }));
 }
+
+// The module API: import("./app.js") in the page's console or from another module.
+globalThis.itae = { embeddingsJSON, downloadEmbeddings, decodeBlob };

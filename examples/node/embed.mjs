@@ -4,10 +4,10 @@
 //   node embed.mjs MODEL_image.onnx INPUT.u8 HEIGHT WIDTH      (the --preprocess-in-graph variant)
 //
 // INPUT.f32 holds float32 pixels, little-endian, laid out [batch, 3, H, W], already preprocessed
-// as docs/onnx-contract.md says (resize with Pillow's bicubic, then (x/255 - mean) / std per
-// channel, with the mean and std of MODEL.json). For the in-graph variant, INPUT.u8 holds the
-// decoded RGB bytes [batch, HEIGHT, WIDTH, 3] of images of one size; the graph resizes and
-// normalises. Prints {"embedding": [[...]], "artifact_mask": [[...]], "manifest": {...}} as JSON.
+// with the preprocessing of MODEL.json, step by step as docs/onnx-contract.md states it (the one
+// statement of the rule; ../browser/preprocess.mjs is a port of it). For the in-graph variant,
+// INPUT.u8 holds the decoded RGB bytes [batch, HEIGHT, WIDTH, 3] of images of one size; the graph
+// resizes and normalises. Prints {"embedding": [[...]], "artifact_mask": [[...]], "manifest": {...}} as JSON.
 import { readFileSync, existsSync } from "node:fs";
 import * as ort from "onnxruntime-node";
 
