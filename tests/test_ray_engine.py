@@ -10,7 +10,7 @@ import imagefolders as datasets
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra: pip install 'itae-export[ray]'")
+ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra: pip install -e '.[ray]' in the itae-export clone")
 pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
 pq = pytest.importorskip("pyarrow.parquet", reason="the Ray engine needs pyarrow")
 

@@ -47,7 +47,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise MissingDependencyError("faiss K-Means needs faiss: pip install 'itae-export[scale]' (faiss-cpu)") from None
+        raise MissingDependencyError("faiss K-Means needs faiss: pip install -e '.[scale]' in the itae-export clone (faiss-cpu)") from None
     return faiss
 
 

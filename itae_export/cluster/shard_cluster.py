@@ -45,7 +45,7 @@ def choose_backend(n: int, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise InputError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "faiss" and not fk.faiss_available():
-        raise MissingDependencyError("--backend faiss needs faiss: pip install 'itae-export[scale]' (faiss-cpu)")
+        raise MissingDependencyError("--backend faiss needs faiss: pip install -e '.[scale]' in the itae-export clone (faiss-cpu)")
     if backend == "auto":
         return kmeans_backend(n)
     return backend

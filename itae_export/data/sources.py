@@ -452,7 +452,7 @@ def require_pyarrow(what: str):
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise MissingDependencyError(f"{what} needs pyarrow: pip install 'itae-export[scale]'") from None
+        raise MissingDependencyError(f"{what} needs pyarrow: pip install -e '.[scale]' in the itae-export clone") from None
     return pa, pq
 
 

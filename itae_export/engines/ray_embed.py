@@ -1,4 +1,4 @@
-"""The Ray Data engine of the sharded embed stage (``pip install 'itae-export[ray]'``).
+"""The Ray Data engine of the sharded embed stage (``pip install -e '.[ray]' in the itae-export clone``).
 
     read (the driver lists the items still to embed, a window of whole parts at a time, as columns)
       -> decode + preprocess: stateless CPU tasks, ``num_cpus=1`` each
@@ -49,7 +49,7 @@ def _ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'itae-export[ray]'") from None
+        raise MissingDependencyError("--engine ray needs Ray Data: pip install -e '.[ray]' in the itae-export clone") from None
     return ray
 
 

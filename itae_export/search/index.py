@@ -186,7 +186,7 @@ def _import_faiss():
     try:
         import faiss
     except ImportError:
-        raise InputError("the approximate index needs faiss: pip install 'itae-export[search]' (faiss-cpu)") from None
+        raise InputError("the approximate index needs faiss: pip install -e '.[search]' in the itae-export clone (faiss-cpu)") from None
     return faiss
 
 
