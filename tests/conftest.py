@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -57,3 +58,21 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def mount_tmpfs(mnt, size: str = "1m"):
+    """Mount a small tmpfs at ``mnt`` (a real full disk, a real read-only filesystem); skip where this
+    machine cannot (needs root and CAP_SYS_ADMIN). Returns the unmount function."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    return lambda: subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 1 MiB tmpfs (see :func:`mount_tmpfs`); a module needing another size overrides this fixture."""
+    unmount = mount_tmpfs(tmp_path / "mnt")
+    yield tmp_path / "mnt"
+    unmount()

@@ -5,7 +5,6 @@ how it is called. Not a copy per command: a new command joins every case by one 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from conftest import mount_tmpfs
 from click.testing import CliRunner
 from PIL import Image
 
@@ -134,14 +134,10 @@ def own_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A 4 MiB tmpfs, for a real full disk and a real read-only filesystem (root only)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    """A 4 MiB tmpfs (see conftest.mount_tmpfs), the size the matrix's cases were written for."""
+    unmount = mount_tmpfs(tmp_path / "mnt", "4m")
+    yield tmp_path / "mnt"
+    unmount()
 
 
 def _input(cmd: Command, tmp: Path, shard_dir: Path, kind: str = "folder", names=()) -> Path:

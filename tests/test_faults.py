@@ -66,17 +66,6 @@ def images(tmp_path):
     return _folder(tmp_path / "imgs")
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A 1 MiB tmpfs, for a real full disk and a real read-only filesystem (root only)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
 
 # ---------------------------------------------------------------- names and outputs
 

@@ -120,7 +120,7 @@ def test_a_tar_cut_in_half_names_what_is_lost_and_its_part_is_never_complete(png
     # the tar fetched again, whole: the same shard directory, the part is embedded again and complete
     cut.write_bytes(data)
     r = _run("run", cut.parent, "--out", out, "--onnx", tiny_model, "-q")
-    assert r.exit_code == 0 and f"{PNG_FILES} images embedded" in r.output, r.output
+    assert r.exit_code == 0 and f"{PNG_FILES} embedded" in r.output, r.output
     assert sh.part_status(out, 0, plan) == ("complete", None) and _run("status", out).exit_code == 0
     assert sh.open_shards(out).n == PNG_FILES
 
@@ -410,17 +410,6 @@ def test_save_inputs_rgb_holds_the_decoded_and_the_resized_images(cluster_out, t
     assert at == len(flat)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A 1 MiB tmpfs: a real full disk (root only)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
 
 @pytest.mark.parametrize("rgb", [False, True], ids=["save-inputs", "save-inputs-rgb"])
 def test_save_inputs_on_a_full_disk_is_one_line_and_leaves_nothing(cluster_out, tmpfs, rgb):
@@ -464,7 +453,7 @@ def test_hostile_members_never_end_in_a_traceback(pngs, tiny_model, tmp_path):
     r = _run("run", wds, "--out", out, "--onnx", tiny_model, "-q")
     assert r.exit_code == 0, r.output
     keys = sh.open_shards(out).keys()
-    assert len(keys) == 3 and "\0" + "00001.tar/caf\xe9".encode("latin-1").hex() in keys  # the name's bytes, kept
+    assert len(keys) == 3 and "00001.tar/caf\\xe9" in keys  # the name's bytes, as text_key writes them
 
 
 @pytest.mark.parametrize("manifest", ['[1, 2]', '{"format": "itae-shards/1"}',

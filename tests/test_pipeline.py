@@ -20,7 +20,7 @@ from itae_export.data.embed import embed_folder
 from itae_export.data.store import LEGACY_STORE_NAME, EmbeddingStore
 from itae_export.errors import OptionError
 from itae_export.images import load_image
-from itae_export.onnx.manifest import read_manifest
+from itae_export.onnx.manifest import read_manifest, reseal
 from itae_export.runtime import run_onnx
 
 
@@ -85,6 +85,7 @@ def _with_extra_output(model, dest):
     extra.CopyFrom(emb)
     extra.name = "embedding_unpatched"
     proto.graph.output.append(extra)
+    reseal(proto)  # another graph on purpose, not one changed behind its digest
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(dest))
     shutil.copy(model.with_suffix(".json"), dest.with_suffix(".json"))

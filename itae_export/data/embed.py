@@ -243,9 +243,13 @@ def embed_items(items: list[Item], onnx_path: str | os.PathLike, *, root: str | 
 
 
 def file_keys(items: list[Item]) -> tuple[dict[str, tuple[bytes, tuple[int, int, int]]], dict[str, str]]:
-    """({key: (store key, file key)} of each item whose file can be stat'ed (a tar once), {key: reason} of the others)."""
+    """({key: (store key, file key)} of each item whose file can be stat'ed (a tar once), {key: reason} of the others:
+    an item the source marked as skipped keeps the source's reason)."""
     keys, skipped, stats = {}, {}, {}
     for it in items:
+        if it.skip is not None:  # the source already knows it has no image (an empty row, a link member ...)
+            skipped[it.key] = it.skip
+            continue
         try:
             if it.path not in stats:
                 stats[it.path] = file_key(it.path)
