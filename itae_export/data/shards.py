@@ -630,3 +630,14 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
         raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
                          "run the missing itae-embed shards first")
     return ShardSet(root, m, files, counts, missing, incomplete, damaged)
+
+
+def clustered_vectors(summary: dict, n_rows: int, where: str | os.PathLike) -> np.ndarray:
+    """The vectors an ``itae-embed cluster`` output (``where``, its summary ``summary``) clustered,
+    in the order of its assignments: the parts of the shard directory it names, checked to be of
+    the same model and as many as its ``n_rows`` assignments."""
+    shards = open_shards(summary["shards"], allow_partial=True)
+    if shards.manifest.get("model", {}).get("id") != summary.get("model_id") or shards.n != n_rows:
+        raise InputError(f"{summary['shards']}: not the shard directory {where} was clustered from "
+                         f"({shards.n} vectors for {n_rows} assignments); run itae-embed cluster again")
+    return shards.load_all()

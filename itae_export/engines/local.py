@@ -36,7 +36,8 @@ def model_identity(onnx_path: str | os.PathLike) -> dict:
     """What the shard manifest records of the model: its sha256 fingerprint and its manifest's identity."""
     m = read_manifest(onnx_path)
     return {"id": model_fingerprint(onnx_path), "name": m.get("model"), "onnx": str(Path(onnx_path).resolve()),
-            "embed_dim": m.get("embed_dim"), "itae": m.get("itae"), "precision": m.get("precision"),
+            "embed_dim": m.get("embed_dim"), "num_tokens": m.get("num_tokens"), "itae": m.get("itae"),
+            "precision": m.get("precision"),
             "preprocessing": m.get("preprocessing")}
 
 
