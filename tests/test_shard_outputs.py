@@ -18,6 +18,7 @@ from itae_export.cli.embed import main as embed_cli
 from itae_export.cluster import shard_cluster
 from itae_export.data import shards as sh
 from itae_export.data.outputs import read_csv
+from itae_export.engines.ray_embed import embed_shards_ray
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,18 @@ def test_itae_cluster_switches_to_the_sharded_stages_with_labels(photos, tiny_mo
     assert s["shards"] == str((out / shard_cluster.SHARD_DIR).resolve())
     assert set(s["metrics"]) >= {"acc", "nmi", "ari"} and s["labels"]["n_classes"] == 4
     assert s["artifacts"]["available"] and "ACC " in r.output
+
+
+def test_the_ray_engine_writes_the_same_counts(photos, tiny_model, tmp_path):
+    ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
+    local = tmp_path / "local"
+    _embed(photos, tiny_model, local, "--no-cache")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        embed_shards_ray(photos, tmp_path / "ray", tiny_model, part_size=10, batch_size=8, actors=1, actor_cpus=1)
+    finally:
+        ray.shutdown()
+    a, b = sh.open_shards(local), sh.open_shards(tmp_path / "ray")
+    assert b.keys() == a.keys() and (a.artifacts() >= 0).all()
+    np.testing.assert_array_equal(b.artifacts(), a.artifacts())
