@@ -143,8 +143,9 @@ def test_itae_cluster_switches_to_the_sharded_stages_with_labels(photos, tiny_mo
     monkeypatch.setattr(shard_cluster, "SHARDED_MIN_IMAGES", 10)
     out = tmp_path / "out"
     r = _invoke(cluster_cli, photos, "--k", "4", "--onnx", tiny_model, "--out", out, "--quiet",
-                "--labels-from-dirs")
+                "--labels-from-dirs", "--report")
     s = json.loads((out / "summary.json").read_text())
+    assert "Metrics against the true labels" in (out / "report.html").read_text()
     assert s["shards"] == str((out / shard_cluster.SHARD_DIR).resolve())
     assert set(s["metrics"]) >= {"acc", "nmi", "ari"} and s["labels"]["n_classes"] == 4
     assert s["artifacts"]["available"] and "ACC " in r.output
