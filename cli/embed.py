@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from itae_export.cli._common import report_errors
 
-from itae_export.cluster.job import MAX_N_INIT
+from itae_export.cluster.job import MAX_N_INIT, metrics_line
 from itae_export.errors import InputError
 from itae_export.images import DEFAULT_MAX_PIXELS
 
@@ -156,8 +156,7 @@ def cluster_cmd(shard_dir, k, out_dir, backend, sample_size, niter, n_init, seed
     lines = [f"Clustered {c['embedded']} vectors from {c['parts']} parts with {s['kmeans']['backend']} (k={k}); "
              f"outputs in {s['out_dir']}"]
     if "metrics" in s:
-        m = s["metrics"]
-        lines.append(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)")
+        lines.append(metrics_line(s["metrics"]))
     lines += report_lines(s["artifacts"])  # the flagged tokens per image
     click.echo("\n".join(lines))
 

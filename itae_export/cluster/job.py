@@ -465,6 +465,11 @@ def _write_skipped(out_dir: Path, res: EmbedResult) -> None:
     atomic_write_bytes(out_dir / outputs.SKIPPED, outputs.csv_bytes(["path", "reason"], res.skipped))
 
 
+def metrics_line(m: dict) -> str:
+    """The CLI's line of summary.json's ``metrics``."""
+    return f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)"
+
+
 def format_summary(summary: dict) -> str:
     """The few lines the CLI prints at the end."""
     c = summary["counts"]
@@ -476,8 +481,7 @@ def format_summary(summary: dict) -> str:
         f", {summary.get('method', 'kmeans')}): sizes {summary['cluster_sizes']}",
     ]
     if "metrics" in summary:
-        m = summary["metrics"]
-        lines.append(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)")
+        lines.append(metrics_line(summary["metrics"]))
     if "over_clustering" in summary.get("metrics", {}):
         o = summary["metrics"]["over_clustering"]
         lines.append(f"Over-clustering: many-to-one ACC {o['many_to_one_acc']:.4f}  AMI {o['ami']:.4f}")
