@@ -164,3 +164,21 @@ def test_the_ray_engine_writes_the_same_counts(photos, tiny_model, tmp_path):
     a, b = sh.open_shards(local), sh.open_shards(tmp_path / "ray")
     assert b.keys() == a.keys() and (a.artifacts() >= 0).all()
     np.testing.assert_array_equal(b.artifacts(), a.artifacts())
+
+
+def test_parts_of_an_earlier_version_say_why_they_are_not_counted(photos, tiny_model, tmp_path):
+    shards = tmp_path / "shards"
+    _embed(photos, tiny_model, shards)
+    first = sh.open_shards(shards).files[0]
+    t = pq.read_table(first)
+    meta = dict(t.schema.metadata)
+    old = t.drop_columns([sh.ARTIFACTS])
+    meta[sh.DIGEST_KEY] = sh.part_digest(old.column("idx").to_numpy(), old.column("key").to_pylist(),
+                                         sh.read_part(first)[1]).encode()
+    for f in (shards / sh.STATE_DIR).glob("*.sqlite"):
+        f.unlink()  # the record kept the new digest; an earlier version's part stands on its footer
+    pq.write_table(old.replace_schema_metadata(meta), first)
+    r = _invoke(embed_cli, "cluster", shards, "--k", "4", "--out", tmp_path / "c", "-q")
+    a = json.loads((tmp_path / "c" / "summary.json").read_text())["artifacts"]
+    assert not a["available"] and "earlier version" in a["reason"] and first.name in a["reason"]
+    assert "earlier version" in r.output

@@ -42,7 +42,7 @@ from itae_export.cluster.job import (
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.data import outputs
 from itae_export.data.outputs import npy_bytes
-from itae_export.data.shards import open_shards, read_part
+from itae_export.data.shards import open_shards, part_artifacts, read_part
 from itae_export.data.embed import default_out_dir
 from itae_export.data.sources import DEFAULT_PART_SIZE, open_source, require_pyarrow
 from itae_export.data.store import check_legacy_store
@@ -304,6 +304,11 @@ def _artifacts(shards, model: dict) -> dict:
     if num_tokens is None:
         return {"available": False, "reason": "the shard manifest does not record the model's token count",
                 "warn_share": WARN_SHARE}
+    old = [f.name for f in shards.files if part_artifacts(f, missing=None) is None]
+    if old:
+        return {"available": False, "reason": f"{len(old)} parts (e.g. {old[0]}) were written by an earlier version "
+                                              "without the per-image counts; embed into a fresh --out to count them",
+                "candidate_tokens_per_image": int(num_tokens) - 1, "warn_share": WARN_SHARE}
     res = SimpleNamespace(paths=_PartKeys(shards), artifact_counts=shards.artifacts())
     return cluster_artifacts(res, {"itae": model.get("itae"), "num_tokens": num_tokens})
 
