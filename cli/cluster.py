@@ -157,9 +157,9 @@ def main(folder, k, onnx_path, model_name, theta, source, group, strategy, rows,
             head_params={"epochs": epochs} if epochs else None, head_out=head_out, knn_reference=knn_reference,
             compare_baseline=compare_baseline, log=log,
         )
-        if (report or save_inputs or save_inputs_rgb) and "shards" in summary:
-            log("--report/--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
-            report = save_inputs = save_inputs_rgb = False
+        if (save_inputs or save_inputs_rgb) and "shards" in summary:
+            log("--save-inputs: not written for the sharded stages (no embeddings.npy); see docs/scale.md")
+            save_inputs = save_inputs_rgb = False
         if (save_inputs or save_inputs_rgb) and summary.get("input", {}).get("kind") == "webdataset":
             log("--save-inputs: not for WebDataset tars (it reads the image files again); the outputs are written")
             save_inputs = save_inputs_rgb = False

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from itae_export.cli._common import report_errors
 
-from itae_export.cluster.job import MAX_N_INIT
+from itae_export.cluster.job import MAX_N_INIT, metrics_line
 from itae_export.errors import InputError
 from itae_export.images import DEFAULT_MAX_PIXELS
 
@@ -131,18 +131,34 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
               help="[sklearn] Restarts.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-partial", is_flag=True, help="Cluster the parts written so far instead of stopping.")
+@click.option("--labels-from-dirs", is_flag=True,
+              help="Each image's parent folder is its class: ACC/NMI/ARI in summary.json, a label column.")
+@click.option("--report", is_flag=True,
+              help="Also write report.html into the output folder (it reads the shards' vectors into memory).")
 @click.option("-q", "--quiet", is_flag=True)
 @report_errors
-def cluster_cmd(shard_dir, k, out_dir, backend, sample_size, niter, n_init, seed, allow_partial, quiet):
+def cluster_cmd(shard_dir, k, out_dir, backend, sample_size, niter, n_init, seed, allow_partial, labels_from_dirs,
+                report, quiet):
     """Cluster every vector of a shard directory (parts read one at a time, memory-mapped)."""
+    from itae_export.calibrate.inspection import inspect_run
+    from itae_export.cluster.artifacts import report_lines
+    from itae_export.cluster.report import write_report
     from itae_export.cluster.shard_cluster import cluster_shards
 
+    log = None if quiet else (lambda m: click.echo(m, err=True))
     s = cluster_shards(shard_dir, k, out_dir, backend=backend, sample_size=sample_size, niter=niter, seed=seed,
-                       n_init=n_init, allow_partial=allow_partial,
-                       log=None if quiet else (lambda m: click.echo(m, err=True)))
+                       n_init=n_init, allow_partial=allow_partial, use_labels=labels_from_dirs, log=log)
+    if report:
+        path = write_report(s["out_dir"], pictures=inspect_run)
+        if log:
+            log(f"Report: {path}")
     c = s["counts"]
-    click.echo(f"Clustered {c['embedded']} vectors from {c['parts']} parts with {s['kmeans']['backend']} (k={k}); "
-               f"outputs in {s['out_dir']}")
+    lines = [f"Clustered {c['embedded']} vectors from {c['parts']} parts with {s['kmeans']['backend']} (k={k}); "
+             f"outputs in {s['out_dir']}"]
+    if "metrics" in s:
+        lines.append(metrics_line(s["metrics"]))
+    lines += report_lines(s["artifacts"])  # the flagged tokens per image
+    click.echo("\n".join(lines))
 
 
 @main.command("status", context_settings=CONTEXT)

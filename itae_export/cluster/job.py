@@ -99,6 +99,17 @@ def labels_from_dirs(rel_paths: list[str]) -> list[str]:
     return [r.rsplit("/", 2)[-2] for r in rel_paths]
 
 
+def label_metrics(y, assign: np.ndarray, k: int) -> tuple[dict, dict]:
+    """summary.json's ``labels`` and ``metrics`` blocks for the parent-folder labels ``y``: ACC, NMI,
+    ARI, many-to-one ACC and, when k exceeds the classes (Hungarian ACC cannot score it), over-clustering."""
+    scores = clustering_scores(y, assign)
+    scores["many_to_one_acc"] = many_to_one_accuracy(y, assign)
+    n_classes = len(set(y.tolist() if isinstance(y, np.ndarray) else y))
+    if k > n_classes:
+        scores["over_clustering"] = over_clustering_scores(y, assign)
+    return {"source": "parent folder names", "n_classes": n_classes}, scores
+
+
 def check_k(k, n: int | None = None, what: str = "images") -> None:
     """k is an integer >= 2 and, when ``n`` is given, at most ``n``."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
@@ -357,10 +368,7 @@ def _score_labels(summary: dict, res: EmbedResult, assign: np.ndarray, k: int, o
                   out_dir: Path, session, log) -> list[str]:
     """ACC/NMI/ARI against the parent-folder labels, and what goes with them; returns the labels."""
     y = labels_from_dirs(res.paths)
-    scores = clustering_scores(y, assign)
-    scores["many_to_one_acc"] = many_to_one_accuracy(y, assign)
-    summary["labels"] = {"source": "parent folder names", "n_classes": len(set(y))}
-    summary["metrics"] = scores
+    summary["labels"], summary["metrics"] = label_metrics(y, assign, k)
     _label_evaluation(summary, res, y, assign, k, opts, onnx_path, out_dir, session, log)
     if opts.protocol == "paper":
         bar = progress_bar(opts.protocol_sets * opts.protocol_runs, opts.progress, "paper protocol")
@@ -417,8 +425,6 @@ def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.n
 
 def _label_evaluation(summary, res, y, assign, k, opts: ClusterOptions, onnx_path, out_dir, session, log) -> None:
     """Scores beyond ACC/NMI/ARI: over-clustering, neighbour label consistency, k-NN accuracy."""
-    if k > summary["labels"]["n_classes"]:  # Hungarian ACC cannot score over-clustering
-        summary["metrics"]["over_clustering"] = over_clustering_scores(y, assign)
     n = len(y)
     ks = tuple(kk for kk in (1, 5, 10, 20) if kk < n)
     if ks:
@@ -459,6 +465,11 @@ def _write_skipped(out_dir: Path, res: EmbedResult) -> None:
     atomic_write_bytes(out_dir / outputs.SKIPPED, outputs.csv_bytes(["path", "reason"], res.skipped))
 
 
+def metrics_line(m: dict) -> str:
+    """The CLI's line of summary.json's ``metrics``."""
+    return f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)"
+
+
 def format_summary(summary: dict) -> str:
     """The few lines the CLI prints at the end."""
     c = summary["counts"]
@@ -470,8 +481,7 @@ def format_summary(summary: dict) -> str:
         f", {summary.get('method', 'kmeans')}): sizes {summary['cluster_sizes']}",
     ]
     if "metrics" in summary:
-        m = summary["metrics"]
-        lines.append(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  (vs parent folder names)")
+        lines.append(metrics_line(summary["metrics"]))
     if "over_clustering" in summary.get("metrics", {}):
         o = summary["metrics"]["over_clustering"]
         lines.append(f"Over-clustering: many-to-one ACC {o['many_to_one_acc']:.4f}  AMI {o['ami']:.4f}")

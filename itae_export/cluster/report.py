@@ -28,6 +28,7 @@ import numpy as np
 from itae_export.cluster.artifacts import report_lines
 from itae_export.cluster.metrics import l2_normalize
 from itae_export.data.outputs import read_outputs
+from itae_export.data.shards import clustered_vectors
 from itae_export.errors import InputError, ITAEError
 from itae_export.files import atomic_write_bytes
 from itae_export.images import to_rgb
@@ -45,8 +46,12 @@ THUMB_SIZE = 112
 
 
 def read_cluster_output(out_dir: str | os.PathLike) -> dict:
-    """The output set of an itae-cluster run, checked to be one set (:func:`~itae_export.data.outputs.read_outputs`)."""
-    return read_outputs(out_dir)
+    """The output set of an itae-cluster run, checked to be one set (:func:`~itae_export.data.outputs.read_outputs`);
+    for an ``itae-embed cluster`` output, the embeddings are read from its shard directory."""
+    data = read_outputs(out_dir)
+    if data["embeddings"] is None:
+        data["embeddings"] = clustered_vectors(data["summary"], len(data["rows"]), Path(out_dir) / "summary.json")
+    return data
 
 
 def breakaway_points(embeddings: np.ndarray, labels) -> np.ndarray:

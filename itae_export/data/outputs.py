@@ -143,9 +143,11 @@ def publish(out_dir: Path, files: dict[str, bytes], summary: dict) -> None:
 
 def read_outputs(out_dir: str | os.PathLike) -> dict:
     """summary.json, the rows of assignments.csv, embeddings.npy (same order) and skipped.csv,
-    checked to be one set (the hashes in summary.json)."""
+    checked to be one set (the hashes in summary.json). An ``itae-embed cluster`` output has no
+    embeddings.npy: ``embeddings`` is then None (its vectors are the parts of the shard directory
+    its summary names, ``shards``: :func:`~itae_export.data.shards.clustered_vectors`)."""
     out = Path(out_dir)
-    need = [SUMMARY, ASSIGNMENTS, EMBEDDINGS]
+    need = [SUMMARY, ASSIGNMENTS] + ([] if _sharded(out) else [EMBEDDINGS])
     missing = [n for n in need if not (out / n).is_file()]
     if missing:
         raise InputError(f"{out}: not an itae-cluster output folder, or an incomplete one (missing {', '.join(missing)})")
@@ -167,13 +169,28 @@ def read_outputs(out_dir: str | os.PathLike) -> dict:
     rows = read_csv(out / ASSIGNMENTS)
     if rows and "path" not in rows[0]:
         raise InputError(f"{out / ASSIGNMENTS}: no 'path' column")
-    try:
-        emb = np.load(out / EMBEDDINGS, allow_pickle=False, mmap_mode="r")  # millions of rows: not read twice
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{out / EMBEDDINGS}: not a readable .npy array ({e})") from None
-    if emb.ndim != 2 or emb.dtype.kind != "f":
+    if _sharded(out):
+        emb = None
+    else:
+        try:
+            emb = np.load(out / EMBEDDINGS, allow_pickle=False, mmap_mode="r")  # millions of rows: not read twice
+        except (ValueError, OSError, EOFError) as e:
+            raise InputError(f"{out / EMBEDDINGS}: not a readable .npy array ({e})") from None
+    if emb is not None and (emb.ndim != 2 or emb.dtype.kind != "f"):
         raise InputError(f"{out / EMBEDDINGS}: {emb.dtype} {list(emb.shape)}, not a 2-D float array of embeddings")
-    if len(rows) != len(emb):
+    if emb is not None and len(rows) != len(emb):
         raise InputError(f"{out}: {ASSIGNMENTS} has {len(rows)} rows but {EMBEDDINGS} {len(emb)}")
     skipped = read_csv(out / SKIPPED) if (out / SKIPPED).is_file() else []
     return {"summary": summary, "rows": rows, "embeddings": emb, "skipped": skipped}
+
+
+def _sharded(out: Path) -> bool:
+    """An ``itae-embed cluster`` output: no embeddings.npy, a summary naming its shard directory."""
+    if (out / EMBEDDINGS).is_file() or not (out / SUMMARY).is_file():
+        return False
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (ValueError, OSError):
+        return False  # read_outputs names the unreadable summary
+    return isinstance(summary, dict) and isinstance(summary.get("shards"), str)
+

@@ -3,7 +3,8 @@
 Layout of ``OUT/``::
 
     manifest.json              the plan: model identity, input, part size, every part's file
-    part-00000.parquet         idx int64, key string, vector fixed_size_list<float32>[D]
+    part-00000.parquet         idx int64, key string, vector fixed_size_list<float32>[D],
+                               artifacts int32 (flagged tokens per image; -1: the graph has no artifact_mask)
     part-00001.parquet         ... (each written atomically: temporary file, fsync, rename)
     _state/shard-0003-of-0008.sqlite   rows of the parts worker 3 of 8 has begun, one transaction
                                         per batch; a part's rows are dropped once its file is written
@@ -11,14 +12,16 @@ Layout of ``OUT/``::
 A part is complete exactly when its file exists (the rename is atomic), its footer names the
 manifest's plan id, every item of its input is accounted for (``itae.accounting``: items = vectors +
 skipped, and no member of a tar lost to a cut or a corrupt header) and its content matches the
-digest in its footer (``itae.digest``: sha256 over idx, keys and vectors, checked on every read,
+digest in its footer (``itae.digest``: sha256 over idx, keys, vectors and artifact counts, checked on every read,
 with parquet's page checksums; non-finite vectors count as corrupt). A corrupt part is embedded
 again by the next ``itae-embed run``; readers refuse it in one line naming the file. A part written
 while members of its tar were lost is *incomplete*: written (a rerun cannot do better with the same
 tar), but never reported complete. ``manifest.json`` is the same for every worker (it is derived from the input
 and the model only), so N workers of a Slurm array can all create it; a worker whose input or model
 differ from an existing manifest stops with an error instead of mixing two models in one directory.
-Skipped images of a part are listed in its footer (``itae.skipped``, JSON).
+Skipped images of a part are listed in its footer (``itae.skipped``, JSON). A part written before
+the ``artifacts`` column existed is still complete (its digest covers the other columns); its
+images read as :data:`NO_COUNT` (-1, not counted), as for a graph without ``artifact_mask``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ MODEL_KEY = b"itae.model_id"
 ACCOUNTING_KEY = b"itae.accounting"
 DIGEST_KEY = b"itae.digest"
 NON_FINITE = "the model returned NaN or inf for this image"
+ARTIFACTS = "artifacts"  # the per-image count column
+NO_COUNT = -1  # an image whose flagged tokens were not counted (no artifact_mask, or a part of an earlier version)
 PART_STATES = ("complete", "incomplete", "missing", "foreign", "corrupt", "stale")
 
 
@@ -117,34 +122,41 @@ def read_manifest(out: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------- part files
 
 
-def part_table(idx: np.ndarray, keys: list[str], vectors: np.ndarray):
+def part_table(idx: np.ndarray, keys: list[str], vectors: np.ndarray, artifacts=None):
     """An Arrow table with the vector column as fixed_size_list<float32>[D] (not Ray's tensor type,
-    which plain pyarrow reads back as a variable-length list)."""
+    which plain pyarrow reads back as a variable-length list), and the ``artifacts`` column (int32)
+    when ``artifacts`` is given."""
     pa, _ = require_pyarrow("shard files")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     d = vectors.shape[1]
     vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), d)
-    return pa.table({"idx": pa.array(np.asarray(idx, np.int64)), "key": pa.array(keys, type=pa.string()),
-                     "vector": vec})
+    cols = {"idx": pa.array(np.asarray(idx, np.int64)), "key": pa.array(keys, type=pa.string()), "vector": vec}
+    if artifacts is not None:
+        cols[ARTIFACTS] = pa.array(np.asarray(artifacts, np.int32))
+    return pa.table(cols)
 
 
-def part_digest(idx, keys: list[str], vectors: np.ndarray) -> str:
-    """sha256 over a part's content: idx (int64 LE), keys (UTF-8, NUL-separated), vectors (float32 LE)."""
+def part_digest(idx, keys: list[str], vectors: np.ndarray, artifacts=None) -> str:
+    """sha256 over a part's content: idx (int64 LE), keys (UTF-8, NUL-separated), vectors (float32 LE)
+    and, for a part with the column, the artifact counts (a marker, then int32 LE)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(idx, dtype="<i8").tobytes())
     h.update("\0".join(keys).encode("utf-8"))
     h.update(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+    if artifacts is not None:
+        h.update(b"\0itae.artifacts\0" + np.ascontiguousarray(artifacts, dtype="<i4").tobytes())
     return "sha256:" + h.hexdigest()
 
 
 def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarray, *, plan_id: str,
                model_id: str, skipped: list[tuple[str, str]], n_items: int | None = None,
-               unaccounted: str | None = None, stamp: str | None = None) -> Path:
+               unaccounted: str | None = None, stamp: str | None = None, artifacts=None) -> Path:
     """Write one part file atomically (the vector column uncompressed: float32 does not compress).
 
     ``n_items``: the items of the part's input (default: vectors + skipped); they must add up.
     ``unaccounted``: why members of the input are lost (the part is then written but incomplete).
-    ``stamp``: the input's :attr:`~itae_export.data.sources.Part.stamp` (a tar's size), recorded."""
+    ``stamp``: the input's :attr:`~itae_export.data.sources.Part.stamp` (a tar's size), recorded.
+    ``artifacts``: each vector's flagged-token count (default: :data:`NO_COUNT` for all)."""
     pa, pq = require_pyarrow("shard files")
     n_items = len(keys) + len(skipped) if n_items is None else n_items
     if len(keys) + len(skipped) != n_items:
@@ -153,12 +165,16 @@ def write_part(out: Path, part_id: int, idx, keys: list[str], vectors: np.ndarra
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not np.isfinite(vectors).all():
         raise InputError(f"{out / part_name(part_id)}: NaN or inf among the vectors; not written")
-    table = part_table(idx, keys, vectors)
+    artifacts = np.full(len(keys), NO_COUNT, np.int32) if artifacts is None else np.asarray(artifacts, np.int32)
+    if len(artifacts) != len(keys):
+        raise InputError(f"{out / part_name(part_id)}: {len(artifacts)} artifact counts for {len(keys)} vectors; "
+                         "not written")
+    table = part_table(idx, keys, vectors, artifacts)
     accounting = {"items": n_items, "embedded": len(keys), "skipped": len(skipped), "unaccounted": unaccounted,
                   "stamp": stamp}
     meta = {PLAN_KEY: plan_id.encode(), MODEL_KEY: model_id.encode(),
             SKIPPED_KEY: json.dumps(skipped).encode(), ACCOUNTING_KEY: json.dumps(accounting).encode(),
-            DIGEST_KEY: part_digest(idx, keys, vectors).encode()}
+            DIGEST_KEY: part_digest(idx, keys, vectors, artifacts).encode()}
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression={"idx": "zstd", "key": "zstd", "vector": "none"},
@@ -220,11 +236,12 @@ def _verify_content(path: Path, digest: str) -> str | None:
     """None when the part's content matches ``digest`` and every vector is finite; else what is wrong."""
     try:
         t, vecs = read_part(path)
+        counts = part_artifacts(path, missing=None)
     except Exception as e:  # noqa: BLE001 - a flipped byte in a page header or a checksum that differs
         return f"unreadable content ({_one_line(e)})"
     idx = t.column("idx").to_numpy()
     keys = t.column("key").to_pylist()
-    if part_digest(idx, keys, vecs) != digest:
+    if part_digest(idx, keys, vecs, counts) != digest:
         return "its content differs from the digest in its footer (flipped bytes?)"
     bad = int((~np.isfinite(vecs)).any(axis=1).sum())
     if bad:
@@ -259,6 +276,16 @@ def read_part(path: str | os.PathLike, columns=("idx", "key", "vector")):
     return t, vecs
 
 
+def part_artifacts(path: str | os.PathLike, missing: int | None = NO_COUNT) -> np.ndarray | None:
+    """The ``artifacts`` column of one part file (int32, one per vector). A part written before the
+    column existed: ``missing`` for every row (None: return None)."""
+    _, pq = require_pyarrow("shard files")
+    if ARTIFACTS not in pq.read_schema(path).names:
+        return None if missing is None else np.full(pq.read_metadata(path).num_rows, missing, np.int32)
+    t = pq.read_table(path, columns=[ARTIFACTS], memory_map=True, page_checksum_verification=True)
+    return t.column(ARTIFACTS).to_numpy().astype(np.int32)
+
+
 # ---------------------------------------------------------------- resume record
 
 
@@ -275,8 +302,10 @@ class ShardState:
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS rows (
                     part INTEGER NOT NULL, pos INTEGER NOT NULL, key TEXT NOT NULL,
-                    vector BLOB, reason TEXT, PRIMARY KEY (part, pos));
+                    vector BLOB, reason TEXT, artifacts INTEGER, PRIMARY KEY (part, pos));
             """)
+            if "artifacts" not in {r[1] for r in self.db.execute("PRAGMA table_info(rows)")}:
+                self.db.execute("ALTER TABLE rows ADD COLUMN artifacts INTEGER")  # a record of an earlier version
         except sqlite3.DatabaseError as e:
             low = str(e).lower()
             if "full" in low:  # a healthy record on a full disk: never advise deleting it
@@ -318,15 +347,18 @@ class ShardState:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, stamp))
         return dropped
 
-    def add(self, part: int, rows: list[tuple[int, str, np.ndarray | None, str | None]]) -> None:
-        """Commit one batch: (pos, key, vector or None, skip reason or None) per image. A key that is
+    def add(self, part: int, rows: list[tuple]) -> None:
+        """Commit one batch: (pos, key, vector or None, skip reason or None[, artifact count]) per
+        image (no count: :data:`NO_COUNT`). A key that is
         not valid UTF-8 (a file or member name is bytes) is kept as :func:`~itae_export.data.sources.text_key`
         writes it (each invalid byte as ``\\xNN``); such bytes in a reason are shown as ``\\xNN``."""
         data = [(part, int(pos), text_key(key), None if v is None else np.asarray(v, np.float32).tobytes(),
-                 None if reason is None else _text(reason)) for pos, key, v, reason in rows]
+                 None if reason is None else _text(reason), int(NO_COUNT if count is None else count))
+                for pos, key, v, reason, count in (tuple(r) + (None,) * (5 - len(r)) for r in rows)]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", data)
+            self.db.executemany("INSERT OR REPLACE INTO rows (part, pos, key, vector, reason, artifacts) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", data)
 
     def done_positions(self, part: int) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT pos FROM rows WHERE part = ?", (part,))}
@@ -337,7 +369,8 @@ class ShardState:
         return self.db.execute("SELECT COUNT(*) FROM rows WHERE part = ?", (part,)).fetchone()[0]
 
     def rows(self, part: int):
-        return self.db.execute("SELECT pos, key, vector, reason FROM rows WHERE part = ? ORDER BY pos", (part,))
+        return self.db.execute("SELECT pos, key, vector, reason, COALESCE(artifacts, ?) FROM rows WHERE part = ? "
+                               "ORDER BY pos", (NO_COUNT, part))
 
     def drop(self, part: int) -> None:
         with self.db:
@@ -426,8 +459,8 @@ class ShardRun:
 
     def add(self, part: int, rows) -> None:
         self.state.add(part, rows)
-        for _, _, v, _ in rows:
-            if v is None:
+        for row in rows:
+            if row[2] is None:
                 self.stats.skipped += 1
             else:
                 self.stats.embedded += 1
@@ -437,8 +470,8 @@ class ShardRun:
         if self.state.count(part.id) != n_items:
             raise InputError(f"{self.out / part_name(part.id)}: {self.state.count(part.id)} of the part's {n_items} "
                              f"items have an outcome in {self.state.path}; not written")
-        pos, keys, vecs, skipped = [], [], [], []
-        for p, key, blob, reason in self.state.rows(part.id):
+        pos, keys, vecs, skipped, counts = [], [], [], [], []
+        for p, key, blob, reason, count in self.state.rows(part.id):
             v = None if blob is None else np.frombuffer(blob, np.float32)
             if v is not None and self.dim and v.size != self.dim:
                 raise InputError(f"{self.state.path}: a row of part {part.id} holds {v.size} values, not "
@@ -451,12 +484,13 @@ class ShardRun:
                 pos.append(p)
                 keys.append(key)
                 vecs.append(v)
+                counts.append(count)
         dim = self.dim or (len(vecs[0]) if vecs else 0)
         mat = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
         lost = part.unaccounted()
         path = write_part(self.out, part.id, pos, keys, mat, plan_id=self.plan_id, model_id=self.model_id,
-                          skipped=skipped, n_items=n_items, unaccounted=lost, stamp=part.stamp)
-        self.state.record_digest(part.id, part_digest(pos, keys, mat))
+                          skipped=skipped, n_items=n_items, unaccounted=lost, stamp=part.stamp, artifacts=counts)
+        self.state.record_digest(part.id, part_digest(pos, keys, mat, np.asarray(counts, np.int32)))
         if lost is not None:
             self.stats.incomplete[part.id] = lost
         self.state.drop(part.id)
@@ -497,6 +531,11 @@ class ShardSet:
         for f in self.files:
             out.extend(read_part(f, columns=("key",))[0].column("key").to_pylist())
         return out
+
+    def artifacts(self) -> np.ndarray:
+        """Every vector's flagged-token count, int32 in key order (:data:`NO_COUNT` where not counted)."""
+        got = [part_artifacts(f) for f in self.files]
+        return np.concatenate(got) if got else np.zeros(0, np.int32)
 
     def skipped(self) -> list[tuple[str, str]]:
         _, pq = require_pyarrow("shard files")
@@ -591,3 +630,14 @@ def open_shards(root: str | os.PathLike, allow_partial: bool = False) -> ShardSe
         raise InputError(f"{root}: {len(missing)} of {len(m['parts'])} parts are not written yet (parts {ids}); "
                          "run the missing itae-embed shards first")
     return ShardSet(root, m, files, counts, missing, incomplete, damaged)
+
+
+def clustered_vectors(summary: dict, n_rows: int, where: str | os.PathLike) -> np.ndarray:
+    """The vectors an ``itae-embed cluster`` output (``where``, its summary ``summary``) clustered,
+    in the order of its assignments: the parts of the shard directory it names, checked to be of
+    the same model and as many as its ``n_rows`` assignments."""
+    shards = open_shards(summary["shards"], allow_partial=True)
+    if shards.manifest.get("model", {}).get("id") != summary.get("model_id") or shards.n != n_rows:
+        raise InputError(f"{summary['shards']}: not the shard directory {where} was clustered from "
+                         f"({shards.n} vectors for {n_rows} assignments); run itae-embed cluster again")
+    return shards.load_all()

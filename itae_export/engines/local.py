@@ -36,7 +36,8 @@ def model_identity(onnx_path: str | os.PathLike) -> dict:
     """What the shard manifest records of the model: its sha256 fingerprint and its manifest's identity."""
     m = read_manifest(onnx_path)
     return {"id": model_fingerprint(onnx_path), "name": m.get("model"), "onnx": str(Path(onnx_path).resolve()),
-            "embed_dim": m.get("embed_dim"), "itae": m.get("itae"), "precision": m.get("precision"),
+            "embed_dim": m.get("embed_dim"), "num_tokens": m.get("num_tokens"), "itae": m.get("itae"),
+            "precision": m.get("precision"),
             "preprocessing": m.get("preprocessing")}
 
 
@@ -117,7 +118,7 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
                 continue
             keys, unstat = file_keys(todo)
             hit = lookup(store, run.model_id, keys, (), outs.has_mask)
-            done = [(it.pos, text_key(it.key), hit[it.key][0], None) for it in todo if it.key in hit]
+            done = [(it.pos, text_key(it.key), hit[it.key][0], None, hit[it.key][1]) for it in todo if it.key in hit]
             done += [(it.pos, text_key(it.key), None, unstat[it.key]) for it in todo if it.key in unstat]
             run.stats.reused += len(hit)
             fkeys.update(keys)
@@ -158,9 +159,9 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
             if px:
                 vecs, counts, _ = outs(np.stack(px))
                 finite = np.isfinite(vecs).all(axis=1)  # a NaN vector would poison K-Means: never stored
-                for (pid, item), v, ok in zip(meta, vecs, finite):
+                for (pid, item), v, ok, count in zip(meta, vecs, finite, counts):
                     rows.setdefault(pid, []).append(
-                        (item.pos, text_key(item.key), v if ok else None, None if ok else NON_FINITE))
+                        (item.pos, text_key(item.key), v if ok else None, None if ok else NON_FINITE, int(count)))
                 if store is not None and finite.any():
                     good = [item for (_, item), ok in zip(meta, finite) if ok]
                     store.add(run.model_id, [(fkeys[i.key][0], *fkeys[i.key][1]) for i in good], vecs[finite],

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.data.embed import default_batch_size, load_item
+from itae_export.data.embed import GraphOutputs, default_batch_size, load_item
 from itae_export.data.shards import RunStats
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item, text_key
 from itae_export.engines.local import open_run
@@ -103,7 +103,7 @@ class EmbedActor:
                 f.write(data)
         sess, provider = open_session(os.path.join(self._dir, onnx_name), device, intra_op_threads=threads,
                                       spinning=False)
-        self.embed = Embedder(sess, provider)
+        self.embed = GraphOutputs(Embedder(sess, provider))  # the embedding and the artifact count
         self.provider = provider
         self.pid = os.getpid()
 
@@ -111,12 +111,13 @@ class EmbedActor:
         ok = np.array([r == "" for r in batch["reason"]], bool)
         n = len(ok)
         vecs = None
+        counts = np.full(n, -1, np.int64)
         if ok.any():
-            got = self.embed(batch["pixels"][ok])
+            got, counts[ok], _ = self.embed(batch["pixels"][ok])
             vecs = np.zeros((n, got.shape[1]), np.float32)
             vecs[ok] = got
         return {"part": batch["part"], "pos": batch["pos"], "key": batch["key"], "reason": batch["reason"],
-                "vector": vecs if vecs is not None else np.zeros((n, 1), np.float32),
+                "vector": vecs if vecs is not None else np.zeros((n, 1), np.float32), "artifacts": counts,
                 "actor_pid": np.full(n, self.pid, np.int64)}
 
 
@@ -266,7 +267,7 @@ def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch) ->
             reason = str(batch["reason"][j])
             v = None if reason else batch["vector"][j]
             by_part.setdefault(int(batch["part"][j]), []).append(
-                (int(batch["pos"][j]), str(batch["key"][j]), v, reason or None))
+                (int(batch["pos"][j]), str(batch["key"][j]), v, reason or None, int(batch["artifacts"][j])))
         pids.update(int(p) for p in batch["actor_pid"])
         for pid, prow in by_part.items():
             run.add(pid, prow)
