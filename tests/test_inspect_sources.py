@@ -4,9 +4,12 @@ that cannot be read is named with its reason; bad query images give one line."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -176,3 +179,57 @@ def test_cli_bad_input_one_line(what, tmp_path):
     assert "Traceback" not in res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and str(src) in errors[0], res.output
+
+
+# ---------------------------------------------------------------- itae-search --image
+
+
+def _search(collection, image, *extra):
+    from itae_export.cli.search import main as search_cli
+
+    return CliRunner().invoke(search_cli, ["query", str(collection), "--image", str(image), "-k", "3", *extra])
+
+
+def _probe(collection, dest: Path) -> Path:
+    """A copy of an image of the collection at ``dest``: its own row ranks first."""
+    rows = list(csv.DictReader(open(collection / "assignments.csv")))
+    root = Path(json.loads((collection / "summary.json").read_text())["folder"])
+    dest.write_bytes((root / rows[5]["path"]).read_bytes())
+    return dest
+
+
+def test_search_image_with_a_non_utf8_name(collection, tmp_path):
+    probe = _probe(collection, tmp_path / BAD)
+    res = _search(collection, probe)
+    assert res.exit_code == 0 and res.exception is None, res.output
+    rows = list(csv.DictReader(open(collection / "assignments.csv")))
+    first = next(csv.DictReader(res.stdout.splitlines()))
+    assert first["path"] == rows[5]["path"] and float(first["score"]) > 0.9999, res.stdout
+
+
+@pytest.mark.parametrize("what", ["non-UTF-8 non-image", "too large", "not an image", "missing"])
+def test_search_bad_image_one_line(what, collection, tmp_path):
+    extra = ()
+    if what == "too large":
+        img = tmp_path / "big.png"
+        Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(img)
+        extra, needle = ("--max-pixels", "5000"), "above --max-pixels 5000"
+    elif what == "missing":
+        img, needle = tmp_path / "nope.png", "no such file"
+    else:
+        img = tmp_path / (BAD if what.startswith("non-UTF-8") else "notes.png")
+        img.write_bytes(b"not an image")
+        needle = "not an image PIL can identify"
+    res = _search(collection, img, *extra)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.exception, res.output)
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: --image: ") and needle in errors[0], res.output
+    assert img.name.split("-")[0] in errors[0], res.output  # the file is named (its valid UTF-8 part at least)
+    if what.startswith("non-UTF-8"):  # a real process: its stderr is strict UTF-8, not the runner's buffer
+        proc = subprocess.run([sys.executable, "-m", "itae_export.cli.search", "query", str(collection), "--image",
+                               str(img)], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        err = proc.stderr.decode("utf-8")  # valid UTF-8: the name's other bytes written as \xNN
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        assert [ln for ln in err.splitlines() if ln.startswith("Error:")] == [
+            "Error: --image: " + str(img.parent) + "/latin1-\\xe9t\\xe9.png: " + needle], err

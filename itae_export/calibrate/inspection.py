@@ -186,7 +186,7 @@ def compute_norms(im: InspectModel, root: Path, paths: list, *, batch_size: int 
         good += ok
     if not chunks:
         first = f"; {text_key(skipped[0][0])}: {skipped[0][1]}" if skipped else ""
-        raise InputError(f"{root}: none of the {len(items)} images could be decoded{first}")
+        raise InputError(f"{text_key(str(root))}: none of the {len(items)} images could be decoded{first}")
     res = im.spec.preprocessing.resolution
     g = res // im.spec.arch.patch_size
     return NormSample([it.key for it in good], np.concatenate(chunks), im.spec.arch.num_register_tokens, (g, g),
