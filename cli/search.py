@@ -88,8 +88,8 @@ def index_cmd(collection, kind):
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the ranked list here [stdout].")
 @report_errors
-def query_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind, feedback,
-              fmt, output):
+def query_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind,
+              feedback, fmt, output):
     """Rank the images not judged yet; write the ranked paths as CSV or JSON."""
     from itae_export.search.session import write_ranked
 

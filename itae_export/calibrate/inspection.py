@@ -27,7 +27,7 @@ from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
 from itae_export.data.embed import load_item
 from itae_export.data.sources import Item, open_source, text_key
 from itae_export.errors import InputError, OptionError
-from itae_export.files import atomic_write_json
+from itae_export.files import atomic_write_json, check_writable, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec, sample_evenly, scan_images
 from itae_export.model import ops
 from itae_export.model.itae import inject_itae
@@ -290,7 +290,8 @@ def attention_maps(im: InspectModel, root: Path, paths: list, *, backend: str = 
 
 
 def default_inspect_dir(spec: str | os.PathLike) -> Path:
-    """``photos/`` -> ``photos_inspect/`` beside it (``photos.tar``, ``list.txt``: ``photos_inspect/``, ``list_inspect/``)."""
+    """``photos/`` -> ``photos_inspect/`` beside it (``photos.tar`` -> ``photos_inspect/``, ``list.txt`` ->
+    ``list_inspect/``)."""
     p = Path(os.path.abspath(spec))
     return p.with_name((p.name if p.is_dir() else p.stem) + "_inspect")
 
@@ -310,10 +311,10 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
     """
 
     out = Path(out_dir) if out_dir is not None else default_inspect_dir(folder)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out: {out} exists and is not a folder")
+    check_writable(out, "--out", folder=True)  # a bad --out fails before any work
     location, items = pick_items(folder, max_images, exclude=out)
     root = Path(location)
+    ensure_dir(out, "--out")  # what check_writable cannot see (/proc) fails here, still before the work
     im = load_inspect_model(model, weights=weights, random_weights=random_weights, source=source, theta=theta,
                             seed=seed)
     log(f"{im.spec.name}: {im.weights}; {len(items)} images")
@@ -321,7 +322,6 @@ def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights
     sug = suggest_theta(sample.norms)
     cur = im.options.theta
     result = _norms_record(im, sample, sug, root, random_weights, source)
-    out.mkdir(parents=True, exist_ok=True)
     title = (f"{im.spec.name} ({'random weights' if random_weights else Path(im.weights.split(' ')[0]).name}), "
              f"{len(sample.paths)} images from {root.name}")
     plot_norm_histogram(sample, out / HIST_NAME, theta=cur, suggestion=sug, title=title)
