@@ -233,3 +233,16 @@ def test_search_bad_image_one_line(what, collection, tmp_path):
         assert proc.returncode == 1 and "Traceback" not in err, err
         assert [ln for ln in err.splitlines() if ln.startswith("Error:")] == [
             "Error: --image: " + str(img.parent) + "/latin1-\\xe9t\\xe9.png: " + needle], err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_theta_auto_reads_every_source(kind, tmp_path):
+    """--theta auto calibrates on the command's own input, whatever its kind (itae-cluster photos.tar
+    --theta auto): the same images counted as from the folder."""
+    from itae_export.calibrate.auto import calibrate_theta
+    from tiny import random_model
+
+    spec = small_spec("dinov2_vits14_reg")
+    lines = []
+    calibrate_theta(spec, _source(kind, tmp_path), random_model(spec), log=lines.append)
+    assert any(f"the {N + 2} images of" in ln or f"from {N + 2} images" in ln for ln in lines), lines  # not broken.png
