@@ -394,6 +394,17 @@ def _attention_record(maps: AttentionMaps, R: int) -> dict:
     }
 
 
+def run_items(root: Path, keys: list[str], out_dir: Path | None = None) -> list[Item]:
+    """The items of a run's ``keys`` (summary.json's ``folder`` as ``root``): files under the folder
+    (or a list's folder), else the members of the tars the run read (``root``: a tar, a folder of
+    tars or a brace pattern), found by key through the source layer."""
+    root = Path(root)
+    if root.is_dir() and all((root / k).is_file() for k in keys):
+        return as_items(root, [root / k for k in keys])
+    by_key = {it.key: it for part in open_source(root, exclude=out_dir).parts for it in part.items()}
+    return [by_key[k] if k in by_key else Item(i, k, str(root / k)) for i, k in enumerate(keys)]
+
+
 def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out_dir: Path, *,
                 flagged: list[str] | None = None, max_images: int = 64, n_maps: int = 4,
                 hist_name: str = HIST_NAME, attention_name: str = ATTENTION_NAME) -> dict:
@@ -408,8 +419,7 @@ def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out
     model = model_from_manifest(manifest, onnx_path)
     inject_itae(model, options)
     im = InspectModel(model, spec, options, str(manifest.get("weights", {}).get("source")))
-    paths = [root / p for p in sample_evenly(rel_paths, max_images)]
-    sample = compute_norms(im, root, paths)
+    sample = compute_norms(im, root, run_items(root, sample_evenly(rel_paths, max_images), out_dir))
     sug = suggest_theta(sample.norms) if sample.norms.size >= 20 else None
     plot_norm_histogram(sample, out_dir / hist_name, theta=options.theta, suggestion=sug,
                         title=f"{spec.name}: {sample.source} norms of {len(sample.paths)} of the run's images")
@@ -422,7 +432,7 @@ def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out
                                                       "bimodal": sug.bimodal},
               "artifacts": artifact_stats(counts_from_masks(mask), mask.shape[1], theta=options.theta)}
     if flagged:
-        maps = attention_maps(im, root, [root / p for p in flagged[:n_maps]], backend="torch")
+        maps = attention_maps(im, root, run_items(root, flagged[:n_maps], out_dir), backend="torch")
         plot_attention(maps, out_dir / attention_name, num_register_tokens=sample.num_register_tokens,
                        grid=sample.grid, title=f"the most-flagged images: CLS attention without and with ITAE "
                                                f"(theta {options.theta:g})")
