@@ -8,6 +8,7 @@ import click
 from itae_export.cli._common import model_choice, report_errors
 
 from itae_export.errors import InputError
+from itae_export.images import DEFAULT_MAX_PIXELS
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 METHOD_CHOICES = ("knn", "rocchio", "logreg", "none")
@@ -21,6 +22,8 @@ def query_options(f):
         click.option("--text", default=None, help="Query by text (needs --text-model)."),
         click.option("--onnx", type=click.Path(dir_okay=False), default=None,
                      help="The image model for --image [the one recorded in summary.json]."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+                     help="[--image] A larger image is refused before decoding, as in itae-cluster."),
         click.option("--text-model", type=click.Path(file_okay=False), default=None,
                      help="A folder written by 'itae-search export-text' from the same checkpoint."),
         click.option("--method", type=click.Choice(METHOD_CHOICES), default=None,
@@ -49,13 +52,15 @@ def _open(collection, kind, **outputs):
     return load_index(collection, kind=kind, log=lambda m: click.echo(m, err=True))
 
 
-def _session(index, collection, session_path, feedback, method, k, image, like, text, onnx, text_model, device):
+def _session(index, collection, session_path, feedback, method, k, image, like, text, onnx, text_model, device,
+             max_pixels=DEFAULT_MAX_PIXELS):
     from itae_export.search.queries import start_or_resume
 
     if image is None and like is None and text is None and not (session_path and Path(session_path).is_file()):
         raise click.UsageError("give a query (--image, --like or --text) or an existing --session file")
     return start_or_resume(index, collection, session_path=session_path, feedback=feedback, method=method, k=k,
-                           image=image, like=like, text=text, onnx=onnx, text_model=text_model, device=device)
+                           image=image, like=like, text=text, onnx=onnx, text_model=text_model, device=device,
+                           max_pixels=max_pixels)
 
 
 @click.group(context_settings=CTX)
@@ -83,12 +88,14 @@ def index_cmd(collection, kind):
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the ranked list here [stdout].")
 @report_errors
-def query_cmd(collection, image, like, text, onnx, text_model, method, k, session_path, device, kind, feedback, fmt, output):
+def query_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind,
+              feedback, fmt, output):
     """Rank the images not judged yet; write the ranked paths as CSV or JSON."""
     from itae_export.search.session import write_ranked
 
     index = _open(collection, kind, **{"--session": session_path, "--output": output})
-    session = _session(index, collection, session_path, feedback, method, k, image, like, text, onnx, text_model, device)
+    session = _session(index, collection, session_path, feedback, method, k, image, like, text, onnx, text_model, device,
+                       max_pixels)
     results = session.results(index)
     if session_path:
         session.save(session_path)
@@ -103,8 +110,8 @@ def query_cmd(collection, image, like, text, onnx, text_model, method, k, sessio
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (the page has no login).")
 @report_errors
-def serve_cmd(collection, image, like, text, onnx, text_model, method, k, session_path, device, kind, host, port,
-              allow_remote):
+def serve_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind, host,
+              port, allow_remote):
     """A local web page: the result grid, relevant/irrelevant toggles and a Refine button."""
     from itae_export.search.server import SearchApp, check_bind, make_server
 
@@ -114,7 +121,8 @@ def serve_cmd(collection, image, like, text, onnx, text_model, method, k, sessio
         raise click.BadParameter(str(e).split(": ", 1)[1], param_hint="--host") from None
     session_path = session_path or str(Path(collection) / "search" / "session.json")
     index = _open(collection, kind, **{"--session": session_path})
-    session = _session(index, collection, session_path, None, method, k, image, like, text, onnx, text_model, device)
+    session = _session(index, collection, session_path, None, method, k, image, like, text, onnx, text_model, device,
+                       max_pixels)
     server = make_server(SearchApp(index, session, session_path), host, port, allow_remote)
     h, p = server.server_address[:2]
     click.echo(f"itae-search: http://{h}:{p}/  (session {session_path}; Ctrl-C to stop)")

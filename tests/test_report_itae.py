@@ -88,3 +88,25 @@ def test_baseline_table_and_artifact_warning_in_the_page(tmp_path):
     html = "\n".join(_itae_html(summary, tmp_path, tmp_path, [], None, 0))
     assert 'id="baseline"' in html and "<td>0.6000</td>" in html and "<td>-0.1000</td>" in html
     assert 'class="warn"' in html and "--no-itae" in html and "a/x.png" in html
+
+
+def test_the_histogram_of_a_tar_run(run, tmp_path):
+    """A run of WebDataset tars: summary.json's folder is the tar, the keys <tar>/<sample>; the
+    histogram decodes the members through the source layer, with the norms of the same files."""
+    import tarfile
+
+    base, weights, r, summary = run
+    root = base / "photos"
+    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    tar = tmp_path / "photos.tar"
+    with tarfile.open(tar, "w") as tf:
+        for p in rel:
+            tf.add(root / p, arcname=p)
+    keys = [f"photos.tar/{p[:-4]}" for p in rel]
+    kw = dict(max_images=len(rel), hist_name="h.png", attention_name="a.png")
+    from_tar = inspect_run(r.manifest, r.path, tar, keys, tmp_path, **kw)
+    from_folder = inspect_run(r.manifest, r.path, root, rel, base, **kw)
+    assert from_tar["images"] == len(rel)
+    assert from_tar["artifacts"] == from_folder["artifacts"]
+    assert [p.removeprefix("photos.tar/") for p in from_tar["attention_images"]] == \
+        [p[:-4] for p in from_folder["attention_images"]]

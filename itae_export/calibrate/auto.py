@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
-from itae_export.calibrate.inspection import InspectModel, artifact_mask_np, compute_norms, pick_images
+from itae_export.calibrate.inspection import InspectModel, artifact_mask_np, compute_norms, pick_items
 from itae_export.calibrate.theta import suggest_theta
 from itae_export.cluster.artifacts import artifact_stats, counts_from_masks, report_lines
 from itae_export.errors import OptionError
@@ -25,8 +26,8 @@ def calibrate_theta(spec: ModelSpec, images_dir, model, *, source: str | None = 
     src = source or "query"
     options = ITAEOptions.for_model(spec, source=src)
     inject_itae(model, options)
-    root, paths = pick_images(images_dir, max_images)
-    sample = compute_norms(InspectModel(model.eval(), spec, options, "the loaded model"), root, paths)
+    location, items = pick_items(images_dir, max_images)  # a folder, a path list or tars, like the command's input
+    sample = compute_norms(InspectModel(model.eval(), spec, options, "the loaded model"), Path(location), items)
     sug = suggest_theta(sample.norms)
     if not sug.bimodal:
         log(f"--theta auto: the {src} norms of the {len(sample.paths)} images of {images_dir} show no bimodality "

@@ -24,9 +24,11 @@ import numpy as np
 
 from itae_export.calibrate.theta import suggest_theta
 from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
+from itae_export.data.embed import load_item
+from itae_export.data.sources import Item, open_source, text_key
 from itae_export.errors import InputError, OptionError
-from itae_export.files import atomic_write_json
-from itae_export.images import decode_image, load_images, sample_evenly, scan_images
+from itae_export.files import atomic_write_json, check_writable, ensure_dir
+from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec, sample_evenly, scan_images
 from itae_export.model import ops
 from itae_export.model.itae import inject_itae
 from itae_export.model.vit import build_model, init_random_
@@ -47,12 +49,13 @@ ATTENTION_BACKENDS = ("onnx", "torch")
 class NormSample:
     """Last-block projection norms of the candidate tokens (registers first, then patches)."""
 
-    paths: list[str]  # relative to the folder
+    paths: list[str]  # the keys of the images (relative to the folder; list entries; <tar>/<sample>)
     norms: np.ndarray  # [n_images, R + N] float32
     num_register_tokens: int
     grid: tuple[int, int]
     source: str
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of the images that did not decode
+    items: list[Item] = field(default_factory=list)  # the images of ``paths``, to decode them again
 
 
 @dataclass
@@ -126,33 +129,68 @@ def pick_images(folder: str | os.PathLike, max_images: int | None) -> tuple[Path
     return root, sample_evenly(paths, max_images)
 
 
-def _load_batch(paths: list[Path], root: Path, preprocessing: dict):
-    ok, arrays, bad = load_images(paths, preprocessing)
-    rel = lambda p: Path(os.path.abspath(p)).relative_to(root).as_posix()  # noqa: E731  (a link may point outside)
-    return [rel(p) for p in ok], arrays, [(rel(p), reason) for p, reason in bad]
+def pick_items(spec: str | os.PathLike, max_images: int | None, exclude: Path | None = None) -> tuple[str, list[Item]]:
+    """(location, items) of any input of the source layer (a folder, a path list, WebDataset tars):
+    every image, or ``max_images`` of them evenly spaced over the source's order. ``exclude``: a
+    folder never scanned (the output)."""
+    if max_images is not None and max_images < 1:
+        raise OptionError(f"--max-images: {max_images} must be >= 1")
+    src = open_source(spec, exclude=exclude)
+    return src.location, sample_evenly([it for part in src.parts for it in part.items()], max_images)
 
 
-def compute_norms(im: InspectModel, root: Path, paths: list[Path], *, batch_size: int = 8) -> NormSample:
-    """Run the PyTorch model over the images; keep the last block's projection norms."""
+def as_items(root: Path, paths: list) -> list[Item]:
+    """Items of ``paths`` (files under ``root``, keyed by their relative POSIX path; Items pass through)."""
+    out = []
+    for i, p in enumerate(paths):
+        if isinstance(p, Item):
+            out.append(p)
+            continue
+        a = Path(os.path.abspath(p))  # a link may point outside: the name it was found at
+        out.append(Item(i, a.relative_to(root).as_posix() if a.is_relative_to(root) else str(a), str(a)))
+    return out
+
+
+def _load_batch(items: list[Item], preprocessing: dict, max_pixels: int | None):
+    """The decode of every command (:func:`itae_export.data.embed.load_item`): (items that decoded,
+    their pixels, (key, reason) of the rest)."""
+    pre = PreprocessSpec.from_manifest(preprocessing)
+    ok, arrays, bad = [], [], []
+    for it in items:
+        px, reason, _ = load_item(it, pre, max_pixels)
+        if px is None:
+            bad.append((it.key, reason))
+        else:
+            ok.append(it)
+            arrays.append(px)
+    return ok, arrays, bad
+
+
+def compute_norms(im: InspectModel, root: Path, paths: list, *, batch_size: int = 8,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> NormSample:
+    """Run the PyTorch model over the images (files under ``root`` or :class:`Item` of any source);
+    keep the last block's projection norms. Images that do not decode are in ``skipped``."""
     import torch
 
+    items = as_items(root, paths)
     pre = im.spec.preprocessing.to_dict()
-    all_rel, chunks, skipped = [], [], []
-    for i in range(0, len(paths), batch_size):
-        rel, arrays, bad = _load_batch(paths[i: i + batch_size], root, pre)
+    good, chunks, skipped = [], [], []
+    for i in range(0, len(items), batch_size):
+        ok, arrays, bad = _load_batch(items[i: i + batch_size], pre, max_pixels)
         skipped += bad
         if not arrays:
             continue
         with torch.no_grad():
             f = im.model.forward_features(torch.from_numpy(np.stack(arrays)))
         chunks.append(f["norms"].float().numpy())
-        all_rel += rel
+        good += ok
     if not chunks:
-        raise InputError(f"{root}: none of the {len(paths)} images could be decoded")
+        first = f"; {text_key(skipped[0][0])}: {skipped[0][1]}" if skipped else ""
+        raise InputError(f"{text_key(str(root))}: none of the {len(items)} images could be decoded{first}")
     res = im.spec.preprocessing.resolution
     g = res // im.spec.arch.patch_size
-    return NormSample(all_rel, np.concatenate(chunks), im.spec.arch.num_register_tokens, (g, g),
-                      im.options.source, skipped)
+    return NormSample([it.key for it in good], np.concatenate(chunks), im.spec.arch.num_register_tokens, (g, g),
+                      im.options.source, skipped, good)
 
 
 # ---------------------------------------------------------------- pictures
@@ -209,9 +247,10 @@ def _torch_attention(im: InspectModel, x: np.ndarray) -> tuple[np.ndarray, np.nd
     return att_orig, att_itae, mask
 
 
-def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: str = "onnx", validate: bool = True,
+def attention_maps(im: InspectModel, root: Path, paths: list, *, backend: str = "onnx", validate: bool = True,
                    exported: tuple[str | os.PathLike, str | os.PathLike] | None = None,
-                   log: Callable[[str], None] = lambda m: None) -> AttentionMaps:
+                   log: Callable[[str], None] = lambda m: None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> AttentionMaps:
     """CLS attention (mean over heads) of the original and the ITAE model for ``paths``.
 
     onnx backend: ``exported`` names two models from :func:`export_attention_pair` (original, ITAE);
@@ -222,14 +261,14 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
 
     if backend not in ATTENTION_BACKENDS:
         raise OptionError(f"--attention-backend: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-    rel, arrays, _ = _load_batch(paths, root, im.spec.preprocessing.to_dict())
+    ok, arrays, _ = _load_batch(as_items(root, paths), im.spec.preprocessing.to_dict(), max_pixels)
     if not arrays:
         raise InputError("no image for the attention maps could be decoded")
     x = np.stack(arrays).astype(np.float32)
     res = im.spec.preprocessing.resolution
     rgb = []
-    for r in rel:
-        img, _ = decode_image(root / r)
+    for it in ok:
+        img, _ = it.decode(max_pixels)
         rgb.append(np.asarray(img.resize((res, res), Image.BICUBIC)))
     if backend == "onnx":
         work = None
@@ -244,43 +283,53 @@ def attention_maps(im: InspectModel, root: Path, paths: list[Path], *, backend: 
                 shutil.rmtree(work, ignore_errors=True)
     else:
         orig, itae, mask = _torch_attention(im, x)
-    return AttentionMaps(rel, orig.mean(1), itae.mean(1), mask, backend, rgb)
+    return AttentionMaps([it.key for it in ok], orig.mean(1), itae.mean(1), mask, backend, rgb)
 
 
 # ---------------------------------------------------------------- the job
+
+
+def default_inspect_dir(spec: str | os.PathLike) -> Path:
+    """``photos/`` -> ``photos_inspect/`` beside it (``photos.tar`` -> ``photos_inspect/``, ``list.txt`` ->
+    ``list_inspect/``)."""
+    p = Path(os.path.abspath(spec))
+    return p.with_name((p.name if p.is_dir() else p.stem) + "_inspect")
 
 
 def inspect_folder(folder: str | os.PathLike, model: str | ModelSpec, *, weights: str | None = None,
                    random_weights: bool = False, source: str = "query", theta: float | None = None,
                    max_images: int | None = 64, out_dir: str | os.PathLike | None = None, attention: bool = False,
                    attention_images: int = 4, attention_backend: str = "onnx", batch_size: int = 8, seed: int = 0,
-                   log: Callable[[str], None] = lambda m: None) -> dict:
-    """Norm histogram, suggested theta and (optionally) attention maps for the images of ``folder``.
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Norm histogram, suggested theta and (optionally) attention maps for the images of ``folder``:
+    any input of :func:`itae_export.data.sources.open_source` (a folder, a path list, WebDataset
+    tars), decoded like every other command (:func:`itae_export.data.embed.load_item`, ``max_pixels``).
 
     Writes ``norms_hist.png``, ``inspect.json`` and, with ``attention``, ``attention.png`` into
-    ``out_dir`` (default ``<folder>_inspect/``); returns the JSON dictionary.
+    ``out_dir`` (default ``<folder>_inspect/``); returns the JSON dictionary. Images that do not
+    decode are listed with their reason under ``skipped``.
     """
 
-    root, paths = pick_images(folder, max_images)
-    out = Path(out_dir) if out_dir is not None else root.with_name(root.name + "_inspect")
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out: {out} exists and is not a folder")
+    out = Path(out_dir) if out_dir is not None else default_inspect_dir(folder)
+    check_writable(out, "--out", folder=True)  # a bad --out fails before any work
+    location, items = pick_items(folder, max_images, exclude=out)
+    root = Path(location)
+    ensure_dir(out, "--out")  # what check_writable cannot see (/proc) fails here, still before the work
     im = load_inspect_model(model, weights=weights, random_weights=random_weights, source=source, theta=theta,
                             seed=seed)
-    log(f"{im.spec.name}: {im.weights}; {len(paths)} images")
-    sample = compute_norms(im, root, paths, batch_size=batch_size)
+    log(f"{im.spec.name}: {im.weights}; {len(items)} images")
+    sample = compute_norms(im, root, items, batch_size=batch_size, max_pixels=max_pixels)
     sug = suggest_theta(sample.norms)
     cur = im.options.theta
     result = _norms_record(im, sample, sug, root, random_weights, source)
-    out.mkdir(parents=True, exist_ok=True)
     title = (f"{im.spec.name} ({'random weights' if random_weights else Path(im.weights.split(' ')[0]).name}), "
-             f"{len(sample.paths)} images from {root.name}/")
+             f"{len(sample.paths)} images from {root.name}")
     plot_norm_histogram(sample, out / HIST_NAME, theta=cur, suggestion=sug, title=title)
     result["files"]["histogram"] = HIST_NAME
     if attention:
-        n_att = max(1, min(attention_images, len(sample.paths)))
-        att_paths = [root / p for p in sample_evenly(sample.paths, n_att)]
-        maps = attention_maps(im, root, att_paths, backend=attention_backend, log=log)
+        n_att = max(1, min(attention_images, len(sample.items)))
+        maps = attention_maps(im, root, sample_evenly(sample.items, n_att), backend=attention_backend, log=log,
+                              max_pixels=max_pixels)
         plot_attention(maps, out / ATTENTION_NAME, num_register_tokens=sample.num_register_tokens, grid=sample.grid,
                        title=f"{im.spec.name}: CLS attention of the last block, mean over heads "
                              f"(theta {cur:g}, {maps.backend})")
@@ -302,7 +351,7 @@ def _norms_record(im: InspectModel, sample: NormSample, sug, root: Path, random_
         "source": source,
         "folder": str(root),
         "images": len(sample.paths),
-        "skipped": [{"path": p, "reason": r} for p, r in sample.skipped],
+        "skipped": [{"path": text_key(p), "reason": r} for p, r in sample.skipped],
         "tokens_per_image": int(sample.norms.shape[1]),
         "num_register_tokens": sample.num_register_tokens,
         "current_theta": cur,
@@ -333,7 +382,7 @@ def _attention_record(maps: AttentionMaps, R: int) -> dict:
         "backend": maps.backend,
         "source": ("cls_attention output of exported ONNX models (ITAE and --no-itae), ONNX Runtime CPU"
                    if maps.backend == "onnx" else "cls_attention of the PyTorch model (ITAE and disabled)"),
-        "images": maps.paths,
+        "images": [text_key(p) for p in maps.paths],
         "attention_on_artifacts": {
             "original": [float(a[1:][m].sum()) for a, m in zip(maps.original, maps.artifact_mask)],
             "itae": [float(a[1:][m].sum()) for a, m in zip(maps.itae, maps.artifact_mask)],
@@ -343,6 +392,17 @@ def _attention_record(maps: AttentionMaps, R: int) -> dict:
             "itae": [float(a[1:1 + R].sum()) for a in maps.itae],
         },
     }
+
+
+def run_items(root: Path, keys: list[str], out_dir: Path | None = None) -> list[Item]:
+    """The items of a run's ``keys`` (summary.json's ``folder`` as ``root``): files under the folder
+    (or a list's folder), else the members of the tars the run read (``root``: a tar, a folder of
+    tars or a brace pattern), found by key through the source layer."""
+    root = Path(root)
+    if root.is_dir() and all((root / k).is_file() for k in keys):
+        return as_items(root, [root / k for k in keys])
+    by_key = {it.key: it for part in open_source(root, exclude=out_dir).parts for it in part.items()}
+    return [by_key[k] if k in by_key else Item(i, k, str(root / k)) for i, k in enumerate(keys)]
 
 
 def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out_dir: Path, *,
@@ -359,8 +419,7 @@ def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out
     model = model_from_manifest(manifest, onnx_path)
     inject_itae(model, options)
     im = InspectModel(model, spec, options, str(manifest.get("weights", {}).get("source")))
-    paths = [root / p for p in sample_evenly(rel_paths, max_images)]
-    sample = compute_norms(im, root, paths)
+    sample = compute_norms(im, root, run_items(root, sample_evenly(rel_paths, max_images), out_dir))
     sug = suggest_theta(sample.norms) if sample.norms.size >= 20 else None
     plot_norm_histogram(sample, out_dir / hist_name, theta=options.theta, suggestion=sug,
                         title=f"{spec.name}: {sample.source} norms of {len(sample.paths)} of the run's images")
@@ -373,7 +432,7 @@ def inspect_run(manifest: dict, onnx_path, root: Path, rel_paths: list[str], out
                                                       "bimodal": sug.bimodal},
               "artifacts": artifact_stats(counts_from_masks(mask), mask.shape[1], theta=options.theta)}
     if flagged:
-        maps = attention_maps(im, root, [root / p for p in flagged[:n_maps]], backend="torch")
+        maps = attention_maps(im, root, run_items(root, flagged[:n_maps], out_dir), backend="torch")
         plot_attention(maps, out_dir / attention_name, num_register_tokens=sample.num_register_tokens,
                        grid=sample.grid, title=f"the most-flagged images: CLS attention without and with ITAE "
                                                f"(theta {options.theta:g})")
@@ -393,6 +452,9 @@ def format_result(result: dict) -> str:
                  f"{c['images_with_artifacts']}/{c['images']} images with any")
     if result.get("artifacts", {}).get("warning"):
         lines.append(result["artifacts"]["warning"])
+    if result["skipped"]:
+        lines.append(f"skipped {len(result['skipped'])} images that could not be read:")
+        lines += [f"  {s['path']}: {s['reason']}" for s in result["skipped"]]
     lines.append("outputs: " + ", ".join(str(Path(result["out_dir"]) / f) for f in result["files"].values()))
     return "\n".join(lines)
 

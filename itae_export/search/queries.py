@@ -11,7 +11,7 @@ import numpy as np
 from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError
 from itae_export.data.embed import load_item
-from itae_export.data.sources import Item
+from itae_export.data.sources import Item, text_key
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, open_session
@@ -40,17 +40,19 @@ def embed_image(index: SearchIndex, image: str | os.PathLike, onnx_path: str | o
     pre = PreprocessSpec.from_manifest(read_manifest(onnx_path)["preprocessing"])
     image = os.fspath(image)
     if not os.path.isfile(image):
-        raise InputError(f"--image: {image}: no such file")
+        raise InputError(f"--image: {text_key(image)}: no such file")
     pixels, reason, _ = load_item(Item(0, image, image), pre, max_pixels)  # the decode of every command
     if pixels is None:
-        raise InputError(f"--image: {image}: {reason}")
+        raise InputError(f"--image: {text_key(image)}: {reason}")
     sess, provider = open_session(onnx_path, device, spinning=False)
     return _unit(Embedder(sess, provider)(pixels[None])[0])
 
 
 def query_vector(index: SearchIndex, *, image=None, like: str | None = None, text: str | None = None,
-                 onnx=None, text_model=None, device: str = "auto") -> tuple[dict, np.ndarray]:
-    """({"kind", "value"}, unit vector) of exactly one of ``image``, ``like`` or ``text``."""
+                 onnx=None, text_model=None, device: str = "auto",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[dict, np.ndarray]:
+    """({"kind", "value"}, unit vector) of exactly one of ``image``, ``like`` or ``text``; ``max_pixels``:
+    the largest ``image`` decoded (``--max-pixels``, as in itae-cluster)."""
     given = [name for name, v in (("--image", image), ("--like", like), ("--text", text)) if v is not None]
     if len(given) != 1:
         raise InputError("give exactly one query: --image FILE, --like PATH (an image of the collection) or --text TEXT"
@@ -61,7 +63,8 @@ def query_vector(index: SearchIndex, *, image=None, like: str | None = None, tex
         onnx = onnx or collection_onnx(index)
         if onnx is None:
             raise InputError("--image needs --onnx (the model the collection was embedded with)")
-        return {"kind": "image", "value": str(Path(image).resolve())}, embed_image(index, image, onnx, device)
+        return ({"kind": "image", "value": text_key(str(Path(image).resolve()))},
+                embed_image(index, image, onnx, device, max_pixels))
     if text_model is None:
         raise InputError("--text needs --text-model DIR (a text tower exported with itae-search export-text)")
     encoder = TextEncoder(text_model, device=device)
