@@ -178,7 +178,15 @@ def test_browser_page_equals_python_ort(chromium, tmp_path):
     for card, p, m in zip(got["cards"], decoded, ref_m):
         assert p.name in card and f"artifact tokens: {int(m.sum())}" in card and "neighbours:" in card
 
-    # the plain graph fed the golden preprocessed tensors
+    # the run's artifact line, and the sanity warning exactly when Python's rule fires (issue 23)
+    from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
+
+    stats = artifact_stats(counts_from_masks(ref_m), ref_m.shape[1], theta=theta)
+    art = got["artifacts"]
+    assert f"{100 * stats['share_tokens_flagged']:.2f}% of the candidate tokens" in art["line"], art
+    assert f"{stats['images_with_any']} of {len(decoded)} images with any" in art["line"], art
+    assert bool(art["warning"]) == bool(stats["warning"]) == art["warningVisible"], (art, stats)
+
     ref = run_onnx(plain.path, x)
     emb = np.asarray([r["embedding"] for r in got["plain"]], np.float32)
     assert np.abs(emb - ref["embedding"]).max() <= FP32_REL_TOL * np.abs(ref["embedding"]).max()

@@ -155,3 +155,52 @@ def test_js_decoder_gives_pillows_rgb(tmp_path):
     assert "cmyk.jpg" in refused["cmyk.jpg"] and "CMYK" in refused["cmyk.jpg"]
     assert "above the limit of 120000000 pixels" in refused["huge.png"]
     assert len(files) - len(refused) >= 30
+
+
+ARTIFACTS = """
+import { readFileSync } from "node:fs";
+import { artifactSummary, WARN_SHARE } from "./artifacts.mjs";
+const cases = JSON.parse(readFileSync(process.argv[1], "utf8"));
+console.log(JSON.stringify({ warn_share: WARN_SHARE,
+  got: cases.map((c) => artifactSummary(c.masks.map((m) => m.map(Boolean)), c.theta)) }));
+"""
+
+
+def test_browser_artifact_summary_equals_python_stats(tmp_path):
+    """examples/browser/artifacts.mjs (the page's artifact line and its warning) against
+    itae_export.cluster.artifacts on the same masks: the same counts, the same threshold, and the
+    warning exactly when Python's sanity rule fires (issue 23: the overlay on ordinary photos)."""
+    from itae_export.cluster.artifacts import WARN_SHARE, artifact_stats, counts_from_masks
+
+    browser = ROOT / "examples" / "browser"
+    if not shutil.which("node"):
+        pytest.skip("Node.js is not installed")
+    rng = np.random.default_rng(0)
+    shares = (0.0, 0.01, 0.049, 0.051, 0.22, 0.5)  # either side of WARN_SHARE, and the issue's 22 %
+    cases = [{"theta": 3.0, "masks": (rng.random((7, 260)) < p).astype(int).tolist()} for p in shares]
+    exact = np.zeros((4, 100), int)
+    exact[:, :5] = 1  # exactly 5 %: not above the line, no warning on either side
+    cases.append({"theta": 2.5, "masks": exact.tolist()})
+    cases.append({"theta": 2.0376524925231934, "masks": (rng.random((3, 20)) < 0.2).astype(int).tolist()})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run(["node", "--input-type=module", "-e", ARTIFACTS, str(tmp_path / "cases.json")], cwd=browser,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["warn_share"] == WARN_SHARE
+    warned = 0
+    for c, got in zip(cases, out["got"]):
+        masks = np.asarray(c["masks"], bool)
+        want = artifact_stats(counts_from_masks(masks), masks.shape[1], theta=c["theta"])
+        assert got["images"] == want["images"] and got["candidates"] == want["candidate_tokens_per_image"]
+        assert got["tokens"] == want["tokens_flagged"] and got["max"] == want["max"]
+        assert got["withAny"] == want["images_with_any"]
+        for k_js, k_py in (("mean", "mean"), ("median", "median"), ("share", "share_tokens_flagged")):
+            assert got[k_js] == pytest.approx(want[k_py], abs=1e-12), k_js
+        assert (got["warning"] is not None) == (want["warning"] is not None), (c["theta"], want["share_tokens_flagged"])
+        if got["warning"]:
+            warned += 1
+            assert f"{100 * want['share_tokens_flagged']:.1f}% of the candidate tokens at theta {c['theta']:g}" \
+                in got["warning"] and "itae-inspect" in got["warning"] and "--no-itae" in got["warning"]
+        assert f"{100 * want['share_tokens_flagged']:.2f}% of the candidate tokens" in got["line"]
+    assert warned == 4

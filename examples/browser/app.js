@@ -3,6 +3,7 @@
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.all.min.mjs";
 import { preprocess } from "./preprocess.mjs";
 import { decodeToRGB, RefusedImage } from "./decode.mjs";
+import { artifactSummary } from "./artifacts.mjs";
 
 ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
 ort.env.wasm.numThreads = globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
@@ -92,8 +93,20 @@ function drawCard(item) {
   });
 }
 
+// The run's artifact counts, and the warning when the share of flagged tokens is not a few
+// artifacts but ordinary patches (the overlay then covers much of every image).
+function renderArtifacts() {
+  const m = state.manifest, s = artifactSummary(state.items.map((i) => i.mask), m.itae.theta);
+  if (m.itae.enabled === false) s.line = "Artifacts: ITAE is off (--no-itae), no token was attenuated";
+  $("artifacts").textContent = s.line;
+  $("artifact-warning").textContent = m.itae.enabled === false ? "" : (s.warning || "");
+  $("artifact-warning").hidden = !$("artifact-warning").textContent;
+  return s;
+}
+
 function render() {
   const items = state.items;
+  renderArtifacts();
   const labels = kmeans(items.map((i) => i.embedding), Number($("k").value) || 2);
   const xs = items.map((i) => normalise(i.embedding));
   $("cards").replaceChildren(...items.map((item, i) => {
@@ -226,6 +239,8 @@ async function runPlan(url) {
                                                 maskType: i.maskType, maskData: i.maskData, rgb: Array.from(i.rgb),
                                                 height: i.height, width: i.width }));
     result.cards = Array.from(document.querySelectorAll(".card"), (c) => c.textContent);
+    result.artifacts = { line: $("artifacts").textContent, warning: $("artifact-warning").textContent,
+                         warningVisible: $("artifact-warning").offsetParent !== null };
     result.errors = Array.from(document.querySelectorAll("#errors li"), (li) => li.textContent);
     // what the download link saves, read back from its blob: URL
     const a = downloadEmbeddings();
