@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,8 @@ import imagefolders as datasets  # noqa: E402  (tests/imagefolders.py: real-imag
 
 sys.path.insert(0, str(HERE))
 from common import print_machine  # noqa: E402
+
+from itae_export.data.store import CACHE_ENV  # noqa: E402
 
 
 def ensure_model(path: Path, name: str) -> Path:
@@ -84,6 +87,9 @@ def compare_jobs(root: Path, a: Path, b: Path, bare_px: np.ndarray, n: int, tmp:
     job: dict[str, list[float]] = {k: [] for k in graphs}
     for turn in range(args.turns):
         for k, p in graphs.items():
+            # a fresh embedding cache for every job: with the shared one (issue 21) every turn after
+            # the first would read its vectors back instead of embedding
+            os.environ[CACHE_ENV] = str(tmp / f"cache_{k}_{turn}")
             t0 = time.perf_counter()
             run_cluster_job(root, p, 3, tmp / f"out_{k}_{turn}", batch_size=args.batch_size, workers=args.workers,
                             pool=args.pool, device=args.device, intra_op_threads=args.threads, progress=False)
@@ -133,6 +139,7 @@ def main() -> None:
     args.batch_size = args.batch_size or default_batch_size(provider)
     onnx_path = ensure_model(args.onnx or Path("exported") / f"bench_{args.model}_random.onnx", args.model)
     tmp = Path(tempfile.mkdtemp(prefix="itae-bench-"))
+    os.environ[CACHE_ENV] = str(tmp / "cache")  # nothing read from, or left in, the user's embedding cache
     try:
         root = tmp / "photos"
         n = build_folder(root, args.dataset, args.n)
