@@ -32,8 +32,8 @@ from itae_export.onnx.contract import QUANTIZATIONS
               help="Fold LayerScale and fuse attention/LayerNorm/GELU for ONNX Runtime (com.microsoft ops; "
                    "only the fusions that run fastest on this CPU, timed at export; validated before and after).")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
-              help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ calibrated on real images with "
-                   "the layers that move the clusters kept float32; validated against fp32 on real images "
+              help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ (SmoothQuant first) calibrated on "
+                   "real images with the layers that move the clusters kept float32; validated against fp32 on real images "
                    "(--validate-images DIR, else Fashion-MNIST where installed).")
 @click.option("--preprocess-in-graph", is_flag=True,
               help="Also write <name>_image.onnx: uint8 [batch, h, w, 3] RGB images in, resize and normalisation "

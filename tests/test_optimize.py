@@ -22,6 +22,7 @@ from itae_export.onnx.optimize import (
     mask_source_matmuls,
     quantize_graph,
     quantize_static_int8,
+    smooth_activations,
     weight_matmul_layers,
     with_fp32_layers,
 )
@@ -300,6 +301,9 @@ def test_int8_static_export_publishes_with_its_plan(tiny, tmp_path, monkeypatch)
     assert q["quantized"] == q["weight_matmuls"] - 1 and q["kept_fp32_layers"] == ["blocks.1.attn.qkv"]
     assert len(q["sensitivity"]) == q["weight_matmuls"] - 1 and q["trials"][0]["fp32_layers"] == 0
     assert "Fashion-MNIST train" in q["calibration"] and q["measured_on"]["cpu_kind"]
+    # SmoothQuant ran first, folded into the LayerNorms before qkv and fc1; the mask source was left alone
+    assert q["smoothing"]["alpha"] == 0.5 and q["smoothing"]["layers"] == {
+        "blocks.0.attn.qkv": "folded", "blocks.0.mlp.fc1": "folded", "blocks.1.mlp.fc1": "folded"}
     assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(r.path)).graph.node}
 
 
@@ -359,3 +363,47 @@ def test_guard_user_measures_by_hand():
     assert centroid_kept(a, b, 2) == 0.75
     with pytest.raises(InputError, match="2 rows"):
         neighbour_overlap(a[:1], b[:1])
+
+
+def test_smooth_activations_is_exact_and_rescues_an_outlier_channel(folded, tmp_path):
+    """SmoothQuant migration: the same function in float32 (embeddings to rounding, the artifact
+    mask exactly), the LayerNorm gammas and betas divided by s, fc2 through an inserted Mul; and on
+    a graph with one outlier channel after a LayerNorm (as trained ViTs have), the all-int8 static
+    graph of the smoothed graph is far closer to float32 than that of the unsmoothed one."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(folded.path))
+    labels = dict(weight_matmul_layers(proto))
+    ln = next(n for n in proto.graph.node if n.op_type == "LayerNormalization"
+              and any(m.input[0] == n.output[0] and labels.get(m.name) == "blocks.0.attn.qkv" for m in proto.graph.node))
+    init = {t.name: t for t in proto.graph.initializer}
+    g = numpy_helper.to_array(init[ln.input[1]]).copy()
+    g[3] *= 40.0  # one channel 40x larger than the rest, as the outlier channels of trained ViTs
+    init[ln.input[1]].CopyFrom(numpy_helper.from_array(g, ln.input[1]))
+    planted = tmp_path / "planted.onnx"
+    onnx.save_model(proto, str(planted))
+
+    x, _ = validation_inputs(folded.manifest)
+    cal = x[: len(x) // 2]
+    done = smooth_activations(planted, tmp_path / "smooth.onnx", cal)
+    assert done == {"blocks.0.attn.qkv": "folded", "blocks.0.mlp.fc1": "folded", "blocks.1.mlp.fc1": "folded"}
+    sm = onnx.load(str(tmp_path / "smooth.onnx"))
+    g2 = numpy_helper.to_array({t.name: t for t in sm.graph.initializer}[ln.input[1]])
+    assert abs(g2[3] / g2).max() < abs(g[3] / g).max() / 4  # the outlier channel was moved into the weights
+    ref, got = run_onnx(planted, x), run_onnx(tmp_path / "smooth.onnx", x)
+    np.testing.assert_allclose(got["embedding"], ref["embedding"], rtol=1e-4, atol=1e-4 * np.abs(ref["embedding"]).max())
+    np.testing.assert_array_equal(got["artifact_mask"], ref["artifact_mask"])
+    with_mul = smooth_activations(planted, tmp_path / "mul.onnx", cal, layers=("mlp.fc2",))
+    assert with_mul == {"blocks.0.mlp.fc2": "mul", "blocks.1.mlp.fc2": "mul"}
+    assert sum(n.op_type == "Mul" and n.name.endswith(".smooth") for n in onnx.load(str(tmp_path / "mul.onnx")).graph.node) == 2
+    got = run_onnx(tmp_path / "mul.onnx", x)
+    np.testing.assert_allclose(got["embedding"], ref["embedding"], rtol=1e-4, atol=1e-4 * np.abs(ref["embedding"]).max())
+
+    def int8_damage(src, name):
+        quantize_static_int8(src, tmp_path / f"{name}.q.onnx", cal, cache=tmp_path / f"{name}.json")
+        q = run_onnx(tmp_path / f"{name}.q.onnx", x)["embedding"]
+        cos = (q * ref["embedding"]).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref["embedding"], axis=1)
+        return float(1 - cos.mean())
+
+    plain, smoothed = int8_damage(planted, "plain"), int8_damage(tmp_path / "smooth.onnx", "smooth")
+    assert smoothed < plain / 2, (smoothed, plain)

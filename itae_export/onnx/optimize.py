@@ -14,6 +14,7 @@
 - :func:`quantize_static_int8` and :func:`plan_static_int8` (``--quantize int8-static``): static
   QDQ int8 calibrated on real images, per-channel weights, with the layers that move the clusters
   most, measured end to end one layer at a time, kept float32 (as few as the clusters allow).
+  :func:`smooth_activations` (SmoothQuant, folded into the LayerNorms) runs first.
 - In both, the MatMul whose output feeds ``ArtifactMask`` stays float32, so the norms and the
   threshold are those of the fp32 graph; ``ArtifactMask`` and ``AttenuateLogits`` are functions
   and are never quantized.
@@ -431,6 +432,104 @@ def _qdq_params(qdq_proto) -> dict[str, dict]:
     return out
 
 
+def _tapped_batches(path: Path, proto, tensors: list[str], pixels: np.ndarray, batch_size: int):
+    """Run the graph ``proto`` (loaded from ``path``, without its external data) on ``pixels`` in
+    batches, with the intermediate ``tensors`` as extra outputs; yields {tensor: array} per batch."""
+    import copy
+
+    import onnx
+
+    proto = copy.deepcopy(proto)  # the caller's graph keeps its outputs
+    have = {o.name for o in proto.graph.output}
+    wanted = list(dict.fromkeys(tensors))
+    for t in wanted:
+        if t not in have:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.taps.", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save_model(proto, tmp)  # beside the source: its external data resolves the same
+        sess = ort_session(tmp)
+        for i in range(0, len(pixels), batch_size):
+            yield dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: pixels[i:i + batch_size]})))
+    finally:
+        os.unlink(tmp)
+
+
+#: SmoothQuant's migration strength (Xiao et al., ICML 2023, eq. 4): 0 leaves the activations
+#: alone, 1 moves all of their range into the weights.
+SMOOTH_ALPHA = 0.5
+
+
+#: The layers ``--quantize int8-static`` smooths: those after a LayerNorm, where the scales fold in.
+#: ``mlp.fc2`` (after GELU) is left out: smoothed, it moved the clusters more on the real ViT-S/14
+#: (docs/performance.md, static int8).
+SMOOTH_LAYERS = ("attn.qkv", "mlp.fc1")
+
+
+def smooth_activations(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray, *,
+                       alpha: float = SMOOTH_ALPHA, layers: tuple[str, ...] = SMOOTH_LAYERS,
+                       batch_size: int = 8) -> dict:
+    """SmoothQuant scale migration on the float32 graph ``src``, written to ``dst``: the same
+    function (up to float32 rounding), with activations that per-tensor int8 scales fit better.
+
+    For each weight MatMul ``y = x W`` of the ``layers`` kinds (:func:`weight_matmul_layers` labels)
+    the input channel ``j`` is divided by ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` and row
+    ``j`` of ``W`` multiplied by it, with ``max|x_j|`` over ``calibration`` (real images). When the
+    input comes from a ``LayerNormalization`` or ``SkipLayerNormalization`` read by this MatMul
+    only, ``1/s`` is folded into its gamma and beta (no cost); otherwise (``mlp.fc2``, after GELU)
+    a ``Mul`` by ``1/s`` is inserted before the MatMul. The MatMul feeding ``ArtifactMask`` is left
+    alone. Returns {label: "folded" | "mul"}."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = Path(src)
+    proto = onnx.load(str(src))
+    labels = dict(weight_matmul_layers(proto))
+    skip = set(mask_source_matmuls(proto))
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    chosen = [n for n in proto.graph.node if n.name in labels and n.name not in skip
+              and labels[n.name].split(".", 2)[-1] in layers]
+    amax: dict[str, np.ndarray] = {}
+    for got in _tapped_batches(src, proto, [n.input[0] for n in chosen], calibration, batch_size):
+        for n in chosen:
+            a = np.abs(got[n.input[0]]).reshape(-1, got[n.input[0]].shape[-1]).max(0)
+            amax[n.name] = a if n.name not in amax else np.maximum(amax[n.name], a)
+    shared = [n.input[1] for n in chosen if readers.get(n.input[1]) != 1]
+    if shared:
+        raise InputError(f"smooth_activations: the weight {shared[0]} of {src} is read by more than one node")
+    done: dict[str, str] = {}
+    for n in chosen:
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        s = np.maximum(amax[n.name], 1e-5) ** alpha / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - alpha)
+        s = np.maximum(s, 1e-5).astype(np.float32)
+        p = producer.get(n.input[0])
+        ln = p if (p is not None and p.op_type in ("LayerNormalization", "SkipLayerNormalization")
+                   and list(p.output).index(n.input[0]) == 0 and readers.get(n.input[0]) == 1) else None
+        gamma_beta = [] if ln is None else ([ln.input[1], ln.input[2]] if ln.op_type == "LayerNormalization"
+                                            else [ln.input[2], ln.input[3]])
+        if ln is not None and all(t in inits and readers.get(t) == 1 for t in gamma_beta):
+            for t in gamma_beta:
+                inits[t].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[t]) / s, t))
+            done[labels[n.name]] = "folded"
+        else:
+            inv = numpy_helper.from_array((1 / s).astype(np.float32), f"{n.name}.smooth_inv")
+            proto.graph.initializer.append(inv)
+            out = f"{n.input[0]}.smoothed.{n.name}"
+            mul = onnx.helper.make_node("Mul", [n.input[0], inv.name], [out], name=f"{n.name}.smooth")
+            proto.graph.node.insert(list(proto.graph.node).index(n), mul)
+            n.input[0] = out
+            done[labels[n.name]] = "mul"
+        inits[n.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], n.input[1]))
+    onnx.save_model(proto, str(dst))
+    return done
+
+
 def layer_sensitivity(fp32_path: str | os.PathLike, qdq_path: str | os.PathLike, pixels: np.ndarray,
                       batch_size: int = 8) -> list[dict]:
     """Per weight MatMul: the relative error its int8 version adds to its own output, on real images.
@@ -453,29 +552,16 @@ def layer_sensitivity(fp32_path: str | os.PathLike, qdq_path: str | os.PathLike,
     extra = []
     for name in nodes:
         extra += [nodes[name].input[0], nodes[name].output[0]]
-    have = {o.name for o in proto.graph.output}
-    for t in dict.fromkeys(extra):
-        if t not in have:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=f".{fp32_path.stem}.taps.", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)  # beside the source: its external data resolves the same
-        sess = ort_session(tmp)
-        err2 = {n: 0.0 for n in nodes}
-        ref2 = {n: 0.0 for n in nodes}
-        wanted = list(dict.fromkeys(extra))
-        for i in range(0, len(pixels), batch_size):
-            got = dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: pixels[i:i + batch_size]})))
-            for name, node in nodes.items():
-                p = params[name]
-                x, y = got[node.input[0]], got[node.output[0]]
-                xq = np.clip(np.rint(x / p["scale"]) + p["zero_point"], 0, 255)
-                yq = ((xq - p["zero_point"]) * p["scale"]).astype(np.float32) @ p["weight"]
-                err2[name] += float(((yq - y).astype(np.float64) ** 2).sum())
-                ref2[name] += float((y.astype(np.float64) ** 2).sum())
-    finally:
-        os.unlink(tmp)
+    err2 = {n: 0.0 for n in nodes}
+    ref2 = {n: 0.0 for n in nodes}
+    for got in _tapped_batches(fp32_path, proto, extra, pixels, batch_size):
+        for name, node in nodes.items():
+            p = params[name]
+            x, y = got[node.input[0]], got[node.output[0]]
+            xq = np.clip(np.rint(x / p["scale"]) + p["zero_point"], 0, 255)
+            yq = ((xq - p["zero_point"]) * p["scale"]).astype(np.float32) @ p["weight"]
+            err2[name] += float(((yq - y).astype(np.float64) ** 2).sum())
+            ref2[name] += float((y.astype(np.float64) ** 2).sum())
     rows = []
     for name in nodes:
         rel = float(np.sqrt(err2[name] / max(ref2[name], 1e-30)))
@@ -798,21 +884,27 @@ def quantize_graph(kind: str, fp32_path: str | os.PathLike, dst: str | os.PathLi
         raise InputError(f"--quantize: {kind!r} is not one of int8, int8-static")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
+    # SmoothQuant first: the same function in float32, activations that per-tensor scales fit
+    smoothed = workdir / "smoothed.onnx"
+    log(f"int8 static: SmoothQuant (alpha {SMOOTH_ALPHA}) of {', '.join(SMOOTH_LAYERS)} on {len(cal)} images ...")
+    smoothing = smooth_activations(fp32_path, smoothed, cal)
     if plan is not None:
         path = Path(plan)
         plan = read_int8_plan(path)
         sel_what = plan["selection"] + f" (plan {path.name})"
         log(f"int8 static: the plan {path} ({len(plan['keep_fp32'])} layers float32); calibrating ...")
-        cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
         plan["cache"] = str(workdir / "calibration.json")
-        quantize_static_int8(fp32_path, workdir / "int8_all.onnx", cal, cache=plan["cache"])
+        quantize_static_int8(smoothed, workdir / "int8_all.onnx", cal, cache=plan["cache"])
     else:
-        cal, cal_what = calibration_images(images_dir, manifest, 64, part=0)
         sel, sel_what = calibration_images(images_dir, manifest, 120, part=1)
-        plan = plan_static_int8(fp32_path, workdir, cal, sel, image_classes(images_dir), log=log)
+        plan = plan_static_int8(smoothed, workdir, cal, sel, image_classes(images_dir), log=log)
     everything = bool(plan["sensitivity"]) and len(plan["keep_fp32"]) >= len(plan["sensitivity"])
-    info = None if everything else quantize_static_int8(fp32_path, dst, None, cache=plan["cache"],
+    info = None if everything else quantize_static_int8(smoothed, dst, None, cache=plan["cache"],
                                                          keep_fp32=plan["keep_fp32"], per_channel=per_channel)
+    if info is not None:
+        info["smoothing"] = {"method": "SmoothQuant scale migration (Xiao et al. 2023), folded into the LayerNorms",
+                             "alpha": SMOOTH_ALPHA, "layers": smoothing}
     if info is None or not info["quantized"]:
         Path(dst).unlink(missing_ok=True)
         raise ToleranceError("int8 validation failed: no weight MatMul can be int8 without moving the K-Means "
