@@ -40,31 +40,54 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256, help="real images per guard check")
     ap.add_argument("--no-guard", action="store_true", help="speed only")
     ap.add_argument("--guard-all", action="store_true", help="also the guard of the all-int8 static graph")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="SmoothQuant alpha before planning [optimize.SMOOTH_ALPHA, as --quantize int8-static]; 0: none")
+    ap.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                    help="also itae-cluster on N textile images, planned static graph against fp32 (bench_cluster.py)")
+    ap.add_argument("--theta", type=float, default=None, help="ITAE theta of the export [the model's default]")
+    ap.add_argument("--no-itae", action="store_true", help="the unpatched graph (what --theta auto gives on unimodal norms)")
     ap.add_argument("--cache", type=Path, default=Path("exported") / "bench")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     info = print_machine(args.threads)
 
     from itae_export.onnx.optimize import (
+        SMOOTH_ALPHA,
+        SMOOTH_LAYERS,
         calibration_images,
         plan_static_int8,
         quantize_int8,
         quantize_static_int8,
+        smooth_activations,
         validate_int8,
     )
+    from itae_export.runtime import run_onnx
 
+    import dataclasses
 
     spec, options, model, what, tag = build_from_args(args)
-    fp32, manifest = cached_export(spec, options, model, args.cache, tag, "opt_itae", log, optimize=True)
+    variant = "opt_itae"
+    if args.no_itae:
+        options, variant = dataclasses.replace(options, enabled=False), "opt_noitae"
+    elif args.theta is not None:
+        options, variant = dataclasses.replace(options, theta=args.theta), f"opt_theta{args.theta:g}"
+    fp32, manifest = cached_export(spec, options, model, args.cache, tag, variant, log, optimize=True)
     work = Path(tempfile.mkdtemp(prefix="itae-int8s-"))
+    alpha = SMOOTH_ALPHA if args.alpha is None else args.alpha
+    cal, cal_what = calibration_images(None, manifest, 64, part=0)
+    base = fp32  # the graph that is quantized: fp32, SmoothQuant-migrated as --quantize int8-static does
+    if alpha > 0:
+        base = work / "smoothed.onnx"
+        log(f"SmoothQuant alpha {alpha} of {', '.join(SMOOTH_LAYERS)} on {cal_what} ...")
+        smoothing = smooth_activations(fp32, base, cal, alpha=alpha)
+        log(f"  {len(smoothing)} layers smoothed")
     if args.plan:
         plan = json.loads(args.plan.read_text())
-        cal = None
+        plan["cache"] = str(work / "calibration.json")
     else:
-        cal, cal_what = calibration_images(None, manifest, 64, part=0)
         sel, sel_what = calibration_images(None, manifest, 120, part=1)
         log(f"planning: calibration {cal_what}; selection {sel_what}")
-        plan = plan_static_int8(fp32, work, cal, sel, 10, log=log)
+        plan = plan_static_int8(base, work, cal, sel, 10, log=log)
         plan.update(calibration=cal_what, selection=sel_what)
         if args.save_plan:
             Path(plan["cache"]).replace(args.save_plan.with_suffix(".calibration.json"))
@@ -73,8 +96,8 @@ def main() -> None:
     paths = {"fp32 --optimize": fp32, "dynamic int8": work / "dyn.onnx", "static int8, all": work / "all.onnx",
              f"static int8, {len(plan['keep_fp32'])} fp32": work / "planned.onnx"}
     quantize_int8(fp32, paths["dynamic int8"])
-    quantize_static_int8(fp32, paths["static int8, all"], cal, cache=plan["cache"])
-    q = quantize_static_int8(fp32, work / "planned.onnx", None, cache=plan["cache"], keep_fp32=plan["keep_fp32"])
+    quantize_static_int8(base, paths["static int8, all"], cal, cache=plan["cache"])
+    q = quantize_static_int8(base, work / "planned.onnx", None, cache=plan["cache"], keep_fp32=plan["keep_fp32"])
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
     sessions = {v: ort_session(p, args.threads, False) for v, p in paths.items()}
@@ -85,8 +108,12 @@ def main() -> None:
     rows = [{"graph": v, "images_s": args.batch / median(t[v]), "x_fp32": ref / median(t[v]), "spread": spread(t[v])}
             for v in paths]
 
-    print(f"\n{spec.name} ({what} weights), batch {args.batch}, {args.threads} threads, spinning off, {args.repeats} "
-          f"interleaved turns, medians; load average at start {info['load_avg']}")
+    share = run_onnx(fp32, cal, batch_size=8)["artifact_mask"].mean()
+    itae = (f"ITAE at theta {manifest['itae']['theta']:g} (flags {share:.1%} of the tokens of the calibration "
+            "images)") if manifest["itae"]["enabled"] else "--no-itae"
+    print(f"\n{spec.name} ({what} weights), {itae}, batch {args.batch}, {args.threads} threads, spinning off, {args.repeats} "
+          f"interleaved turns, medians; load average at start {info['load_avg']}; static graphs "
+          + (f"SmoothQuant alpha {alpha} ({', '.join(SMOOTH_LAYERS)})" if alpha > 0 else "not smoothed"))
     print("\n1. Plan: each layer int8 alone, end to end (1 - mean cosine to fp32, mask entries flipped), most "
           "damaging first:")
     print(", ".join(f"{r['layer']} {r['damage']:.1e}/{r['mask_flips']:.2%}" for r in plan["sensitivity"]))
@@ -99,6 +126,8 @@ def main() -> None:
     print(format_table(rows, [("graph", "graph"), ("images_s", "images/s"), ("x_fp32", "x fp32"), ("spread", "noise")]),
           flush=True)
 
+    if args.end_to_end:
+        end_to_end(fp32, work / "planned.onnx", manifest, q, args)
     if args.no_guard:
         return
     sets = {"Fashion-MNIST test": None}
@@ -111,8 +140,34 @@ def main() -> None:
             r = validate_int8(fp32, paths[v], manifest, images_dir=d, n_images=args.images)
             print(f"{set_name} ({r['real_images']}, k={r['k']}), {v}: cos min {r['min_cosine']:.4f} mean "
                   f"{r['mean_cosine']:.5f}, mask agree {r['mask_agreement']:.2%}, ARI {r['kmeans_ari']:.4f}, "
-                  f"independent-runs ARI {r['kmeans_ari_independent_runs']:.4f}: "
+                  f"independent-runs ARI {r['kmeans_ari_independent_runs']:.4f}, 10-NN kept "
+                  f"{r['neighbour_overlap']:.1%}, centroid kept {r['centroid_kept']:.1%}: "
                   f"{'passes' if r['passed'] else 'FAILS'}", flush=True)
+
+
+def end_to_end(fp32: Path, planned: Path, manifest: dict, q: dict, args) -> None:
+    """itae-cluster on the textile images with the planned static graph against the fp32 graph
+    (``bench_cluster.py --against``, jobs in turns). The int8 graph gets the fp32 manifest with
+    its quantization recorded and is sealed, so that itae-cluster opens it; it is a bench file
+    (the guard of step 3 decides whether ``itae-export`` would publish it)."""
+    import copy
+    import subprocess
+
+    import onnx
+
+    from itae_export.onnx.manifest import seal, write_manifest
+
+    m = copy.deepcopy(manifest)
+    m["quantization"] = {"type": "int8-static", **{k: q[k] for k in ("method", "quantized", "weight_matmuls")},
+                         "validation": {"passed": None, "note": "bench_int8_static.py: speed only, see its guard"}}
+    proto = onnx.load(str(planned))
+    seal(proto, m)
+    onnx.save_model(proto, str(planned))
+    write_manifest(planned, m)
+    print(f"\n4. End to end (itae-cluster, {args.end_to_end} textile images; A = fp32 --optimize, B = planned static):",
+          flush=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("bench_cluster.py")), "--onnx", str(fp32), "--against",
+                    str(planned), "--n", str(args.end_to_end), "--turns", "3", "--threads", str(args.threads)], check=True)
 
 
 if __name__ == "__main__":
