@@ -44,7 +44,13 @@ from itae_export.cluster.metrics import kmeans_ari, l2_normalize
 from itae_export.errors import InputError, ToleranceError
 from itae_export.images import load_images, scan_images
 from itae_export.model.vit import LayerScale
-from itae_export.onnx.contract import INT8_MIN_ARI, ITAE_DOMAIN, OUTPUT_EMBEDDING, OUTPUT_MASK
+from itae_export.onnx.contract import (
+    INT8_MIN_ARI,
+    ITAE_DOMAIN,
+    OUTPUT_EMBEDDING,
+    OUTPUT_MASK,
+    external_data_name,
+)
 from itae_export.onnx.validate import preprocess, validation_inputs
 from itae_export.runtime import ort_session, run_onnx
 
@@ -483,7 +489,9 @@ def smooth_activations(src: str | os.PathLike, dst: str | os.PathLike, calibrati
     import onnx
     from onnx import numpy_helper
 
-    src = Path(src)
+    src, dst = Path(src), Path(dst)
+    light = onnx.load(str(src), load_external_data=False)  # for the taps: its external data resolves beside src
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
     proto = onnx.load(str(src))
     labels = dict(weight_matmul_layers(proto))
     skip = set(mask_source_matmuls(proto))
@@ -496,7 +504,7 @@ def smooth_activations(src: str | os.PathLike, dst: str | os.PathLike, calibrati
     chosen = [n for n in proto.graph.node if n.name in labels and n.name not in skip
               and labels[n.name].split(".", 2)[-1] in layers]
     amax: dict[str, np.ndarray] = {}
-    for got in _tapped_batches(src, proto, [n.input[0] for n in chosen], calibration, batch_size):
+    for got in _tapped_batches(src, light, [n.input[0] for n in chosen], calibration, batch_size):
         for n in chosen:
             a = np.abs(got[n.input[0]]).reshape(-1, got[n.input[0]].shape[-1]).max(0)
             amax[n.name] = a if n.name not in amax else np.maximum(amax[n.name], a)
@@ -526,7 +534,11 @@ def smooth_activations(src: str | os.PathLike, dst: str | os.PathLike, calibrati
             n.input[0] = out
             done[labels[n.name]] = "mul"
         inits[n.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], n.input[1]))
-    onnx.save_model(proto, str(dst))
+    if external:  # as the source: a graph over protobuf's 2 GB keeps its weights beside it
+        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data_name(dst.name), size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(dst))
     return done
 
 
