@@ -15,7 +15,11 @@ Safety (a page that only its user drives; docs/reliability.md, "The search serve
   and the per-session random token the page carries (``X-Itae-Token``). Nothing is read or saved
   before all of these hold.
 - The body is bounded (:data:`MAX_BODY`); a ``Content-Length`` that is missing, negative or not a
-  number is refused (411/400) without reading; a malformed request gets 400, never a traceback.
+  number is refused (411/400) without reading; a body shorter than its ``Content-Length`` gets
+  400, one that does not arrive within :data:`REQUEST_TIMEOUT` 408; a malformed request gets 400,
+  never a traceback.
+- A refinement is all or nothing: a session that cannot be saved gets 500 and the session in
+  memory is restored. Every JSON answer is strict JSON (a score that is not finite is null).
 - Images are served by row number (``/img/<row>``) and only when the row's path, after resolving
   links, lies inside the collection's image folder and the file's first bytes are those of an
   image (PNG, JPEG, GIF, WebP, BMP, TIFF); the content type comes from those bytes. An
@@ -31,12 +35,14 @@ Safety (a page that only its user drives; docs/reliability.md, "The search serve
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import hmac
 import html
 import http.server
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -48,7 +54,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from itae_export.errors import InputError
+from itae_export.errors import InputError, OutputError
 from itae_export.search.feedback import FeedbackParams
 from itae_export.search.index import SearchIndex
 from itae_export.search.session import Session
@@ -115,7 +121,10 @@ class SearchApp:
         return {
             "query": s.query, "method": s.method, "round": len(s.rounds) - 1,
             "judged": {"relevant": sum(s.judgments.values()), "irrelevant": sum(not v for v in s.judgments.values())},
-            "results": [{"id": self.index.row(p), "path": p, "score": round(sc, 5)} for p, sc in self.page],
+            # a score that is not finite (NaN embeddings in a careless collection) is null: the
+            # response stays JSON that a browser parses
+            "results": [{"id": self.index.row(p), "path": p, "score": round(sc, 5) if math.isfinite(sc) else None}
+                        for p, sc in self.page],
         }
 
     def refine(self, marks: dict) -> dict:
@@ -128,8 +137,15 @@ class SearchApp:
                         or int(key) >= len(self.index):
                     raise InputError(f"bad mark {key!r}: {value!r}")
                 judged[self.index.paths[int(key)]] = value
-            self.session.judge(self.index, judged)
-            self._next_page()
+            # all or nothing: when the judgments cannot be recorded or saved (a full disk, the
+            # session's folder gone), the session and the page stay as they were
+            before = copy.deepcopy((self.session.judgments, self.session.rounds)), self.page
+            try:
+                self.session.judge(self.index, judged)
+                self._next_page()
+            except BaseException:
+                (self.session.judgments, self.session.rounds), self.page = before
+                raise
             return self.state()
 
     def check_token(self, value: str | None) -> bool:
@@ -248,7 +264,7 @@ def make_handler(app: SearchApp, local_only: bool = True, port: int | None = Non
             self._send(code, (why + "\n").encode(), "text/plain; charset=utf-8")
 
         def _json(self, obj, code: int = 200) -> None:
-            self._send(code, json.dumps(obj).encode(), "application/json")
+            self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json")
 
         def _host(self) -> tuple[str, int] | None:
             """(host, port) of a Host header this server answers, or None."""
@@ -304,8 +320,9 @@ def make_handler(app: SearchApp, local_only: bool = True, port: int | None = Non
             if site not in ("same-origin", "none"):
                 return self._refuse(403, "forbidden: a cross-site request")
             if path == "/api/results":
-                with app.lock:
-                    return self._json(app.state())
+                with app.lock:  # not held while a slow client reads the answer
+                    state = app.state()
+                return self._json(state)
             if path.startswith("/img/"):
                 f = app.image_file(path[len("/img/"):])
                 if f is not None and self._send_image(f):
@@ -378,13 +395,24 @@ def make_handler(app: SearchApp, local_only: bool = True, port: int | None = Non
             if not app.check_token(self.headers.get(TOKEN_HEADER)):
                 return self._refuse(403, "forbidden: missing or wrong session token")
             try:
-                body = json.loads(self.rfile.read(n) or b"{}")
+                data = self.rfile.read(n)
+            except (TimeoutError, socket.timeout):
+                return self._refuse(408, f"the body did not arrive within {self.timeout:g} s")
+            if len(data) != n:  # the client ended its side before the whole body
+                return self._refuse(400, f"the body has {len(data)} bytes, its Content-Length says {n}")
+            try:
+                body = json.loads(data or b"{}")
                 if not isinstance(body, dict):
                     raise InputError("the body must be a JSON object {\"marks\": {...}}")
-                self._json(app.refine(body.get("marks", {})))
+                state = app.refine(body.get("marks", {}))
             except (InputError, ValueError, RecursionError) as e:
                 self.close_connection = True
-                self._json({"error": str(e)}, 400)
+                return self._json({"error": str(e)}, 400)
+            except (OutputError, OSError) as e:  # nothing was judged (SearchApp.refine)
+                self.close_connection = True
+                print(f"itae-search: the session could not be saved: {e}", file=sys.stderr)
+                return self._json({"error": f"the session could not be saved, nothing was judged: {e}"}, 500)
+            self._json(state)
 
         def _not_allowed(self):
             if self._guard() is not None:
@@ -456,7 +484,7 @@ function render(state) {
     const img = document.createElement("img");
     img.src = "/img/" + r.id; img.alt = r.path;
     const cap = document.createElement("figcaption");
-    cap.textContent = r.path + " (" + r.score.toFixed(3) + ")";
+    cap.textContent = r.path + " (" + (r.score === null ? "no score" : r.score.toFixed(3)) + ")";
     const yes = document.createElement("button");
     yes.className = "mark-relevant"; yes.textContent = "relevant";
     const no = document.createElement("button");

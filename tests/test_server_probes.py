@@ -1,0 +1,132 @@
+"""itae-search serve probed as a hostile client or a careless collection would: a body shorter than
+its Content-Length, a body that never arrives, a session file that cannot be saved, and an index
+whose scores are not finite. Each gets a clean HTTP answer, the session stays whole, and the
+server's terminal shows no traceback.
+
+The collection is the forged one of tests/test_integrity_server.py (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_integrity_server import _mark_body, forged, own_headers, request  # noqa: F401 - forged: the fixture
+
+from itae_export.search.index import SearchIndex
+from itae_export.search.server import SearchApp, make_server
+from itae_export.search.session import Session, new_session
+
+
+@pytest.fixture()
+def running(forged):  # noqa: F811 - the fixture imported above
+    """(server, app, port, session path), the server serving in a thread."""
+    index, tmp = forged
+    session = new_session(index, tmp, {"kind": "like", "value": "a.png"}, index.vectors[0], index.model_id, k=4)
+    app = SearchApp(index, session, tmp / "session.json")
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, app, server.server_address[1], tmp / "session.json"
+    server.shutdown()
+    server.server_close()
+
+
+def _raw_post(port, headers, body: bytes, length: int, end: bool, timeout: float = 10) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    lines = ["POST /api/refine HTTP/1.1", f"Host: 127.0.0.1:{port}"] + [f"{k}: {v}" for k, v in headers.items()]
+    s.sendall(("\r\n".join(lines + [f"Content-Length: {length}"]) + "\r\n\r\n").encode() + body)
+    if end:
+        s.shutdown(socket.SHUT_WR)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    finally:
+        s.close()
+    return out
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer else 0
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(running, capfd):
+    """A client that declares 100 bytes, sends a complete JSON object of fewer and ends its side:
+    400, not a refinement made from a body cut short."""
+    _, app, port, session_path = running
+    before = session_path.read_bytes()
+    body = _mark_body(app)
+    answer = _raw_post(port, own_headers(app, port), body, len(body) + 50, end=True)
+    assert _status(answer) == 400, answer[:80]
+    assert session_path.read_bytes() == before and app.session.judgments == {}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_body_that_never_arrives_gets_408(running, capfd):
+    """A client that sends its headers and part of its body, then waits: after the handler's
+    timeout it gets 408 (not a connection closed without an answer), and nothing is judged."""
+    server, app, port, session_path = running
+    server.RequestHandlerClass.timeout = 1.0
+    before = session_path.read_bytes()
+    t0 = time.monotonic()
+    answer = _raw_post(port, own_headers(app, port), b'{"marks": ', 100, end=False)
+    assert _status(answer) == 408, answer[:80]
+    assert time.monotonic() - t0 < 8
+    assert session_path.read_bytes() == before and app.session.judgments == {}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_session_that_cannot_be_saved_changes_nothing(running, capfd):
+    """The session file's place taken by a folder (as a full disk or a read-only filesystem would): the refine gets
+    500 with a JSON error the page shows, the session in memory is as before (not judged in
+    memory only), and once the file can be written again the same marks go through."""
+    _, app, port, session_path = running
+    shown = app.state()
+    body = _mark_body(app)
+    session_path.unlink()
+    session_path.mkdir()
+    status, headers, answer = request(port, "POST", "/api/refine", body, own_headers(app, port))
+    assert status == 500, (status, answer[:80])
+    assert headers["Content-Type"] == "application/json" and "could not be saved" in json.loads(answer)["error"]
+    assert app.session.judgments == {} and app.state() == shown
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "could not be saved" in err
+    session_path.rmdir()
+    status, _, answer = request(port, "POST", "/api/refine", body, own_headers(app, port))
+    assert status == 200 and json.loads(answer)["round"] == 1
+    assert len(Session.load(session_path).judgments) == 1
+
+
+def _strict_json(text: bytes):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_scores_that_are_not_finite_stay_json(forged, tmp_path):  # noqa: F811
+    """An index with a NaN embedding (a careless collection) ranks an image with a score of
+    -inf; /api/results must still be JSON a browser parses (no NaN/Infinity tokens): null."""
+    index, tmp = forged
+    vectors = index.vectors.copy()
+    vectors[2] = np.nan
+    bad = SearchIndex(index.root, index.paths, vectors, index.model_id)
+    session = new_session(bad, tmp, {"kind": "like", "value": "a.png"}, index.vectors[0], bad.model_id,
+                          k=len(bad))
+    app = SearchApp(bad, session, None)
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        status, _, answer = request(port, "GET", "/api/results")
+        assert status == 200
+        results = _strict_json(answer)["results"]
+        assert all(r["score"] is None or np.isfinite(r["score"]) for r in results)
+        assert any(r["score"] is None for r in results)  # the case this test is about did occur
+        status, _, answer = request(port, "POST", "/api/refine", _mark_body(app), own_headers(app, port))
+        assert status == 200 and _strict_json(answer)["round"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
