@@ -130,3 +130,52 @@ def test_scores_that_are_not_finite_stay_json(forged, tmp_path):  # noqa: F811
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/img/%2e%2e/x", "/img/..%2f..%2fetc%2fpasswd", "/img/%252e%252e", "/img/..\\..\\x",
+                                  "/img/0%00", "/img/\u0663", "/img/\uff10", "/img/0x1", "/img/1e0", "/img/" + "0" * 19 + "1",
+                                  "/api/results/..", "/img/../api/results"])
+def test_path_tricks_on_img_get_404(running, path):
+    """Encoded and double-encoded dot segments, backslashes, NUL, non-ASCII digits (Arabic-Indic
+    three, fullwidth zero), hex and exponent forms: never a file, never a traceback."""
+    _, app, port, _ = running
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    s.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    s.close()
+    assert _status(answer) in (400, 404), (path, answer[:60])
+    assert b"image/" not in answer.split(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("host", ["localhost.:{port}", "127.0.0.1.:{port}", "0.0.0.0:{port}", "127.1:{port}",
+                                  "[::ffff:127.0.0.1]:{port}", "0x7f000001:{port}", "2130706433:{port}"])
+def test_host_spellings_that_are_not_a_loopback_literal_are_refused(running, host):
+    """A rebinding name cannot take any of these forms, but a browser would send them as typed:
+    only 127.0.0.0/8, ::1 and localhost (any case) are answered, the page and its token included."""
+    _, app, port, _ = running
+    host = host.replace("{port}", str(port))
+    for path in ("/", "/api/results"):
+        assert request(port, "GET", path, host=host)[0] == 403, (host, path)
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "FOO", "get"])
+def test_other_methods_change_nothing_and_echo_nothing(running, method):
+    _, app, port, session_path = running
+    before = session_path.read_bytes()
+    status, headers, body = request(port, method, "/api/refine", b"{}", own_headers(app, port))
+    assert status in (405, 501) and headers["X-Content-Type-Options"] == "nosniff"
+    assert app.token.encode() not in body and session_path.read_bytes() == before
+
+
+def test_the_token_page_is_not_cached_and_not_framed(running):
+    """The page (which carries the token) is served even to a cross-site navigation (a link to it),
+    but never stored by a cache, framed, or given a referrer."""
+    _, app, port, _ = running
+    status, h, page = request(port, "GET", "/", headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 200 and app.token.encode() in page
+    assert h["Cache-Control"] == "no-store" and h["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in h["Content-Security-Policy"] and h["Referrer-Policy"] == "no-referrer"
+    assert "Access-Control-Allow-Origin" not in h
