@@ -137,8 +137,8 @@ class SearchApp:
                         or int(key) >= len(self.index):
                     raise InputError(f"bad mark {key!r}: {value!r}")
                 judged[self.index.paths[int(key)]] = value
-            # all or nothing: when the judgments cannot be recorded or saved (a full disk, the
-            # session's folder gone), the session and the page stay as they were
+            # all or nothing: when the judgments cannot be recorded or saved (a full disk, a
+            # read-only filesystem), the session and the page stay as they were
             before = copy.deepcopy((self.session.judgments, self.session.rounds)), self.page
             try:
                 self.session.judge(self.index, judged)
