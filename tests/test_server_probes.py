@@ -179,3 +179,65 @@ def test_the_token_page_is_not_cached_and_not_framed(running):
     assert h["Cache-Control"] == "no-store" and h["X-Frame-Options"] == "DENY"
     assert "frame-ancestors 'none'" in h["Content-Security-Policy"] and h["Referrer-Policy"] == "no-referrer"
     assert "Access-Control-Allow-Origin" not in h
+
+
+def test_a_client_dripping_bytes_is_cut_off_at_the_deadline(running, monkeypatch, capfd):
+    """One header byte every 0.3 s restarts the idle timeout each time; the total deadline still
+    closes the connection (before the fix it stayed open for as long as the client dripped)."""
+    from itae_export.search import server as srv
+
+    monkeypatch.setattr(srv, "REQUEST_DEADLINE", 1.5)
+    _, _, port, _ = running
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    t0 = time.monotonic()
+    closed = False
+    try:
+        for b in (f"GET /api/results HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nX-Slow: " + "a" * 100).encode():
+            s.sendall(bytes([b]))
+            time.sleep(0.3)
+            if time.monotonic() - t0 > 6:
+                break
+    except OSError:  # reset by the server: closed
+        closed = True
+    if not closed:
+        s.settimeout(2)
+        try:
+            closed = s.recv(1024) == b""
+        except OSError:
+            closed = True
+    s.close()
+    assert closed and time.monotonic() - t0 < 6, "the dripping connection was still open after 6 s"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_more_connections_than_the_cap_get_503_and_the_server_recovers(running, monkeypatch):
+    """Idle connections fill every slot: one more gets 503 at once (not a queue behind slow
+    clients); once they close, requests are served again."""
+    from itae_export.search import server as srv
+
+    server, _, port, _ = running
+    server._slots = threading.BoundedSemaphore(3)
+    monkeypatch.setattr(srv, "MAX_CONNECTIONS", 3)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    time.sleep(0.3)  # the server has accepted them, each in its thread
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(f"GET /api/results HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    s.close()
+    assert _status(answer) == 503, answer[:80]
+    for c in idle:
+        c.close()
+    deadline = time.monotonic() + 5
+    while True:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(f"GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        s.close()
+        if _status(answer) == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert _status(answer) == 200

@@ -29,7 +29,10 @@ Safety (a page that only its user drives; docs/reliability.md, "The search serve
   (the page's own script and style by hash, nothing else; other responses ``default-src 'none'``
   and sandboxed), ``Cross-Origin-Resource-Policy: same-origin`` and ``X-Frame-Options: DENY``.
 - The listen backlog holds a burst of connections (:data:`LISTEN_BACKLOG`); an idle connection is
-  closed after :data:`REQUEST_TIMEOUT` seconds.
+  closed after :data:`REQUEST_TIMEOUT` seconds, and any connection after :data:`REQUEST_DEADLINE`
+  seconds in all (a client that drips one byte at a time restarts the idle timer, not the
+  deadline). At most :data:`MAX_CONNECTIONS` requests are served at once; one more gets 503 at
+  once, so slow clients cannot hold every thread.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ from itae_export.search.session import Session
 MAX_BODY = 1 << 20
 LISTEN_BACKLOG = 128
 REQUEST_TIMEOUT = 30.0
+REQUEST_DEADLINE = 60.0  # seconds for a whole request, headers, body and answer
+MAX_CONNECTIONS = 64  # requests served at once
 TOKEN_HEADER = "X-Itae-Token"
 _DIGITS = re.compile(r"[0-9]{1,18}")
 # (magic bytes at offset 0, content type); WebP is RIFF....WEBP
@@ -228,6 +233,26 @@ def make_handler(app: SearchApp, local_only: bool = True, port: int | None = Non
         error_message_format = "%(code)d %(message)s\n"
         timeout = REQUEST_TIMEOUT
         _csp = other_csp
+
+        def setup(self):
+            super().setup()
+            # a total deadline: the idle timeout restarts with every byte a slow client sends
+            self._deadline = threading.Timer(REQUEST_DEADLINE, self._expire)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _expire(self):
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)  # the handler's read or write then fails
+            except OSError:
+                pass
+
+        def finish(self):
+            self._deadline.cancel()
+            try:
+                super().finish()
+            except OSError:  # the deadline shut the socket: nothing left to flush
+                pass
 
         def parse_request(self) -> bool:
             if len(self.raw_requestline.split()) != 3:  # no HTTP/0.9 ("GET /"): 400
@@ -430,6 +455,31 @@ class SearchServer(http.server.ThreadingHTTPServer):
 
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
+
+    def __init__(self, *a, **kw):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*a, **kw)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):  # every thread busy: 503 now, not a queue of slow clients
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\n\r\n503 too many connections\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
