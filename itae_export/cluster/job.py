@@ -43,7 +43,7 @@ from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
-from itae_export.runtime import available_cores, open_session
+from itae_export.runtime import cap_threads, open_session
 
 # ---------------------------------------------------------------- clustering
 
@@ -191,10 +191,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     log = log or (lambda msg: None)
     opts = ClusterOptions(k=k, **options)
     opts.check()
-    cores = available_cores()
-    if opts.intra_op_threads and opts.intra_op_threads > cores:
-        log(f"--threads {opts.intra_op_threads}: this process may use {cores} cores; using {cores}")
-        opts.intra_op_threads = cores
+    opts.intra_op_threads = cap_threads(opts.intra_op_threads, log)
     t_start = time.perf_counter()
     manifest = read_manifest(onnx_path)
     job, out_dir = _scan(folder, out_dir, opts)
