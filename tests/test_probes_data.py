@@ -68,3 +68,59 @@ def test_huge_threads_and_workers_are_capped_to_the_cores(photos, tiny_model, tm
     if cli is embed_cli:  # not --quiet: the lines saying so
         assert f"--threads 100000: this process may use {cores} cores" in r.output, r.output
         assert "--workers 100000: at most" in r.output, r.output
+
+
+def _tar_with(path, members):
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, attrs in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for k, v in attrs.items():
+                setattr(info, k, v)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def test_a_skipped_member_named_like_a_sample_keeps_every_key_unique(photos, tiny_model, tmp_path, monkeypatch):
+    """A symlink member ``q`` beside ``q.png`` (and a third copy of ``r.png``) gave two items the key
+    ``00000.tar/q``: the part's row count went past its items, it was never written, and
+    ``itae-embed run`` still said nothing and exited 0."""
+    import tarfile
+
+    from itae_export.data import shards as sh
+    from itae_export.data.sources import index_tar
+
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
+    png = sorted(photos.rglob("*.png"))
+    t = _tar_with(tmp_path / "wds" / "00000.tar", [
+        ("q.png", png[0].read_bytes(), {}), ("q", b"", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}),
+        ("r.png", png[1].read_bytes(), {}), ("r.png", png[2].read_bytes(), {}), ("r.png", png[3].read_bytes(), {}),
+        ("s", b"", {"type": tarfile.SYMTYPE, "linkname": "x"}), ("s.json", b"{}", {})])
+    keys = [it.key for it in index_tar(str(t)).items]
+    assert len(keys) == len(set(keys)) == 7, keys
+    out = tmp_path / "shards"
+    r = CliRunner().invoke(embed_cli, ["run", str(t.parent), "--out", str(out), "--onnx", str(tiny_model), "-q"])
+    assert r.exit_code == 0 and "1 parts written" in r.output, r.output
+    s = sh.open_shards(out)
+    assert sorted(s.keys()) == ["00000.tar/q", "00000.tar/r"]
+    assert len(s.skipped()) == 5 and len({k for k, _ in s.skipped()} | set(s.keys())) == 7, s.skipped()
+
+
+def test_a_list_path_named_like_an_empty_row_keeps_every_key_unique(photos, tiny_model, tmp_path, monkeypatch):
+    """An empty row's key (``list.txt:row 2``) could equal a path of the list: the same lost part."""
+    from itae_export.data import shards as sh
+
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
+    png = sorted(photos.rglob("*.png"))
+    lst = tmp_path / "list.txt"
+    (tmp_path / "list.txt:row 2").write_bytes(png[0].read_bytes())
+    lst.write_text(f"{png[1]}\n\nlist.txt:row 2\n")
+    out = tmp_path / "shards"
+    r = CliRunner().invoke(embed_cli, ["run", str(lst), "--out", str(out), "--onnx", str(tiny_model), "-q"])
+    assert r.exit_code == 0 and "1 parts written" in r.output, r.output
+    s = sh.open_shards(out)
+    assert len(s.keys()) == 2 and len(s.skipped()) == 1 and s.skipped()[0][0] not in s.keys(), (s.keys(), s.skipped())

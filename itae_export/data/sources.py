@@ -57,6 +57,24 @@ def text_key(key: str) -> str:
     except UnicodeEncodeError:
         return os.fsencode(key).decode("utf-8", "backslashreplace")
 
+def unique_keys(keys: list[str], skips: list[str | None]) -> list[str]:
+    """``keys`` with every key unique: a skipped item whose key is taken (a symlink member ``q`` beside
+    the sample ``q.png``, a third copy of a member, a list path spelled like an empty row's
+    ``list.txt:row 2``) gets `` (2)``, `` (3)``, ... The items to embed keep their keys, unique already.
+    Two items of one key made the embed stage count a row twice and never write the part."""
+    taken = {k for k, why in zip(keys, skips) if why is None}
+    out = []
+    for k, why in zip(keys, skips):
+        if why is not None:
+            base, n = k, 1
+            while k in taken:
+                n += 1
+                k = f"{base} ({n})"
+            taken.add(k)
+        out.append(k)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One image: ``key`` names it in the outputs; the bytes are ``path`` (whole file) or, for a tar
@@ -175,6 +193,8 @@ def open_source(spec: str | os.PathLike, kind: str = "auto", part_size: int = DE
         paths = [str(f) for f in found]
     if not keys or (reasons and all(r is not None for r in reasons)):
         raise InputError(f"{text}: no images found")
+    if reasons:
+        keys = unique_keys(keys, reasons)
     parts = []
     for pid, start in enumerate(range(0, len(keys), part_size)):
         stop = min(start + part_size, len(keys))
@@ -408,7 +428,9 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
         found = set(images) | set(others)
         records.extend((f"{tar_name}/{k}", f"listed in {Path(path).stem}.parquet but lost with the end of the tar",
                         -1, -1) for k in _listed_samples(path) if k not in found)
-    items = [Item(i, key, path, off, length, skip) for i, (key, skip, off, length) in enumerate(records)]
+    keys = unique_keys([r[0] for r in records], [r[1] for r in records])
+    items = [Item(i, key, path, off, length, skip) for i, (key, (_, skip, off, length)) in
+             enumerate(zip(keys, records))]
     if lost is not None:
         last = next(reversed(names), None)
         lost = (f"{lost}: members after {last!r} are lost" if last else f"{lost}: no member could be read") + \
