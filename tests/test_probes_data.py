@@ -124,3 +124,97 @@ def test_a_list_path_named_like_an_empty_row_keeps_every_key_unique(photos, tiny
     assert r.exit_code == 0 and "1 parts written" in r.output, r.output
     s = sh.open_shards(out)
     assert len(s.keys()) == 2 and len(s.skipped()) == 1 and s.skipped()[0][0] not in s.keys(), (s.keys(), s.skipped())
+
+
+def _npy(a) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _rehash(out, name):
+    import hashlib
+    import json
+
+    s = json.loads((out / "summary.json").read_text())
+    s["outputs"][name]["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    (out / "summary.json").write_text(json.dumps(s))
+
+
+def _summary(**fields):
+    def edit(out):
+        import json
+
+        s = json.loads((out / "summary.json").read_text())
+        s.update(fields)
+        (out / "summary.json").write_text(json.dumps(s))
+    return edit
+
+
+def _embeddings(change):
+    def edit(out):
+        import numpy as np
+
+        e = np.load(out / "embeddings.npy")
+        (out / "embeddings.npy").write_bytes(_npy(change(e.copy())))
+        _rehash(out, "embeddings.npy")
+    return edit
+
+
+def _nan_row(e):
+    e[1] = float("nan")
+    return e
+
+
+def _inf_row(e):
+    e[1, 0] = float("inf")
+    return e
+
+
+def _dup_path(out):
+    lines = (out / "assignments.csv").read_text().splitlines()
+    lines[2] = lines[1]
+    (out / "assignments.csv").write_text("\n".join(lines) + "\n")
+    _rehash(out, "assignments.csv")
+
+
+FORGED_COLLECTIONS = {
+    "summary.json a list": (lambda out: (out / "summary.json").write_text("[1, 2]"), "summary.json"),
+    "search/index.json a list": (lambda out: (out / "search").mkdir() or (out / "search" / "index.json")
+                                 .write_text("[1]"), "index.json"),
+    "folder a number": (_summary(folder=5), "'folder'"),
+    "folder a list": (_summary(folder=["a"]), "'folder'"),
+    "onnx a number": (_summary(onnx=5), "'onnx'"),
+    "model_id a list": (_summary(model_id=[1]), "'model_id'"),
+    "a NaN row": (_embeddings(_nan_row), "not finite"),
+    "an inf value": (_embeddings(_inf_row), "not finite"),
+    "zero columns": (_embeddings(lambda e: e[:, :0]), "embeddings.npy"),
+    "a path twice": (_dup_path, "twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_COLLECTIONS))
+def test_a_forged_collection_is_one_line_for_every_search_command(collection, tmp_path, case):
+    """Each of these was a traceback, a misleading line about "the query's vector" or "the session", or
+    (NaN rows, a path listed twice) results computed from the forgery."""
+    import shutil
+
+    from itae_export.cli.search import main as search_cli
+
+    out = tmp_path / "out"
+    shutil.copytree(collection, out, ignore=shutil.ignore_patterns("search"))
+    edit, needle = FORGED_COLLECTIONS[case]
+    edit(out)
+    first = next(iter((out / "assignments.csv").read_text().splitlines()[1:])).split(",")[0]
+    commands = [["query", str(out), "--like", first, "-k", "3"]]
+    if "index.json" not in case:  # 'itae-search index' writes a new index.json whatever was there
+        commands.append(["index", str(out)])
+    for argv in commands:
+        r = CliRunner().invoke(search_cli, argv)
+        lines = [ln for ln in r.output.strip().splitlines() if not ln.startswith("building the search index")]
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), (argv[0], r.output)
+        assert needle in lines[0] and "query's vector" not in lines[0], (argv[0], r.output)
