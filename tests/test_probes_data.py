@@ -1,6 +1,7 @@
 """Probes of the data path with hostile options and inputs: each test failed before its fix."""
 
 import concurrent.futures as cf
+import os
 
 import imagefolders as datasets
 import pytest
@@ -218,3 +219,110 @@ def test_a_forged_collection_is_one_line_for_every_search_command(collection, tm
         lines = [ln for ln in r.output.strip().splitlines() if not ln.startswith("building the search index")]
         assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), (argv[0], r.output)
         assert needle in lines[0] and "query's vector" not in lines[0], (argv[0], r.output)
+
+
+def _sealed_with(tiny_model, dest, edit):
+    """A copy of the tiny model whose embedded manifest is edited by ``edit``, its flat copies dropped,
+    resealed (what anyone who can write the file can do: the digest is a checksum, not a signature)."""
+    import json
+
+    import onnx
+
+    from itae_export.onnx.manifest import INTEGRITY_KEY, METADATA_KEY, reseal
+
+    proto = onnx.load(str(tiny_model))
+    manifest = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    edit(manifest)
+    del proto.metadata_props[:]
+    for key, value in ((METADATA_KEY, json.dumps(manifest)), (INTEGRITY_KEY, "")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    reseal(proto)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dest))
+    return dest
+
+
+def _resolution(hw):
+    def edit(m):
+        m["preprocessing"]["resolution"] = list(hw)
+        m["inputs"][0]["shape"][2:] = list(hw)
+    return edit
+
+
+@pytest.mark.parametrize("hw", [(112, 112), (100000, 100000)])
+@pytest.mark.parametrize("command", ["itae-cluster", "itae-embed run"])
+def test_a_resolution_the_graph_does_not_take_is_refused_before_any_image_is_decoded(
+        photos, tiny_model, tmp_path, monkeypatch, hw, command):
+    """The manifest said 112 (or 100000: 120 GB a decoded image) for a graph that takes 56x56: every
+    image was resized to it first (ONNX Runtime's "invalid dimensions" after decoding, or every image
+    skipped as out of memory), instead of the session saying the graph and its manifest disagree.
+    (``itae-search query --image`` refuses such a model earlier: its fingerprint holds the preprocessing,
+    so it is not the collection's model.)"""
+
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
+    model = _sealed_with(tiny_model, tmp_path / "m" / "model.onnx", _resolution(hw))
+    monkeypatch.setattr("itae_export.data.embed.preprocess", lambda *a, **k: pytest.fail("an image was decoded"))
+    cli, argv = {
+        "itae-cluster": (cluster_cli, [str(photos), "--k", "2", "--quiet"]),
+        "itae-embed run": (embed_cli, ["run", str(photos), "-q"]),
+    }[command]
+    r = CliRunner().invoke(cli, [*argv, "--onnx", str(model), "--out", str(tmp_path / "out")])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert "does not match its manifest" in errors[0] and "pixel_values" in errors[0], r.output
+
+
+@pytest.mark.parametrize("field,value", [("std", [1e-300, 1e-300, 1e-300]), ("mean", [1e39, 0.0, 0.0]),
+                                         ("scale", 1e300)])
+def test_preprocessing_numbers_are_checked_as_the_float32_they_are_used_as(tiny_model, tmp_path, field, value):
+    """std 1e-300 passed '> 0' but is 0 in float32 (a divide-by-zero warning, every image skipped);
+    a scale of 1e300 made every pixel inf."""
+    from itae_export.errors import InputError
+    from itae_export.onnx.manifest import read_manifest
+
+    model = _sealed_with(tiny_model, tmp_path / "model.onnx",
+                         lambda m: m["preprocessing"].__setitem__(field, value))
+    with pytest.raises(InputError, match=f"preprocessing.{field}"):
+        read_manifest(model)
+
+
+def _lists(tmp_path, photos):
+    """The same two images listed as Windows tools write lists: a UTF-8 BOM and CRLF lines; a parquet
+    list whose paths are binary (bytes: any file name) or dictionary-encoded."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    a, b = (str(p.relative_to(tmp_path)) for p in sorted(photos.rglob("*.png"))[:2])
+    (tmp_path / "bom.txt").write_bytes(f"\ufeff{a}\r\n{b}\r\n".encode())
+    (tmp_path / "bom.csv").write_bytes(f"\ufeffpath,file\r\n{a},x\r\n{b},y\r\n".encode())
+    pq.write_table(pa.table({"path": pa.array([a.encode(), b.encode()], pa.binary())}), tmp_path / "bin.parquet")
+    pq.write_table(pa.table({"path": pa.array([a, b]).dictionary_encode()}), tmp_path / "dict.parquet")
+    return [a, b]
+
+
+@pytest.mark.parametrize("name", ["bom.txt", "bom.csv", "bin.parquet", "dict.parquet"])
+def test_a_list_with_a_bom_or_binary_paths_reads_the_paths_as_written(photos, tmp_path, name):
+    """A BOM became part of the first path (that image skipped as missing), a BOM'd 'path' header
+    lost to the next known column, and binary parquet paths became "b'...'" (every image skipped)."""
+    import shutil
+
+    from itae_export.data.sources import read_path_list
+
+    shutil.copytree(photos, tmp_path / "photos")
+    want = _lists(tmp_path, tmp_path / "photos")
+    keys, paths, reasons = read_path_list(tmp_path / name)
+    assert keys == want and reasons == [None, None], keys
+    assert all(os.path.isfile(p) for p in paths), paths
+
+
+def test_a_parquet_list_without_a_text_column_is_one_line(tmp_path):
+    """Without a path column the first column was taken even when it held numbers: every row then
+    'embedded' a file named '1', '2', ... (all skipped as missing)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from itae_export.data.sources import read_path_list
+    from itae_export.errors import InputError
+
+    pq.write_table(pa.table({"id": [1, 2]}), tmp_path / "ids.parquet")
+    with pytest.raises(InputError, match="'id' holds int64"):
+        read_path_list(tmp_path / "ids.parquet")

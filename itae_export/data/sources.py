@@ -233,13 +233,14 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
         raise InputError(f"{p}: no such list file")
     suffix = p.suffix.lower()
     if suffix in (".txt", ".lst"):
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
+        # utf-8-sig: the BOM Windows tools write is not part of the first path
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()]
         raw = [k for k in lines if not k.startswith("#")]  # names are bytes: any file name is listed
     elif suffix == ".csv":
         import csv
 
         try:
-            with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names are bytes
+            with open(p, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # names are bytes; no BOM
                 rows = list(csv.reader(f))
         except csv.Error as e:
             raise InputError(f"{p}: not a readable CSV ({e})") from None
@@ -254,10 +255,17 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
             schema = pq.read_schema(p)
             names = [n.lower() for n in schema.names]
             col = schema.names[next((names.index(c) for c in PATH_COLUMNS if c in names), 0)]
-            values = pq.read_table(p, columns=[col]).column(col).to_pylist()
+            column = pq.read_table(p, columns=[col]).column(col)
         except Exception as e:  # noqa: BLE001 - pyarrow's error types vary
             raise InputError(f"{p}: not a readable parquet file ({e})") from None
-        raw = [None if k is None else str(k).strip() for k in values]
+        pa = require_pyarrow("a .parquet list of paths")[0]
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            raise InputError(f"{p}: column {col!r} holds {kind}, not paths (name the column of paths 'path')")
+        # binary paths are a file name's bytes (any name, UTF-8 or not), as os.fsdecode gives them
+        raw = [None if k is None else (os.fsdecode(k) if isinstance(k, bytes) else str(k)).strip()
+               for k in column.to_pylist()]
     else:
         raise InputError(f"{p}: a list of paths must end with {', '.join(LIST_SUFFIXES)}")
     if suffix != ".parquet":
