@@ -4,6 +4,7 @@ import concurrent.futures as cf
 import os
 
 import imagefolders as datasets
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -326,3 +327,31 @@ def test_a_parquet_list_without_a_text_column_is_one_line(tmp_path):
     pq.write_table(pa.table({"id": [1, 2]}), tmp_path / "ids.parquet")
     with pytest.raises(InputError, match="'id' holds int64"):
         read_path_list(tmp_path / "ids.parquet")
+
+
+@pytest.fixture(scope="module")
+def shard_dir(photos, tiny_model, tmp_path_factory):
+    from itae_export.engines.local import embed_shards
+
+    out = tmp_path_factory.mktemp("probe-shards") / "shards"
+    embed_shards(photos, out, tiny_model, progress=False, cache=False)
+    return out
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2 ** 32), "99999999999999999999"])
+@pytest.mark.parametrize("command", ["itae-cluster", "itae-embed cluster"])
+def test_a_seed_kmeans_cannot_take_is_a_usage_error_before_any_work(photos, tiny_model, shard_dir, tmp_path,
+                                                                     monkeypatch, seed, command):
+    """sklearn takes 0..2**32-1 and faiss a C int: --seed -5 was a traceback after every image was embedded."""
+    from itae_export.cluster import job
+
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
+    cli, argv = {"itae-cluster": (cluster_cli, [str(photos), "--onnx", str(tiny_model), "--quiet"]),
+                 "itae-embed cluster": (embed_cli, ["cluster", str(shard_dir), "-q"])}[command]
+    r = CliRunner().invoke(cli, [*argv, "--k", "2", "--seed", seed, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--seed" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(job.OptionError, match="--seed"):
+        job.ClusterOptions(k=2, seed=int(seed)).check()
+    with pytest.raises(job.OptionError, match="--seed"):
+        job.kmeans_assign(np.eye(4, dtype=np.float32), 2, seed=int(seed))

@@ -78,6 +78,7 @@ def kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, n_init: int 
     """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia).
     From FAISS_MIN_POINTS points on, spherical K-Means with faiss where it is installed
     (:func:`kmeans_config` says which, and with what settings)."""
+    check_seed(seed)
     if kmeans_backend(len(embeddings)) == "faiss":
         return fk.faiss_kmeans_assign(embeddings, k, seed=seed)
     from sklearn.cluster import KMeans
@@ -108,6 +109,15 @@ def label_metrics(y, assign: np.ndarray, k: int) -> tuple[dict, dict]:
     if k > n_classes:
         scores["over_clustering"] = over_clustering_scores(y, assign)
     return {"source": "parent folder names", "n_classes": n_classes}, scores
+
+
+MAX_SEED = 2 ** 31 - 1  # sklearn takes 0..2**32-1, faiss a C int: the seeds both take
+
+
+def check_seed(seed) -> None:
+    """``--seed`` is an integer both K-Means backends take (-5 was sklearn's traceback after the embedding)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"--seed: {seed!r} must be an integer between 0 and {MAX_SEED}")
 
 
 def check_k(k, n: int | None = None, what: str = "images") -> None:
@@ -153,6 +163,7 @@ class ClusterOptions:
                 flag = {"intra_op_threads": "threads", "protocol_sets": "sets", "protocol_runs": "runs"}.get(name, name)
                 bound = f"between {low} and {high}" if high else f">= {low}"
                 raise OptionError(f"--{flag.replace('_', '-')}: {v!r} must be an integer {bound}")
+        check_seed(self.seed)
         if self.method not in CLUSTER_METHODS:
             raise OptionError(f"--method: {self.method!r} is not one of {', '.join(CLUSTER_METHODS)}")
         if self.head_out is not None and self.method == "kmeans":
