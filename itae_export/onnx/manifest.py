@@ -187,7 +187,7 @@ def field_problem(manifest: dict) -> str | None:
         return "'preprocessing.resolution': not [height, width] in pixels"
     if "scale" in prep and not (_finite(prep["scale"]) and _float32(prep["scale"]) > 0
                                 and math.isfinite(_float32(255 * prep["scale"]))):
-        return "'preprocessing.scale': not a positive number"
+        return "'preprocessing.scale': not a positive number (255 times it finite in float32)"
     if not pos_int(manifest.get("embed_dim")):
         return "'embed_dim': not a positive integer"
     itae = manifest.get("itae")
