@@ -355,3 +355,22 @@ def test_a_seed_kmeans_cannot_take_is_a_usage_error_before_any_work(photos, tiny
         job.ClusterOptions(k=2, seed=int(seed)).check()
     with pytest.raises(job.OptionError, match="--seed"):
         job.kmeans_assign(np.eye(4, dtype=np.float32), 2, seed=int(seed))
+
+
+@pytest.mark.parametrize("second", ["./{a}", "{a_dir}//{a_name}", "{a_abs}", "{a_dir}/../{a_class}/{a_name}"])
+def test_a_file_listed_twice_under_another_spelling_is_listed_twice(photos, tmp_path, second):
+    """``a.png`` and ``./a.png`` (or the absolute path) were two images: the same vector twice in
+    K-Means and the search results. The check compares the paths the rows point at."""
+    import shutil
+
+    from itae_export.data.sources import read_path_list
+    from itae_export.errors import InputError
+
+    shutil.copytree(photos, tmp_path / "photos")
+    a = sorted((tmp_path / "photos").rglob("*.png"))[0]
+    rel = a.relative_to(tmp_path)
+    fields = {"a": rel.as_posix(), "a_dir": rel.parent.as_posix(), "a_name": rel.name, "a_abs": str(a),
+              "a_class": rel.parent.name}
+    (tmp_path / "l.txt").write_text(f"{rel.as_posix()}\n{second.format(**fields)}\n")
+    with pytest.raises(InputError, match="listed twice"):
+        read_path_list(tmp_path / "l.txt")

@@ -228,7 +228,7 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
 
     A row without a path (an empty line or cell before the last path, a parquet null) keeps its place with the key
     ``<list name>:row <n>`` (n counts from 1, after a .csv's header) and a skip reason, so every row
-    of the list has an outcome. A path listed twice is an error."""
+    of the list has an outcome. A file listed twice (``a.png``, ``./a.png``, its absolute path) is an error."""
     if not p.is_file():
         raise InputError(f"{p}: no such list file")
     suffix = p.suffix.lower()
@@ -272,19 +272,21 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
         while raw and not raw[-1]:
             raw.pop()  # blank lines at the end of a text file are layout, not rows
     keys, reasons = [], []
-    seen: set[str] = set()
+    base = Path(os.path.abspath(p)).parent
+    seen: dict[str, str] = {}  # the file a row points at (``a.png``, ``./a.png``, its absolute path: one file) -> row
     for n, k in enumerate(raw, 1):
         if not k:
             keys.append(f"{p.name}:row {n}")
             reasons.append("a null value in the list, not a path" if k is None
                            else "an empty row in the list, not a path")
             continue
-        if k in seen:
-            raise InputError(f"{p}: {k!r} is listed twice")
-        seen.add(k)
+        target = os.path.normpath(os.path.join(base, k))
+        if target in seen:
+            also = "" if seen[target] == k else f" (also as {seen[target]!r})"
+            raise InputError(f"{p}: {k!r} is listed twice{also}")
+        seen[target] = k
         keys.append(k)
         reasons.append(None)
-    base = Path(os.path.abspath(p)).parent
     return keys, [k if os.path.isabs(k) else str(base / k) for k in keys], reasons
 
 
