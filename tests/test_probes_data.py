@@ -374,3 +374,17 @@ def test_a_file_listed_twice_under_another_spelling_is_listed_twice(photos, tmp_
     (tmp_path / "l.txt").write_text(f"{rel.as_posix()}\n{second.format(**fields)}\n")
     with pytest.raises(InputError, match="listed twice"):
         read_path_list(tmp_path / "l.txt")
+
+
+def test_the_collections_itae_embed_writes_are_searched(shard_dir, tmp_path):
+    """The checks of a forged collection leave the real ones alone: a shard directory and an
+    ``itae-embed cluster`` output (its summary names the shard directory, no embeddings.npy)."""
+    from itae_export.cli.search import main as search_cli
+
+    out = tmp_path / "clusters"
+    r = CliRunner().invoke(embed_cli, ["cluster", str(shard_dir), "--k", "2", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    first = (out / "assignments.csv").read_text().splitlines()[1].split(",")[0]
+    for collection in (shard_dir, out):
+        r = CliRunner().invoke(search_cli, ["query", str(collection), "--like", first, "-k", "2"])
+        assert r.exit_code == 0 and r.output.count("\n") >= 3, r.output

@@ -88,7 +88,7 @@ def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.nda
     if (out_dir / SUMMARY).is_file():
         summary = _read_json(out_dir / SUMMARY, "the summary of the run")
         if summary.get("shards") and not (out_dir / "embeddings.npy").is_file():  # itae-embed cluster
-            _check_collection(out_dir, {"shards": summary["shards"]}, [], np.zeros((0, 1), np.float32))
+            _check_collection(out_dir, summary, [], np.zeros((0, 1), np.float32))  # its fields, before the path
             return _shard_collection(Path(summary["shards"]))
     data = read_outputs(out_dir)  # one set, checked; names as on disk
     summary, paths, emb = data["summary"], [row["path"] for row in data["rows"]], data["embeddings"]
