@@ -388,3 +388,17 @@ def test_the_collections_itae_embed_writes_are_searched(shard_dir, tmp_path):
     for collection in (shard_dir, out):
         r = CliRunner().invoke(search_cli, ["query", str(collection), "--like", first, "-k", "2"])
         assert r.exit_code == 0 and r.output.count("\n") >= 3, r.output
+
+
+@pytest.mark.parametrize("pattern", ["{00000..99999999999}.tar", "{0..999}{0..999}{0..999}.tar"])
+def test_a_brace_pattern_naming_too_many_tars_is_one_line_before_any_name_is_built(tmp_path, pattern):
+    """``{00000..99999999999}.tar`` built 10**11 names: a MemoryError traceback after 4 GB (or no end)."""
+    import time
+
+    from itae_export.data.sources import open_source
+    from itae_export.errors import InputError
+
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="more than"):
+        open_source(f"{tmp_path}/{pattern}")
+    assert time.perf_counter() - t0 < 5

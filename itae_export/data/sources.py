@@ -306,8 +306,22 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+MAX_BRACE_NAMES = 1_000_000  # LAION-5B is about 240,000 tars of 10,000 images
+
+
+def brace_count(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, computed without making them."""
+    n = 1
+    for lo, hi in re.findall(r"\{(\d+)\.\.(\d+)\}", pattern):
+        n *= max(0, int(hi) - int(lo) + 1)
+    return n
+
+
 def _webdataset(p: Path, text: str) -> Source:
     if "{" in text:
+        if brace_count(text) > MAX_BRACE_NAMES:  # 10**11 names were built (a MemoryError, or no end) before any check
+            raise InputError(f"{text}: names {brace_count(text)} tar shards, more than {MAX_BRACE_NAMES:,}; "
+                             "check the ranges")
         tars = [Path(t) for t in expand_braces(text)]
         missing = [t for t in tars if not t.is_file()]
         if missing:
