@@ -47,7 +47,8 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per inference batch (default: 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Decode workers (default: cores - 1, at most 4 on CPU and 16 on CUDA).")
+              help="Decode workers (default: cores - 1, at most 4 on CPU and 16 on CUDA; never more than 4 threads or "
+                   "1 process per core).")
 @click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
               help="Decode in threads (PIL releases the GIL) or processes.")
 @click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,

@@ -59,9 +59,9 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per inference batch (default: 8 on CPU, 128 on CUDA).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="[--engine local] Decode threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="[--engine local] Decode threads (at most 4 per core).")
 @click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,
-              help="[--engine local] ONNX Runtime intra-op threads on CPU.")
+              help="[--engine local] ONNX Runtime intra-op threads on CPU (at most the cores this process may use).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip (with a reason) images larger than this many pixels, read from the header before decoding.")
 @click.option("--no-cache", is_flag=True,

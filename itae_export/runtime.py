@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cap_threads(requested: int | None, log: Callable[[str], None] | None = None) -> int | None:
+    """``--threads``: at most the cores this process may use (ONNX Runtime starts every intra-op thread
+    it is asked for, and 100000 of them took gigabytes and never finished); ``log`` says when it caps."""
+    if not requested:
+        return requested
+    cores = available_cores()
+    if int(requested) > cores:
+        if log:
+            log(f"--threads {requested}: this process may use {cores} cores; using {cores}")
+        return cores
+    return int(requested)
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """(provider, why) for ``auto``, ``cuda`` or ``cpu``. ``cuda`` where CUDA is unusable is an InputError."""
     if device not in DEVICES:
@@ -88,7 +102,7 @@ def ort_session(model, providers=None, *, intra_op_threads: int | None = None, s
     so.log_severity_level = log_severity
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
-        so.intra_op_num_threads = int(intra_op_threads)
+        so.intra_op_num_threads = cap_threads(intra_op_threads)
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if hasattr(model, "SerializeToString"):

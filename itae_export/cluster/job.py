@@ -43,7 +43,7 @@ from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
-from itae_export.runtime import available_cores, open_session
+from itae_export.runtime import cap_threads, open_session
 
 # ---------------------------------------------------------------- clustering
 
@@ -78,6 +78,7 @@ def kmeans_assign(embeddings: np.ndarray, k: int, *, seed: int = 0, n_init: int 
     """K-Means on L2-normalised embeddings: (labels, distance of each point to its centroid, inertia).
     From FAISS_MIN_POINTS points on, spherical K-Means with faiss where it is installed
     (:func:`kmeans_config` says which, and with what settings)."""
+    check_seed(seed)
     if kmeans_backend(len(embeddings)) == "faiss":
         return fk.faiss_kmeans_assign(embeddings, k, seed=seed)
     from sklearn.cluster import KMeans
@@ -108,6 +109,15 @@ def label_metrics(y, assign: np.ndarray, k: int) -> tuple[dict, dict]:
     if k > n_classes:
         scores["over_clustering"] = over_clustering_scores(y, assign)
     return {"source": "parent folder names", "n_classes": n_classes}, scores
+
+
+MAX_SEED = 2 ** 31 - 1  # sklearn takes 0..2**32-1, faiss a C int: the seeds both take
+
+
+def check_seed(seed) -> None:
+    """``--seed`` is an integer both K-Means backends take (-5 was sklearn's traceback after the embedding)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"--seed: {seed!r} must be an integer between 0 and {MAX_SEED}")
 
 
 def check_k(k, n: int | None = None, what: str = "images") -> None:
@@ -153,6 +163,7 @@ class ClusterOptions:
                 flag = {"intra_op_threads": "threads", "protocol_sets": "sets", "protocol_runs": "runs"}.get(name, name)
                 bound = f"between {low} and {high}" if high else f">= {low}"
                 raise OptionError(f"--{flag.replace('_', '-')}: {v!r} must be an integer {bound}")
+        check_seed(self.seed)
         if self.method not in CLUSTER_METHODS:
             raise OptionError(f"--method: {self.method!r} is not one of {', '.join(CLUSTER_METHODS)}")
         if self.head_out is not None and self.method == "kmeans":
@@ -191,10 +202,7 @@ def run_cluster_job(folder: str | os.PathLike, onnx_path: str | os.PathLike, k: 
     log = log or (lambda msg: None)
     opts = ClusterOptions(k=k, **options)
     opts.check()
-    cores = available_cores()
-    if opts.intra_op_threads and opts.intra_op_threads > cores:
-        log(f"--threads {opts.intra_op_threads}: this process may use {cores} cores; using {cores}")
-        opts.intra_op_threads = cores
+    opts.intra_op_threads = cap_threads(opts.intra_op_threads, log)
     t_start = time.perf_counter()
     manifest = read_manifest(onnx_path)
     job, out_dir = _scan(folder, out_dir, opts)

@@ -33,6 +33,7 @@ from itae_export.cluster.artifacts import WARN_SHARE, cluster_artifacts
 from itae_export.cluster.job import (
     ClusterOptions,
     check_k,
+    check_seed,
     kmeans_assign,
     kmeans_backend,
     label_metrics,
@@ -76,6 +77,7 @@ def cluster_shards(shard_dir: str | os.PathLike, k: int, out: str | os.PathLike 
     log = log or (lambda m: None)
     pa, pq = require_pyarrow("the cluster stage")
     check_k(k)
+    check_seed(seed)
     t0 = time.perf_counter()
     shards = open_shards(shard_dir, allow_partial=allow_partial)
     n = shards.n

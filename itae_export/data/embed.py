@@ -72,6 +72,26 @@ def default_workers(provider: str | None = None) -> int:
     return max(1, min(4, cores - 1))
 
 
+MAX_THREADS_PER_CORE = 4  # decode threads beyond this only wait for the cores (a little I/O latency hidden)
+
+
+def decode_workers(requested: int | None, pool: str = "thread", log: Callable[[str], None] | None = None
+                   ) -> int | None:
+    """``--workers`` capped: a decode process per core at most, ``MAX_THREADS_PER_CORE`` threads per core.
+    The pools start a worker per queued image up to the limit, so ``--workers 100000 --pool process``
+    spawned a Python process per image; ``log`` says when it caps. None stays None (the default)."""
+    if requested is None:
+        return None
+    cores = available_cores()
+    limit = cores if pool == "process" else MAX_THREADS_PER_CORE * cores
+    if requested > limit:
+        if log:
+            log(f"--workers {requested}: at most {limit} decode {'processes' if pool == 'process' else 'threads'} "
+                f"for the {cores} cores this process may use; using {limit}")
+        return limit
+    return requested
+
+
 def default_batch_size(provider: str | None = None) -> int:
     """8 on CPU; 128 on a GPU, where larger batches keep the device busy.
 
@@ -206,7 +226,7 @@ def embed_items(items: list[Item], onnx_path: str | os.PathLike, *, root: str | 
             onnx_path, device, intra_op_threads=intra_op_threads, spinning=False)
         run = GraphOutputs(Embedder(sess, provider), extra_outputs)
         batch_size = batch_size or default_batch_size(provider)
-        workers = workers or default_workers(provider)
+        workers = decode_workers(workers, pool, log) or default_workers(provider)
         model_id = model_id or model_fingerprint(onnx_path, cache=store)
 
         t0 = time.perf_counter()

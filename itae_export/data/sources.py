@@ -57,6 +57,24 @@ def text_key(key: str) -> str:
     except UnicodeEncodeError:
         return os.fsencode(key).decode("utf-8", "backslashreplace")
 
+def unique_keys(keys: list[str], skips: list[str | None]) -> list[str]:
+    """``keys`` with every key unique: a skipped item whose key is taken (a symlink member ``q`` beside
+    the sample ``q.png``, a third copy of a member, a list path spelled like an empty row's
+    ``list.txt:row 2``) gets `` (2)``, `` (3)``, ... The items to embed keep their keys, unique already.
+    Two items of one key made the embed stage count a row twice and never write the part."""
+    taken = {k for k, why in zip(keys, skips) if why is None}
+    out = []
+    for k, why in zip(keys, skips):
+        if why is not None:
+            base, n = k, 1
+            while k in taken:
+                n += 1
+                k = f"{base} ({n})"
+            taken.add(k)
+        out.append(k)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One image: ``key`` names it in the outputs; the bytes are ``path`` (whole file) or, for a tar
@@ -175,6 +193,8 @@ def open_source(spec: str | os.PathLike, kind: str = "auto", part_size: int = DE
         paths = [str(f) for f in found]
     if not keys or (reasons and all(r is not None for r in reasons)):
         raise InputError(f"{text}: no images found")
+    if reasons:
+        keys = unique_keys(keys, reasons)
     parts = []
     for pid, start in enumerate(range(0, len(keys), part_size)):
         stop = min(start + part_size, len(keys))
@@ -208,18 +228,19 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
 
     A row without a path (an empty line or cell before the last path, a parquet null) keeps its place with the key
     ``<list name>:row <n>`` (n counts from 1, after a .csv's header) and a skip reason, so every row
-    of the list has an outcome. A path listed twice is an error."""
+    of the list has an outcome. A file listed twice (``a.png``, ``./a.png``, its absolute path) is an error."""
     if not p.is_file():
         raise InputError(f"{p}: no such list file")
     suffix = p.suffix.lower()
     if suffix in (".txt", ".lst"):
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
+        # utf-8-sig: the BOM Windows tools write is not part of the first path
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()]
         raw = [k for k in lines if not k.startswith("#")]  # names are bytes: any file name is listed
     elif suffix == ".csv":
         import csv
 
         try:
-            with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names are bytes
+            with open(p, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # names are bytes; no BOM
                 rows = list(csv.reader(f))
         except csv.Error as e:
             raise InputError(f"{p}: not a readable CSV ({e})") from None
@@ -234,29 +255,38 @@ def read_path_list(p: Path) -> tuple[list[str], list[str], list[str | None]]:
             schema = pq.read_schema(p)
             names = [n.lower() for n in schema.names]
             col = schema.names[next((names.index(c) for c in PATH_COLUMNS if c in names), 0)]
-            values = pq.read_table(p, columns=[col]).column(col).to_pylist()
+            column = pq.read_table(p, columns=[col]).column(col)
         except Exception as e:  # noqa: BLE001 - pyarrow's error types vary
             raise InputError(f"{p}: not a readable parquet file ({e})") from None
-        raw = [None if k is None else str(k).strip() for k in values]
+        pa = require_pyarrow("a .parquet list of paths")[0]
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            raise InputError(f"{p}: column {col!r} holds {kind}, not paths (name the column of paths 'path')")
+        # binary paths are a file name's bytes (any name, UTF-8 or not), as os.fsdecode gives them
+        raw = [None if k is None else (os.fsdecode(k) if isinstance(k, bytes) else str(k)).strip()
+               for k in column.to_pylist()]
     else:
         raise InputError(f"{p}: a list of paths must end with {', '.join(LIST_SUFFIXES)}")
     if suffix != ".parquet":
         while raw and not raw[-1]:
             raw.pop()  # blank lines at the end of a text file are layout, not rows
     keys, reasons = [], []
-    seen: set[str] = set()
+    base = Path(os.path.abspath(p)).parent
+    seen: dict[str, str] = {}  # the file a row points at (``a.png``, ``./a.png``, its absolute path: one file) -> row
     for n, k in enumerate(raw, 1):
         if not k:
             keys.append(f"{p.name}:row {n}")
             reasons.append("a null value in the list, not a path" if k is None
                            else "an empty row in the list, not a path")
             continue
-        if k in seen:
-            raise InputError(f"{p}: {k!r} is listed twice")
-        seen.add(k)
+        target = os.path.normpath(os.path.join(base, k))
+        if target in seen:
+            also = "" if seen[target] == k else f" (also as {seen[target]!r})"
+            raise InputError(f"{p}: {k!r} is listed twice{also}")
+        seen[target] = k
         keys.append(k)
         reasons.append(None)
-    base = Path(os.path.abspath(p)).parent
     return keys, [k if os.path.isabs(k) else str(base / k) for k in keys], reasons
 
 
@@ -276,8 +306,22 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+MAX_BRACE_NAMES = 1_000_000  # LAION-5B is about 240,000 tars of 10,000 images
+
+
+def brace_count(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, computed without making them."""
+    n = 1
+    for lo, hi in re.findall(r"\{(\d+)\.\.(\d+)\}", pattern):
+        n *= max(0, int(hi) - int(lo) + 1)
+    return n
+
+
 def _webdataset(p: Path, text: str) -> Source:
     if "{" in text:
+        if brace_count(text) > MAX_BRACE_NAMES:  # 10**11 names were built (a MemoryError, or no end) before any check
+            raise InputError(f"{text}: names {brace_count(text)} tar shards, more than {MAX_BRACE_NAMES:,}; "
+                             "check the ranges")
         tars = [Path(t) for t in expand_braces(text)]
         missing = [t for t in tars if not t.is_file()]
         if missing:
@@ -408,7 +452,9 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> TarIndex:
         found = set(images) | set(others)
         records.extend((f"{tar_name}/{k}", f"listed in {Path(path).stem}.parquet but lost with the end of the tar",
                         -1, -1) for k in _listed_samples(path) if k not in found)
-    items = [Item(i, key, path, off, length, skip) for i, (key, skip, off, length) in enumerate(records)]
+    keys = unique_keys([r[0] for r in records], [r[1] for r in records])
+    items = [Item(i, key, path, off, length, skip) for i, (key, (_, skip, off, length)) in
+             enumerate(zip(keys, records))]
     if lost is not None:
         last = next(reversed(names), None)
         lost = (f"{lost}: members after {last!r} are lost" if last else f"{lost}: no member could be read") + \

@@ -16,6 +16,7 @@ from itae_export.data.embed import (
     NON_FINITE,
     GraphOutputs,
     default_batch_size,
+    decode_workers,
     default_workers,
     file_keys,
     load_item,
@@ -29,7 +30,7 @@ from itae_export.onnx.identity import model_fingerprint
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
 from itae_export.onnx.manifest import read_manifest
-from itae_export.runtime import Embedder, open_session
+from itae_export.runtime import Embedder, cap_threads, open_session
 
 
 def model_identity(onnx_path: str | os.PathLike) -> dict:
@@ -78,14 +79,15 @@ def embed_shards(input_spec, out, onnx_path, *, shard="0/1", part_size: int = DE
     with run:
         if not run.todo:
             return run.stats
-        sess, provider = open_session(onnx_path, device, intra_op_threads=intra_op_threads, spinning=False)
+        sess, provider = open_session(onnx_path, device, intra_op_threads=cap_threads(intra_op_threads, log),
+                                      spinning=False)
         if log:
             log(f"Execution provider: {provider}")
         outs = GraphOutputs(Embedder(sess, provider))
         store = EmbeddingStore() if cache else None
         try:
             _pipeline(run, pre, outs, store, batch_size or default_batch_size(provider),
-                      workers or default_workers(provider), progress, max_pixels, on_batch)
+                      decode_workers(workers, "thread", log) or default_workers(provider), progress, max_pixels, on_batch)
         finally:
             if store is not None:
                 store.close()

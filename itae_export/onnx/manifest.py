@@ -26,7 +26,7 @@ from pathlib import Path
 
 from itae_export.errors import InputError, UnknownModelError
 from itae_export.files import atomic_write_json
-from itae_export.onnx.contract import MANIFEST_SCHEMA, MANIFEST_SUFFIX, METADATA_KEY
+from itae_export.onnx.contract import INPUT_NAME, MANIFEST_SCHEMA, MANIFEST_SUFFIX, METADATA_KEY
 from itae_export.registry import get_model_spec
 
 INTEGRITY_KEY = "itae.integrity"
@@ -139,6 +139,30 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _float32(x) -> float:
+    """``x`` as the float32 the preprocessing computes with (inf where it overflows)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def input_problem(manifest: dict, proto) -> str | None:
+    """Where the graph's declared image input differs from the manifest's ``preprocessing.resolution``
+    (a resealed manifest saying 100000 for a 56x56 graph: every image would be resized to 120 GB
+    before ONNX Runtime refused it), or None. Read from the graph's header: no session needed."""
+    graph_inputs = {i.name: i for i in proto.graph.input}
+    i = graph_inputs.get(INPUT_NAME)
+    if i is None:
+        return None  # the contract check names a missing input when the session opens
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+    want = manifest["preprocessing"]["resolution"]
+    if len(dims) == 4 and all(isinstance(d, int) for d in dims[2:]) and dims[2:] != list(want):
+        return (f"input {INPUT_NAME!r} takes {dims[2]}x{dims[3]} images, the manifest's preprocessing.resolution "
+                f"says {want[0]}x{want[1]}")
+    return None
+
+
 def field_problem(manifest: dict) -> str | None:
     """The first field a reader relies on that is missing or of the wrong kind (a forged or
     hand-edited manifest), as "'field': why", or None."""
@@ -152,17 +176,18 @@ def field_problem(manifest: dict) -> str | None:
     prep = manifest.get("preprocessing")
     if not isinstance(prep, dict):
         return "'preprocessing': not an object"
-    for key in ("mean", "std"):
+    for key in ("mean", "std"):  # finite as the float32 they are used as
         v = prep.get(key)
-        if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v):
+        if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) and math.isfinite(_float32(x)) for x in v):
             return f"'preprocessing.{key}': not 3 finite numbers"
-    if not all(x > 0 for x in prep["std"]):
-        return "'preprocessing.std': not all > 0"
+    if not all(_float32(x) > 0 for x in prep["std"]):
+        return "'preprocessing.std': not all > 0 (in float32)"
     res = prep.get("resolution")
     if not isinstance(res, list) or len(res) != 2 or not all(pos_int(x) for x in res):
         return "'preprocessing.resolution': not [height, width] in pixels"
-    if "scale" in prep and not (_finite(prep["scale"]) and prep["scale"] > 0):
-        return "'preprocessing.scale': not a positive number"
+    if "scale" in prep and not (_finite(prep["scale"]) and _float32(prep["scale"]) > 0
+                                and math.isfinite(_float32(255 * prep["scale"]))):
+        return "'preprocessing.scale': not a positive number (255 times it finite in float32)"
     if not pos_int(manifest.get("embed_dim")):
         return "'embed_dim': not a positive integer"
     itae = manifest.get("itae")
@@ -219,6 +244,9 @@ def read_manifest(onnx_path: str | os.PathLike, *, verify: bool = False) -> dict
     problem = field_problem(embedded)
     if problem is not None:
         raise InputError(f"{onnx_path}: the manifest's {problem}; export the model again")
+    problem = input_problem(embedded, proto)
+    if problem is not None:
+        raise InputError(f"{onnx_path}: the graph does not match its manifest: {problem}")
     if verify:
         _check_digest(proto, onnx_path)
     if side.is_file():

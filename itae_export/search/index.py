@@ -38,11 +38,42 @@ TARGET_RECALL = 0.97  # recall@10 the IVF nprobe is tuned for at build time, on 
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: missing ({what})") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a JSON {type(data).__name__}, not an object ({what})")
+    return data
+
+
+# the summary fields a collection's reader uses, and the kinds they must be: a forged summary.json
+# is one line naming the field, never a TypeError deep in the index or the session
+SUMMARY_TEXTS = {"model_id": True, "model": False, "folder": False, "onnx": False, "shards": False}
+
+
+def _check_collection(where: Path, summary: dict, paths: list[str], emb: np.ndarray) -> None:
+    """What every reader of a collection relies on, checked once here: the summary's fields are texts,
+    the vectors are a finite [n, D] float array with D >= 1, and no path is listed twice."""
+    for name, required in SUMMARY_TEXTS.items():
+        v = summary.get(name)
+        if (v is None and required) or (v is not None and not (isinstance(v, str) and v)):
+            raise InputError(f"{where / SUMMARY}: {name!r} must be a non-empty text, not {v!r:.60}"
+                             + ("; run itae-cluster again to write one" if v is None else ""))
+    if emb.ndim != 2 or emb.shape[1] < 1:
+        raise InputError(f"{where}: embeddings.npy has shape {list(emb.shape)}, not [n, D] with D >= 1")
+    for start in range(0, len(emb), 65536):  # a memory map: read in blocks, once
+        bad = ~np.isfinite(np.asarray(emb[start:start + 65536])).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise InputError(f"{where}: the vector of {paths[row]!r:.120} (row {row + 1}) is not finite "
+                             "(NaN or inf); itae-cluster never writes one: run it again")
+    seen: set[str] = set()
+    for p in paths:
+        if p in seen:
+            raise InputError(f"{where}: {p!r:.120} is listed twice; a collection lists each image once")
+        seen.add(p)
 
 
 def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.ndarray]:
@@ -57,13 +88,11 @@ def read_collection(out_dir: str | os.PathLike) -> tuple[dict, list[str], np.nda
     if (out_dir / SUMMARY).is_file():
         summary = _read_json(out_dir / SUMMARY, "the summary of the run")
         if summary.get("shards") and not (out_dir / "embeddings.npy").is_file():  # itae-embed cluster
+            _check_collection(out_dir, summary, [], np.zeros((0, 1), np.float32))  # its fields, before the path
             return _shard_collection(Path(summary["shards"]))
     data = read_outputs(out_dir)  # one set, checked; names as on disk
     summary, paths, emb = data["summary"], [row["path"] for row in data["rows"]], data["embeddings"]
-    if not summary.get("model_id"):
-        raise InputError(f"{out_dir / 'summary.json'}: no model_id; run itae-cluster again to write one")
-    if emb.ndim != 2:
-        raise InputError(f"{out_dir}: embeddings.npy has shape {emb.shape}, not [n, D]")
+    _check_collection(out_dir, summary, paths, emb)
     return summary, paths, emb
 
 
@@ -75,7 +104,9 @@ def _shard_collection(shard_dir: Path) -> tuple[dict, list[str], np.ndarray]:
     root = location if source.get("kind") == "folder" else location.parent
     summary = {"model_id": model.get("id"), "model": model.get("name"), "onnx": model.get("onnx"),
                "folder": str(root), "shards": str(Path(shard_dir).resolve())}
-    return summary, shards.keys(), shards.load_all()
+    keys, vectors = shards.keys(), shards.load_all()
+    _check_collection(Path(shard_dir), summary, keys, vectors)
+    return summary, keys, vectors
 
 
 def _collection_stamp(out_dir: Path, summary: dict) -> list:
