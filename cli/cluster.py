@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
 
-from itae_export.cluster.job import MAX_N_INIT
+from itae_export.cluster.job import MAX_EPOCHS, MAX_N_INIT
 from itae_export.cluster.tensors import write_inputs_and_masks
 from itae_export.images import DEFAULT_MAX_PIXELS
 from itae_export.registry import DEFAULT_CLUSTER_MODEL
+from itae_export.onnx.contract import MAX_BATCH
 
 EPILOG = """\b
 Examples:
@@ -44,7 +45,7 @@ re-running after an interruption, or into another --out, embeds only the images 
               help="Output folder (default: <folder>_itae/ beside the folder).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when usable, otherwise CPU.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None,
               help="Images per inference batch (default: 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decode workers (default: cores - 1, at most 4 on CPU and 16 on CUDA; never more than 4 threads or "
@@ -75,7 +76,7 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--method", type=click.Choice(["kmeans", "tsp", "temi"]), default="kmeans", show_default=True,
               help="kmeans, or a clustering head trained on the embeddings: tsp (TSP, one-layer cosine heads, "
                    "neighbour consistency) or temi (TEMI, MLP heads with a PMI loss). See docs/heads.md.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None,
               help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI, or "
                    "more to reach 2,000 optimiser steps on small collections).")
 @click.option("--head-out", type=click.Path(dir_okay=False, path_type=Path), default=None,

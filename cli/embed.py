@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 from itae_export.cli._common import report_errors
 
-from itae_export.cluster.job import MAX_N_INIT, metrics_line
+from itae_export.cluster.job import MAX_N_INIT, MAX_NITER, metrics_line
 from itae_export.errors import InputError
 from itae_export.images import DEFAULT_MAX_PIXELS
+from itae_export.onnx.contract import MAX_BATCH
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -57,7 +58,7 @@ def main():
 @click.option("--actor-cpus", type=click.FloatRange(min=0.25), default=None,
               help="[--engine ray] CPUs per actor, also its ONNX Runtime threads (default 1 on GPU, else 2).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None,
               help="Images per inference batch (default: 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="[--engine local] Decode threads (at most 4 per core).")
 @click.option("--threads", "intra_op_threads", type=click.IntRange(min=1), default=None,
@@ -126,7 +127,7 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
               help="auto: faiss from 20,000 vectors on (where installed), scikit-learn below.")
 @click.option("--sample-size", type=click.IntRange(min=2), default=None,
               help="[faiss] Training sample (default: min(n, max(256 k, 65,536))).")
-@click.option("--niter", type=click.IntRange(min=1), default=20, show_default=True, help="[faiss] Iterations.")
+@click.option("--niter", type=click.IntRange(1, MAX_NITER), default=20, show_default=True, help="[faiss] Iterations.")
 @click.option("--n-init", type=click.IntRange(min=1, max=MAX_N_INIT), default=10, show_default=True,
               help="[sklearn] Restarts.")
 @click.option("--seed", type=int, default=0, show_default=True)

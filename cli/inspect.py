@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from itae_export.cli._common import model_choice, report_errors
 from itae_export.images import DEFAULT_MAX_PIXELS
+from itae_export.onnx.contract import MAX_BATCH
 
 EPILOG = """\b
 Examples:
@@ -51,7 +52,7 @@ block's projection norms on a log scale, current and suggested theta marked), in
 @click.option("--attention-backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
               help="[--attention] onnx: the cls_attention output of two exported models (ITAE and --no-itae), run "
                    "in ONNX Runtime; torch: the same PyTorch model, no export (faster).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="[--random-weights] Seed of the weights.")
 @click.option("-q", "--quiet", is_flag=True, help="No informational lines on stderr (the JSON still goes to stdout).")
 @report_errors

@@ -113,7 +113,7 @@ def query_cmd(collection, image, like, text, onnx, text_model, max_pixels, metho
 def serve_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind, host,
               port, allow_remote):
     """A local web page: the result grid, relevant/irrelevant toggles and a Refine button."""
-    from itae_export.search.server import SearchApp, check_bind, make_server
+    from itae_export.search.server import SearchApp, check_bind, is_loopback_host, make_server, server_url
 
     try:
         check_bind(host, allow_remote)
@@ -124,8 +124,10 @@ def serve_cmd(collection, image, like, text, onnx, text_model, max_pixels, metho
     session = _session(index, collection, session_path, None, method, k, image, like, text, onnx, text_model, device,
                        max_pixels)
     server = make_server(SearchApp(index, session, session_path), host, port, allow_remote)
-    h, p = server.server_address[:2]
-    click.echo(f"itae-search: http://{h}:{p}/  (session {session_path}; Ctrl-C to stop)")
+    if not is_loopback_host(host):
+        click.echo(f"warning: --allow-remote: anyone who can reach {host} port {server.server_address[1]} can see "
+                   "this collection's images and change the session (the page has no login)", err=True)
+    click.echo(f"itae-search: {server_url(server)}  (session {session_path}; Ctrl-C to stop)")
     try:
         server.serve_forever()
     finally:

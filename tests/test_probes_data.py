@@ -402,3 +402,37 @@ def test_a_brace_pattern_naming_too_many_tars_is_one_line_before_any_name_is_bui
     with pytest.raises(InputError, match="more than"):
         open_source(f"{tmp_path}/{pattern}")
     assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("itae-cluster", "--batch-size", "4097"),  # the graph's batch axis ends at 4096 (onnx.contract.MAX_BATCH)
+    ("itae-cluster", "--epochs", str(10 ** 9)),  # a head trained for 10**9 epochs never ends
+    ("itae-embed run", "--batch-size", "4097"),
+    ("itae-embed cluster", "--niter", str(10 ** 9)),  # faiss iterations
+    ("itae-inspect", "--batch-size", "4097"),
+])
+def test_numeric_options_have_an_upper_bound(photos, tiny_model, shard_dir, tmp_path, monkeypatch, command, option,
+                                             value):
+    """An option whose value makes the run endless or the graph refuse is a usage error before any
+    work: every count option has a cap, as --n-init has (issue 21)."""
+    from itae_export.cli.inspect import main as inspect_cli
+
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path / "cache"))
+    out = str(tmp_path / "out")
+    cli, argv = {"itae-cluster": (cluster_cli, [str(photos), "--onnx", str(tiny_model), "--k", "2", "--out", out]),
+                 "itae-embed run": (embed_cli, ["run", str(photos), "--onnx", str(tiny_model), "--out", out]),
+                 "itae-embed cluster": (embed_cli, ["cluster", str(shard_dir), "--k", "2", "--out", out]),
+                 "itae-inspect": (inspect_cli, [str(photos), "--model", "dinov2_vits14", "--random-weights",
+                                                "--out", out])}[command]
+    r = CliRunner().invoke(cli, [*argv, option, value])
+    assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_caps_epochs_and_batch_size_too():
+    from itae_export.cluster import job
+
+    with pytest.raises(job.OptionError, match="--epochs"):
+        job.ClusterOptions(k=2, method="tsp", head_params={"epochs": 10 ** 9}).check()
+    with pytest.raises(job.OptionError, match="--batch-size"):
+        job.ClusterOptions(k=2, batch_size=10 ** 6).check()

@@ -241,3 +241,35 @@ def test_more_connections_than_the_cap_get_503_and_the_server_recovers(running, 
             break
         time.sleep(0.1)
     assert _status(answer) == 200
+
+
+def test_serve_on_ipv6_loopback(forged):  # noqa: F811 - the fixture imported above
+    """--host ::1 listens (the server was IPv4 only: 'Address family for hostname not supported'),
+    answers a Host of [::1]:PORT, refuses another Host, and its URL has brackets."""
+    from itae_export.search.server import server_url
+
+    index, tmp = forged
+    session = new_session(index, tmp, {"kind": "like", "value": "a.png"}, index.vectors[0], index.model_id, k=4)
+    try:
+        server = make_server(SearchApp(index, session, tmp / "session.json"), "::1", 0)
+    except OSError as e:  # pragma: no cover - a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert server_url(server) == f"http://[::1]:{port}/"
+
+        def get(host):
+            s = socket.create_connection(("::1", port), timeout=5)
+            s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            s.close()
+            return _status(out)
+
+        assert get(f"[::1]:{port}") == 200
+        assert get(f"evil.example:{port}") == 403
+    finally:
+        server.shutdown()
+        server.server_close()

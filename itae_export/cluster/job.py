@@ -42,6 +42,7 @@ from itae_export.data.store import EmbeddingStore, check_legacy_store
 from itae_export.errors import InputError, OptionError
 from itae_export.files import atomic_write_bytes, ensure_dir
 from itae_export.images import DEFAULT_MAX_PIXELS, PreprocessSpec
+from itae_export.onnx.contract import MAX_BATCH
 from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import cap_threads, open_session
 
@@ -156,7 +157,7 @@ class ClusterOptions:
 
     def check(self) -> None:
         for name, low, high in (("n_init", 1, MAX_N_INIT), ("intra_op_threads", 1, None), ("workers", 1, None),
-                                ("batch_size", 1, None), ("max_pixels", 1, None), ("protocol_sets", 1, None),
+                                ("batch_size", 1, MAX_BATCH), ("max_pixels", 1, None), ("protocol_sets", 1, None),
                                 ("protocol_runs", 1, None)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low or (high and v > high)):
@@ -164,6 +165,9 @@ class ClusterOptions:
                 bound = f"between {low} and {high}" if high else f">= {low}"
                 raise OptionError(f"--{flag.replace('_', '-')}: {v!r} must be an integer {bound}")
         check_seed(self.seed)
+        epochs = (self.head_params or {}).get("epochs")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_EPOCHS):
+            raise OptionError(f"--epochs: {epochs!r} must be an integer between 1 and {MAX_EPOCHS}")
         if self.method not in CLUSTER_METHODS:
             raise OptionError(f"--method: {self.method!r} is not one of {', '.join(CLUSTER_METHODS)}")
         if self.head_out is not None and self.method == "kmeans":
@@ -418,6 +422,8 @@ def _assignments_parquet(columns: dict) -> bytes:
 
 CLUSTER_METHODS = ("kmeans", "tsp", "temi")
 MAX_N_INIT = 1000  # K-Means restarts: beyond this, time grows with no gain
+MAX_EPOCHS = 100_000  # --epochs of a clustering head: the defaults are 100-1,000 steps' worth
+MAX_NITER = 10_000  # faiss K-Means iterations: it converges in tens
 
 
 def centroid_distances(embeddings: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, float]:

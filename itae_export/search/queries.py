@@ -40,7 +40,8 @@ def embed_image(index: SearchIndex, image: str | os.PathLike, onnx_path: str | o
     pre = PreprocessSpec.from_manifest(read_manifest(onnx_path)["preprocessing"])
     image = os.fspath(image)
     if not os.path.isfile(image):
-        raise InputError(f"--image: {text_key(image)}: no such file")
+        what = "not a regular file (a folder, device or pipe)" if os.path.exists(image) else "no such file"
+        raise InputError(f"--image: {text_key(image)}: {what}")
     pixels, reason, _ = load_item(Item(0, image, image), pre, max_pixels)  # the decode of every command
     if pixels is None:
         raise InputError(f"--image: {text_key(image)}: {reason}")

@@ -202,6 +202,11 @@ def _is_loopback_name(host: str) -> bool:
         return False
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``--host`` names this machine only (localhost or a loopback address)."""
+    return _is_loopback_name(host)
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -492,14 +497,23 @@ class SearchServer(http.server.ThreadingHTTPServer):
 def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False):
     """A :class:`SearchServer` for ``app`` (port 0: any free port; read ``server.server_address``)."""
     check_bind(host, allow_remote)
+    cls = SearchServer
+    if ":" in host:  # an IPv6 literal (::1, or a remote one with --allow-remote)
+        cls = type("SearchServer6", (SearchServer,), {"address_family": socket.AF_INET6})
     try:
-        server = SearchServer((host, port), http.server.BaseHTTPRequestHandler)
+        server = cls((host, port), http.server.BaseHTTPRequestHandler)
     except OSError as e:
         raise InputError(f"--host {host} --port {port}: cannot listen ({e.strerror or e})") from None
     names = frozenset(n.lower() for n in (host, "localhost", socket.gethostname(), socket.getfqdn()) if n)
     server.RequestHandlerClass = make_handler(app, local_only=not allow_remote, port=server.server_address[1],
                                               names=names)
     return server
+
+
+def server_url(server) -> str:
+    """The page's address, with brackets around an IPv6 host."""
+    h, p = server.server_address[:2]
+    return f"http://[{h}]:{p}/" if ":" in h else f"http://{h}:{p}/"
 
 
 def page_html(token: str) -> str:
