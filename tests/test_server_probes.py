@@ -40,6 +40,11 @@ def _raw_post(port, headers, body: bytes, length: int, end: bool, timeout: float
     s.sendall(("\r\n".join(lines + [f"Content-Length: {length}"]) + "\r\n\r\n").encode() + body)
     if end:
         s.shutdown(socket.SHUT_WR)
+    return _read_all(s)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes; the socket is closed after."""
     out = b""
     try:
         while chunk := s.recv(65536):
@@ -47,6 +52,13 @@ def _raw_post(port, headers, body: bytes, length: int, end: bool, timeout: float
     finally:
         s.close()
     return out
+
+
+def _get(addr: str, port: int, path: str, host: str | None = None) -> bytes:
+    """The whole answer to a plain GET of ``path`` (``Host``: the address and port unless given)."""
+    s = socket.create_connection((addr, port), timeout=5)
+    s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host or f'{addr}:{port}'}\r\n\r\n".encode())
+    return _read_all(s)
 
 
 def _status(answer: bytes) -> int:
@@ -220,23 +232,13 @@ def test_more_connections_than_the_cap_get_503_and_the_server_recovers(running, 
     monkeypatch.setattr(srv, "MAX_CONNECTIONS", 3)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
     time.sleep(0.3)  # the server has accepted them, each in its thread
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(f"GET /api/results HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    answer = b""
-    while chunk := s.recv(65536):
-        answer += chunk
-    s.close()
+    answer = _get("127.0.0.1", port, "/api/results")
     assert _status(answer) == 503, answer[:80]
     for c in idle:
         c.close()
     deadline = time.monotonic() + 5
     while True:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(f"GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-        s.close()
+        answer = _get("127.0.0.1", port, "/")
         if _status(answer) == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -258,18 +260,8 @@ def test_serve_on_ipv6_loopback(forged):  # noqa: F811 - the fixture imported ab
     try:
         port = server.server_address[1]
         assert server_url(server) == f"http://[::1]:{port}/"
-
-        def get(host):
-            s = socket.create_connection(("::1", port), timeout=5)
-            s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-            s.close()
-            return _status(out)
-
-        assert get(f"[::1]:{port}") == 200
-        assert get(f"evil.example:{port}") == 403
+        assert _status(_get("::1", port, "/", host=f"[::1]:{port}")) == 200
+        assert _status(_get("::1", port, "/", host=f"evil.example:{port}")) == 403
     finally:
         server.shutdown()
         server.server_close()
