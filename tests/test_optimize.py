@@ -409,20 +409,21 @@ def test_smooth_activations_is_exact_and_rescues_an_outlier_channel(folded, tmp_
     assert smoothed < plain / 2, (smoothed, plain)
 
 
-def test_smooth_activations_keeps_external_data_beside_the_graph(tiny, tmp_path):
+def test_smooth_activations_keeps_external_data_beside_the_graph(folded, tmp_path):
     """A graph whose weights live in a .data file (ViT-L and up) is smoothed into a graph that
     keeps them in its own .data file (a single protobuf would pass the 2 GB limit for ViT-g)."""
-    spec, model, opts = tiny
-    r = export_onnx(spec, opts, tmp_path / "ext" / "m.onnx", model=copy.deepcopy(model), external_data=True,
-                    validate=False)
-    x, _ = validation_inputs(r.manifest)
+    (tmp_path / "ext").mkdir()
+    src = tmp_path / "ext" / "m.onnx"
+    onnx.save_model(onnx.load(str(folded.path)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=1024)
+    x, _ = validation_inputs(folded.manifest)
     (tmp_path / "out").mkdir()
-    done = smooth_activations(r.path, tmp_path / "out" / "s.onnx", x)
+    done = smooth_activations(src, tmp_path / "out" / "s.onnx", x)
     assert set(done.values()) == {"folded"}
     assert (tmp_path / "out" / "s.onnx.data").is_file()
     g = onnx.load(str(tmp_path / "out" / "s.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.graph.initializer)
-    ref, got = run_onnx(r.path, x), run_onnx(tmp_path / "out" / "s.onnx", x)
+    ref, got = run_onnx(src, x), run_onnx(tmp_path / "out" / "s.onnx", x)
     np.testing.assert_allclose(got["embedding"], ref["embedding"], rtol=1e-4, atol=1e-4 * np.abs(ref["embedding"]).max())
     np.testing.assert_array_equal(got["artifact_mask"], ref["artifact_mask"])
     assert not [p.name for p in (tmp_path / "ext").iterdir() if ".taps." in p.name]  # the tap copy is gone
