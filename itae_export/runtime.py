@@ -14,7 +14,7 @@ import numpy as np
 
 from itae_export.errors import InputError, OptionError
 from itae_export.onnx.contract import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_MASK
-from itae_export.onnx.manifest import output_problem, read_manifest
+from itae_export.onnx.manifest import output_problem, read_manifest, weight_file_problem
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
@@ -136,6 +136,9 @@ def open_session(onnx_path: str | os.PathLike, device: str = "auto", *, intra_op
     try:
         sess = ort_session(onnx_path, providers, intra_op_threads=intra_op_threads, spinning=spinning)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        problem = weight_file_problem(onnx_path)  # looked for only now: it parses the graph once more
+        if problem:
+            raise InputError(problem) from None
         raise InputError(f"{onnx_path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0][:300]})") from e
     got = sess.get_providers()[0]
     if provider == CUDA_EP and got != CUDA_EP:

@@ -15,7 +15,7 @@ from itae_export.onnx.export import default_output_path, export_onnx
 from itae_export.onnx.manifest import read_manifest
 from itae_export.onnx.validate import validation_inputs
 from itae_export.registry import ITAEOptions
-from itae_export.runtime import run_onnx
+from itae_export.runtime import open_session, run_onnx
 
 
 def _session(path):
@@ -76,6 +76,25 @@ def test_inlined_copy_gives_same_outputs(tiny_reg):
     a, b = run_onnx(result.path, x), run_onnx(result.inline_path, x)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    # the copy is sealed with the final manifest over its own graph: every command opens it
+    assert read_manifest(result.inline_path, verify=True)["validation"] == result.manifest["validation"]
+    open_session(result.inline_path, "cpu")
+
+
+def test_an_inlined_copy_with_external_weights_opens_and_covers_them(tmp_path):
+    spec = tiny_spec("dinov2_vits14")
+    r = export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "m.onnx", model=random_model(spec), resolution=56,
+                    inline=True, external_data=True, validate=False)
+    assert read_manifest(r.path, verify=True)["external_data_sha256"].keys() == {"m.onnx.data"}
+    inl = read_manifest(r.inline_path, verify=True)
+    assert inl["external_data_sha256"].keys() == {"m.inline.onnx.data"}
+    open_session(r.inline_path, "cpu")
+    raw = bytearray((tmp_path / "m.inline.onnx.data").read_bytes())
+    raw[-5] ^= 1
+    (tmp_path / "m.inline.onnx.data").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="differ from those exported"):
+        open_session(r.inline_path, "cpu")
+    open_session(r.path, "cpu")  # the graph's own weights are untouched
 
 
 def test_manifest_sidecar_and_metadata_agree(tiny_reg):

@@ -263,3 +263,120 @@ def test_triton_and_in_graph_build_only_on_an_intact_graph(tiny_model, tmp_path)
     with pytest.raises(InputError, match="integrity digest"):
         export_in_graph(model, validate=False)
     assert not (tmp_path / "repo" / "model").exists() and not (tmp_path / "model_image.onnx").exists()
+
+
+# ------------------------------------------------- external weights: the digest covers the .data file
+
+
+@pytest.fixture(scope="module")
+def external_model(tmp_path_factory):
+    """A tiny model exported with its weights in ``model.onnx.data`` beside the graph."""
+    from tiny import random_model, tiny_spec
+
+    from itae_export.onnx.export import export_onnx
+    from itae_export.registry import ITAEOptions
+
+    spec = tiny_spec("dinov2_vits14")
+    out = tmp_path_factory.mktemp("external") / "model.onnx"
+    export_onnx(spec, ITAEOptions(theta=1.0), out, model=random_model(spec), resolution=56, external_data=True,
+                validate=False)
+    return out
+
+
+def _flip_weights(data: Path) -> None:
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+
+
+def _same_size_other_weights(data: Path) -> None:
+    data.write_bytes(np.random.default_rng(0).standard_normal(data.stat().st_size // 4).astype(np.float32).tobytes())
+
+
+WEIGHT_FAULTS = [  # (name, what is done to model.onnx.data, what the one line says)
+    ("a flipped byte", _flip_weights, "differ from those exported"),
+    ("replaced, same size", _same_size_other_weights, "differ from those exported"),
+    ("missing", lambda data: data.unlink(), "its weight file model.onnx.data is not beside it"),
+]
+
+
+def _open_cluster(model, images, tmp_path):
+    return _cluster(images, model, tmp_path)
+
+
+def _open_embed(model, images, tmp_path):
+    pytest.importorskip("pyarrow")
+    from itae_export.cli.embed import main as embed_cli
+
+    return CliRunner().invoke(embed_cli, ["run", str(images), "--out", str(tmp_path / "shards"), "--onnx", str(model),
+                                          "--workers", "1"])
+
+
+def _open_validate(model, images, tmp_path):
+    return CliRunner().invoke(validate_cli, [str(model)])
+
+
+def _open_triton(model, images, tmp_path):
+    from itae_export.cli.export import main as export_cli  # noqa: F401 - the same error boundary
+    from itae_export.onnx.triton import write_triton_repository
+
+    write_triton_repository(model, tmp_path / "repo", check=False)
+
+
+def _open_in_graph(model, images, tmp_path):
+    from itae_export.onnx.preprocess_graph import export_in_graph
+
+    export_in_graph(model, validate=False)
+
+
+OPENERS = [("itae-cluster", _open_cluster), ("itae-embed run", _open_embed), ("itae-validate", _open_validate),
+           ("triton repository", _open_triton), ("in-graph variant", _open_in_graph)]
+
+
+@pytest.mark.parametrize("fault,edit,needle", WEIGHT_FAULTS, ids=[f[0] for f in WEIGHT_FAULTS])
+@pytest.mark.parametrize("opener", OPENERS, ids=[o[0] for o in OPENERS])
+def test_changed_external_weights_are_refused_by_every_opener(external_model, images, tmp_path, fault, edit, needle,
+                                                              opener):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in external_model.parent.iterdir():
+        shutil.copy(f, folder / f.name)
+    model = folder / "model.onnx"
+    assert read_manifest(model)["external_data_sha256"].keys() == {"model.onnx.data"}
+    edit(folder / "model.onnx.data")
+    name, run = opener
+    if name.startswith("itae-"):
+        _one_line(run(model, images, tmp_path), needle)
+    else:
+        with pytest.raises(InputError, match=needle):
+            run(model, images, tmp_path)
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "repo" / "model").exists()
+    assert not (folder / "model_image.onnx").exists()
+
+
+def test_intact_external_weights_open_and_the_in_graph_variant_records_its_own(external_model, tmp_path):
+    from itae_export.onnx.preprocess_graph import export_in_graph
+
+    folder = tmp_path / "m"
+    shutil.copytree(external_model.parent, folder)
+    open_session(folder / "model.onnx", "cpu")
+    r = export_in_graph(folder / "model.onnx", validate=False)
+    assert read_manifest(r.path, verify=True)["external_data_sha256"].keys() == {"model_image.onnx.data"}
+    _flip_weights(folder / "model_image.onnx.data")
+    with pytest.raises(InputError, match="differ from those exported"):
+        read_manifest(r.path, verify=True)
+
+
+def test_an_external_weights_graph_without_their_digest_is_refused(external_model, tmp_path):
+    """An export of an earlier version (no digest of its weights in the manifest), resealed."""
+    folder = tmp_path / "m"
+    shutil.copytree(external_model.parent, folder)
+    model = folder / "model.onnx"
+    proto = onnx.load(str(model), load_external_data=False)
+    m = json.loads(_meta(proto)[METADATA_KEY])
+    del m["external_data_sha256"]
+    seal(proto, m)
+    onnx.save(proto, str(model))
+    (folder / "model.json").write_text(json.dumps(m))
+    with pytest.raises(InputError, match="records no digest of its weight file"):
+        open_session(model, "cpu")

@@ -42,7 +42,14 @@ from itae_export.onnx.contract import (
     external_data_name,
 )
 from itae_export.onnx.functions import attach_functions, translation_table
-from itae_export.onnx.manifest import manifest_path, read_manifest, registry_difference, seal, write_manifest
+from itae_export.onnx.manifest import (
+    manifest_path,
+    read_manifest,
+    registry_difference,
+    seal,
+    seal_with_weights,
+    write_manifest,
+)
 from itae_export.onnx.optimize import choose_fusions, fold_layerscale_, quantize_graph, validate_int8
 from itae_export.onnx.validate import torch_reference, validate_model
 from itae_export.registry import ArchConfig, ITAEOptions, ModelSpec, Preprocessing, get_model_spec
@@ -153,13 +160,16 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
     return proto, location
 
 
-def _set_metadata(proto, manifest: dict) -> None:
+def _set_metadata(proto, manifest: dict, weights_folder: Path | None = None) -> None:
     for node in proto.graph.node:  # the exporter's per-node stack traces: build paths, most of the graph's bytes
         del node.metadata_props[:]
     proto.doc_string = f"{manifest['model']} with ITAE ({json.dumps(manifest['itae'])}); exported by itae-export"
     proto.producer_name = "itae-export"
     proto.producer_version = manifest["package_version"]
-    seal(proto, manifest)  # the manifest, its flat copies and the integrity digest, last
+    if weights_folder is None:
+        seal(proto, manifest)  # the manifest, its flat copies and the integrity digest, last
+    else:
+        seal_with_weights(proto, manifest, weights_folder)
 
 
 def _save(proto, path: Path, external: bool) -> str | None:
@@ -512,8 +522,12 @@ class _ExportJob:
         import onnx
 
         final = onnx.load(str(self.tmp_path), load_external_data=False)
-        _set_metadata(final, self.manifest)
+        _set_metadata(final, self.manifest, weights_folder=self.tmpdir)  # the weight file's digest too
         onnx.save_model(final, str(self.tmp_path))
+        if inline_tmp is not None:  # the same final manifest, sealed over the inlined graph and its own weights
+            inlined = onnx.load(str(inline_tmp), load_external_data=False)
+            _set_metadata(inlined, copy.deepcopy(self.manifest), weights_folder=self.tmpdir)
+            onnx.save_model(inlined, str(inline_tmp))
         _publish(self.tmpdir, self.req.output, self.location, inline_tmp)
         write_manifest(self.req.output, self.manifest)
 

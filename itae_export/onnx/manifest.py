@@ -11,8 +11,9 @@ flat copies or sidecar disagree with it, naming the field; :func:`read_manifest`
 a session is opened) refuses a graph or manifest changed after export, and :func:`output_problem`
 a graph whose outputs do not have the shapes its manifest records (a foreign graph with a copied
 manifest). The digest is a checksum against accidents and hand edits, not a signature: whoever
-can write the file can reseal it. External weight files are not hashed here (multi-GB; see
-:func:`~itae_export.onnx.identity.model_fingerprint`, which does).
+can write the file can reseal it. External weight files are covered through the manifest: it
+records the sha256 of each (``external_data_sha256``, :func:`seal_with_weights`), and the check
+hashes them again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from itae_export.onnx.contract import INPUT_NAME, MANIFEST_SCHEMA, MANIFEST_SUFF
 from itae_export.registry import get_model_spec
 
 INTEGRITY_KEY = "itae.integrity"
+EXTERNAL_DIGESTS = "external_data_sha256"  # manifest field: {weights file name: "sha256:..."}
 
 
 def manifest_path(onnx_path: str | os.PathLike) -> Path:
@@ -81,6 +83,72 @@ def seal(proto, manifest: dict) -> None:
     digest = integrity_digest(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = INTEGRITY_KEY, digest
+
+
+def graph_tensors(proto):
+    """Every tensor of the main graph that can hold weights: initializers and node attributes."""
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+
+
+def external_locations(proto) -> list[str]:
+    """The file names the graph's tensors keep their data in (ONNX external data), sorted."""
+    return sorted({e.value for t in graph_tensors(proto) for e in t.external_data if e.key == "location"})
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def seal_with_weights(proto, manifest: dict, folder: str | os.PathLike) -> None:
+    """:func:`seal`, with the sha256 of each external weight file (in ``folder``, beside the graph)
+    recorded first in ``manifest`` (``external_data_sha256``), so the digest covers the weights too."""
+    manifest.pop(EXTERNAL_DIGESTS, None)
+    locations = external_locations(proto)
+    if locations:
+        manifest[EXTERNAL_DIGESTS] = {loc: file_sha256(Path(folder) / loc) for loc in locations}
+    seal(proto, manifest)
+
+
+def weight_file_problem(onnx_path: str | os.PathLike, proto=None) -> str | None:
+    """Why the graph's external weight files cannot be read beside it (a name that is not a plain
+    file name, or a file that is missing), as one line, or None."""
+    onnx_path = Path(onnx_path)
+    if proto is None:
+        try:
+            proto = _load(onnx_path)
+        except InputError as e:
+            return str(e)
+    for loc in external_locations(proto):
+        if not loc or Path(loc).name != loc or loc in (".", ".."):
+            return f"{onnx_path}: its weights are kept in {loc!r}, not a file name beside the graph; export the model again"
+        if not (onnx_path.parent / loc).is_file():
+            return f"{onnx_path}: its weight file {loc} is not beside it (move the two files together)"
+    return None
+
+
+def _check_external(proto, manifest: dict, onnx_path: Path) -> None:
+    """Each external weight file of the graph: a plain name beside it, present, and with the sha256
+    the manifest recorded at export."""
+    problem = weight_file_problem(onnx_path, proto)
+    if problem:
+        raise InputError(problem)
+    recorded = manifest.get(EXTERNAL_DIGESTS)
+    for loc in external_locations(proto):
+        data = onnx_path.parent / loc
+        if not isinstance(recorded, dict) or not isinstance(recorded.get(loc), str):
+            raise InputError(f"{onnx_path}: the manifest records no digest of its weight file {loc} (exported by an "
+                             "earlier version): export the model again")
+        if not hmac.compare_digest(recorded[loc].encode(), file_sha256(data).encode()):
+            raise InputError(f"{data}: the weights differ from those exported with {onnx_path.name} (the file was "
+                             "changed or replaced after export); export the model again")
 
 
 def reseal(proto) -> None:
@@ -249,6 +317,7 @@ def read_manifest(onnx_path: str | os.PathLike, *, verify: bool = False) -> dict
         raise InputError(f"{onnx_path}: the graph does not match its manifest: {problem}")
     if verify:
         _check_digest(proto, onnx_path)
+        _check_external(proto, embedded, onnx_path)
     if side.is_file():
         try:
             sidecar = json.loads(side.read_text())

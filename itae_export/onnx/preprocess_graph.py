@@ -53,7 +53,7 @@ from itae_export.onnx.contract import (
     external_data_name,
 )
 from itae_export.onnx.export import ExportResult, spec_from_manifest, staging_folder
-from itae_export.onnx.manifest import manifest_path, read_manifest, seal, write_manifest
+from itae_export.onnx.manifest import graph_tensors, manifest_path, read_manifest, seal_with_weights, write_manifest
 from itae_export.onnx.validate import format_report, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
 from itae_export.runtime import ort_session
@@ -228,27 +228,19 @@ def compose(encoder_path: str | os.PathLike, output: str | os.PathLike, pre: Pre
     del g.input[:]
     g.input.extend(pre_model.graph.input)
     location = None
-    old = {e.value for t in _tensors(enc) for e in t.external_data if e.key == "location"}
+    old = {e.value for t in graph_tensors(enc) for e in t.external_data if e.key == "location"}
     if old:
         if len(old) != 1:
             raise InputError(f"{encoder_path}: weights in several external files ({sorted(old)}) are not supported")
         location = external_data_name(output.name)
         shutil.copyfile(encoder_path.parent / old.pop(), output.parent / location)
-        for t in _tensors(enc):
+        for t in graph_tensors(enc):
             for e in t.external_data:
                 if e.key == "location":
                     e.value = location
     onnx.save_model(enc, str(output))
     onnx.checker.check_model(str(output))
     return location
-
-
-def _tensors(model):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
 
 
 # ------------------------------------------------------------------ validation
@@ -368,7 +360,7 @@ def _set_manifest_metadata(path: Path, manifest: dict) -> None:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    seal(proto, manifest)
+    seal_with_weights(proto, manifest, path.parent)
     onnx.save_model(proto, str(path))
 
 
