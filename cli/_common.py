@@ -14,6 +14,18 @@ from itae_export.onnx.contract import PRECISIONS
 from itae_export.registry import GROUPS, POS_RULES, ROWS, SOURCES, STRATEGIES, list_models, parse_theta
 
 
+class PathParam(click.Path):
+    """``click.Path`` that refuses an empty value: ``--out "$OUT"`` with ``OUT`` unset would otherwise
+    mean the current folder (click and pathlib read "" as "."), so a careless script would cluster
+    or overwrite whatever folder it ran in. Every path option and argument of the commands is one."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            self.fail("an empty path (an unset shell variable?); give one, or '.' for the current folder",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def model_choice() -> click.Choice:
     return click.Choice(list_models(include_aliases=True), case_sensitive=False)
 
@@ -38,7 +50,7 @@ def itae_flags(f):
 
 def weight_flags(f):
     decorators = [
-        click.option("--weights", type=click.Path(dir_okay=True), default=None,
+        click.option("--weights", type=PathParam(dir_okay=True), default=None,
                      help="Local checkpoint (official .pth/.pt, Hugging Face dir or .safetensors, timm, open_clip, "
                           "or an ONNX file with Hugging Face names). Default: download the official weights."),
         click.option("--pos-rule", type=click.Choice(POS_RULES), default=None,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import click
-from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
+from itae_export.cli._common import PathParam, itae_flags, model_choice, report_errors, weight_flags
 
 from itae_export.cluster.job import MAX_EPOCHS, MAX_N_INIT
 from itae_export.cluster.tensors import write_inputs_and_masks
@@ -30,10 +30,10 @@ re-running after an interruption, or into another --out, embeds only the images 
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("folder", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("folder", metavar="INPUT", type=PathParam(path_type=Path))
 @click.option("--k", "k", type=str, required=True,
               help="Number of clusters (2 to the number of images), or 'auto' to pick it (see --k-max, --k-criterion).")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--onnx", "onnx_path", type=PathParam(dir_okay=False, path_type=Path),
               help="An exported model (.onnx with its .json manifest beside it).")
 @click.option("--model", "model_name", type=model_choice(), metavar="NAME",
               help="A registry model: uses exported/<name>_<res>_<itae>.onnx, exporting it first if missing or "
@@ -41,7 +41,7 @@ re-running after an interruption, or into another --out, embeds only the images 
                    "The ITAE and weight flags below apply only with --model.")
 @itae_flags
 @weight_flags
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathParam(file_okay=False, path_type=Path),
               help="Output folder (default: <folder>_itae/ beside the folder).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when usable, otherwise CPU.")
@@ -79,10 +79,10 @@ re-running after an interruption, or into another --out, embeds only the images 
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None,
               help="[--method tsp|temi] Training epochs (default: the paper's, 100 for TSP, 200 for TEMI, or "
                    "more to reach 2,000 optimiser steps on small collections).")
-@click.option("--head-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--head-out", type=PathParam(dir_okay=False, path_type=Path), default=None,
               help="[--method tsp|temi] Write the trained head as ONNX here, and the encoder with the head "
                    "appended as <name>.with_encoder.onnx (image -> embedding, cluster_probs, cluster).")
-@click.option("--knn-reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--knn-reference", type=PathParam(exists=True, file_okay=False, path_type=Path), default=None,
               help="[--labels-from-dirs] A labelled ImageFolder: adds 10-NN classification accuracy of FOLDER's "
                    "images against it (cosine, weighted vote).")
 @click.option("--compare-baseline", is_flag=True,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import click
-from itae_export.cli._common import report_errors
+from itae_export.cli._common import PathParam, report_errors
 
 from itae_export.cluster.job import MAX_N_INIT, MAX_NITER, metrics_line
 from itae_export.errors import InputError
@@ -37,10 +37,10 @@ def main():
 
 
 @main.command("run", epilog=RUN_EPILOG, context_settings=CONTEXT)
-@click.argument("input_spec", metavar="INPUT")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.argument("input_spec", metavar="INPUT", type=PathParam())
+@click.option("--out", "out_dir", type=PathParam(file_okay=False, path_type=Path), required=True,
               help="The shard directory (manifest.json, part-NNNNN.parquet, _state/).")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--onnx", "onnx_path", type=PathParam(dir_okay=False, path_type=Path), required=True,
               help="An exported model (.onnx with its .json manifest beside it).")
 @click.option("--shard", default="0/1", show_default=True,
               help="i/N: embed only the parts p with p % N == i (for arrays of jobs).")
@@ -119,9 +119,9 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
 
 
 @main.command("cluster", context_settings=CONTEXT)
-@click.argument("shard_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shard_dir", type=PathParam(file_okay=False, path_type=Path))
 @click.option("--k", "k", type=click.IntRange(min=2), required=True, help="Number of clusters.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=PathParam(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: SHARD_DIR/clusters_k<k>).")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "sklearn"]), default="auto", show_default=True,
               help="auto: faiss from 20,000 vectors on (where installed), scikit-learn below.")
@@ -163,7 +163,7 @@ def cluster_cmd(shard_dir, k, out_dir, backend, sample_size, niter, n_init, seed
 
 
 @main.command("status", context_settings=CONTEXT)
-@click.argument("shard_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shard_dir", type=PathParam(file_okay=False, path_type=Path))
 @report_errors
 def status_cmd(shard_dir):
     """Which parts of a shard directory are written, and which are missing."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from itae_export.cli._common import itae_flags, model_choice, report_errors, weight_flags
+from itae_export.cli._common import PathParam, itae_flags, model_choice, report_errors, weight_flags
 
 from itae_export.onnx.contract import QUANTIZATIONS
 
@@ -13,7 +13,7 @@ from itae_export.onnx.contract import QUANTIZATIONS
               help="Registry name or alias, e.g. dinov2_vitl14 or vitl14 (list: itae-models).")
 @itae_flags
 @weight_flags
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+@click.option("--output", "-o", type=PathParam(dir_okay=False), default=None,
               help="Output .onnx path [exported/<model>_<res>_<options>.onnx].")
 @click.option("--attention-output", is_flag=True, help="Add the output cls_attention [batch, heads, T].")
 @click.option("--unpatched-output", is_flag=True,
@@ -21,9 +21,9 @@ from itae_export.onnx.contract import QUANTIZATIONS
                    "(itae-cluster --compare-baseline).")
 @click.option("--inline", is_flag=True, help="Also write <name>.inline.onnx with the itae functions inlined.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch before publishing.")
-@click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--validate-images", type=PathParam(exists=True, file_okay=False), default=None,
               help="Also validate on the images of this folder.")
-@click.option("--calibration-images", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--calibration-images", type=PathParam(exists=True, file_okay=False), default=None,
               help="Images for --theta auto; also validated on (and their artifacts counted) when "
                    "--validate-images is not given.")
 @click.option("--external-data/--no-external-data", default=None,
@@ -38,10 +38,10 @@ from itae_export.onnx.contract import QUANTIZATIONS
 @click.option("--preprocess-in-graph", is_flag=True,
               help="Also write <name>_image.onnx: uint8 [batch, h, w, 3] RGB images in, resize and normalisation "
                    "as ONNX ops (validated against PyTorch with the same resize; docs/onnx-contract.md).")
-@click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
+@click.option("--triton", "triton_repo", type=PathParam(file_okay=False), default=None,
               help="Also write a Triton model repository: DIR/<name>/1/model.onnx and config.pbtxt "
                    "(and DIR/<name>_image/ with --preprocess-in-graph).")
-@click.option("--int8-plan", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--int8-plan", type=PathParam(exists=True, dir_okay=False), default=None,
               help="With --quantize int8-static: reuse this layer plan (bench/bench_int8_static.py --save-plan).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output path.")
 @report_errors

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from itae_export.cli._common import model_choice, report_errors
+from itae_export.cli._common import PathParam, model_choice, report_errors
 from itae_export.images import DEFAULT_MAX_PIXELS
 from itae_export.onnx.contract import MAX_BATCH
 
@@ -30,9 +30,9 @@ block's projection norms on a log scale, current and suggested theta marked), in
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("folder", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("folder", metavar="INPUT", type=PathParam(path_type=Path))
 @click.option("--model", "model_name", type=model_choice(), metavar="NAME", required=True, help="A registry model.")
-@click.option("--weights", type=click.Path(dir_okay=True), default=None,
+@click.option("--weights", type=PathParam(dir_okay=True), default=None,
               help="Local checkpoint (any format itae-export reads). Default: the official weights.")
 @click.option("--random-weights", is_flag=True,
               help="Random weights instead of a checkpoint: for demos and tests only, the numbers mean nothing.")
@@ -44,7 +44,7 @@ block's projection norms on a log scale, current and suggested theta marked), in
               help="Use at most this many images, evenly spaced over the input's order.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images with more pixels are skipped before decoding (listed with the reason), as in itae-cluster.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=PathParam(file_okay=False, path_type=Path),
               help="Output folder (default: <input>_inspect/ beside the input).")
 @click.option("--attention", is_flag=True, help="Also draw CLS attention maps, original against ITAE (Fig. 4).")
 @click.option("--attention-images", type=click.IntRange(min=1, max=16), default=4, show_default=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from itae_export.cli._common import model_choice, report_errors
+from itae_export.cli._common import PathParam, model_choice, report_errors
 
 from itae_export.errors import InputError
 from itae_export.images import DEFAULT_MAX_PIXELS
@@ -16,20 +16,20 @@ METHOD_CHOICES = ("knn", "rocchio", "logreg", "none")
 
 def query_options(f):
     decorators = [
-        click.argument("collection", type=click.Path(file_okay=False)),
-        click.option("--image", type=click.Path(dir_okay=False), default=None, help="Query by this image file."),
+        click.argument("collection", type=PathParam(file_okay=False)),
+        click.option("--image", type=PathParam(dir_okay=False), default=None, help="Query by this image file."),
         click.option("--like", default=None, help="Query by an image of the collection (its path as in assignments.csv)."),
         click.option("--text", default=None, help="Query by text (needs --text-model)."),
-        click.option("--onnx", type=click.Path(dir_okay=False), default=None,
+        click.option("--onnx", type=PathParam(dir_okay=False), default=None,
                      help="The image model for --image [the one recorded in summary.json]."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="[--image] A larger image is refused before decoding, as in itae-cluster."),
-        click.option("--text-model", type=click.Path(file_okay=False), default=None,
+        click.option("--text-model", type=PathParam(file_okay=False), default=None,
                      help="A folder written by 'itae-search export-text' from the same checkpoint."),
         click.option("--method", type=click.Choice(METHOD_CHOICES), default=None,
                      help="Relevance feedback: knn (Nara et al.), rocchio, logreg, none [knn]."),
         click.option("-k", "k", type=click.IntRange(min=1), default=None, help="Results per page [20]."),
-        click.option("--session", "session_path", type=click.Path(dir_okay=False), default=None,
+        click.option("--session", "session_path", type=PathParam(dir_okay=False), default=None,
                      help="Session file: resumed when it exists and no query is given, saved after each round."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="cpu", show_default=True),
         click.option("--kind", type=click.Choice(["auto", "exact", "ivf"]), default="auto", show_default=True,
@@ -69,7 +69,7 @@ def main():
 
 
 @main.command("index", context_settings=CTX)
-@click.argument("collection", type=click.Path(file_okay=False))
+@click.argument("collection", type=PathParam(file_okay=False))
 @click.option("--kind", type=click.Choice(["auto", "exact", "ivf"]), default="auto", show_default=True)
 @report_errors
 def index_cmd(collection, kind):
@@ -83,10 +83,10 @@ def index_cmd(collection, kind):
 
 @main.command("query", context_settings=CTX)
 @query_options
-@click.option("--feedback", type=click.Path(dir_okay=False), default=None,
+@click.option("--feedback", type=PathParam(dir_okay=False), default=None,
               help="Judgments to apply first: CSV path,label or JSON {relevant: [...], irrelevant: [...]}.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the ranked list here [stdout].")
+@click.option("--output", "-o", type=PathParam(dir_okay=False), default=None, help="Write the ranked list here [stdout].")
 @report_errors
 def query_cmd(collection, image, like, text, onnx, text_model, max_pixels, method, k, session_path, device, kind,
               feedback, fmt, output):
@@ -136,9 +136,9 @@ def serve_cmd(collection, image, like, text, onnx, text_model, max_pixels, metho
 
 @main.command("export-text", context_settings=CTX)
 @click.option("--model", "model_name", type=model_choice(), required=True, help="A CLIP model of the registry.")
-@click.option("--weights", type=click.Path(exists=True), required=True,
+@click.option("--weights", type=PathParam(exists=True), required=True,
               help="The CLIP checkpoint the image tower came from (OpenAI .pt, open_clip, Hugging Face CLIPModel).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for text.onnx, text.json, vocab.json, merges.txt.")
+@click.option("--out", "out_dir", type=PathParam(file_okay=False), required=True, help="Folder for text.onnx, text.json, vocab.json, merges.txt.")
 @report_errors
 def export_text_cmd(model_name, weights, out_dir):
     """Export CLIP's text tower to ONNX with its tokenizer beside it; validated against PyTorch."""

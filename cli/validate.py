@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import click
-from itae_export.cli._common import report_errors
+from itae_export.cli._common import PathParam, report_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("onnx_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--weights", type=click.Path(exists=True), default=None,
+@click.argument("onnx_path", type=PathParam(exists=True, dir_okay=False))
+@click.option("--weights", type=PathParam(exists=True), default=None,
               help="The checkpoint it was exported from [the path recorded in the manifest].")
-@click.option("--validate-images", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--validate-images", type=PathParam(exists=True, file_okay=False), default=None,
               help="Also validate on the images of this folder.")
 @report_errors
 def main(onnx_path, weights, validate_images):

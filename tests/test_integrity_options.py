@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from test_cli_export import tiny_weights  # noqa: F401 - the fixture
@@ -143,3 +145,50 @@ def test_search_outputs_checked_before_the_index_loads(collection, tmp_path, mon
                          (["serve", "--session", str(tmp_path / "file" / "s.json")], "--session")):
         res = CliRunner().invoke(search_cli, [args[0], str(collection), "--like", like, *args[1:]])
         _one_line(res, (1, 2), needle)
+
+
+# ------------------------------------------- an empty path is refused by every command, never "."
+
+
+def _commands():
+    """(name, click command, argv prefix) of every itae-* command and subcommand (pyproject's scripts)."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    out = []
+    for name, target in sorted(scripts.items()):
+        mod, attr = target.split(":")
+        cmd = getattr(importlib.import_module(mod), attr)
+        subs = cmd.commands.items() if isinstance(cmd, click.Group) else [(None, cmd)]
+        for sub, c in subs:
+            out.append((name if sub is None else f"{name} {sub}", cmd, [] if sub is None else [sub], c))
+    return out
+
+
+def _empty_path_cases():
+    cases = []
+    for name, root, prefix, cmd in _commands():
+        for p in cmd.params:
+            if isinstance(p.type, click.Path):
+                argv = prefix + ([""] if isinstance(p, click.Argument) else [p.opts[0], ""])
+                cases.append(pytest.param(root, argv, p, id=f"{name} {p.human_readable_name}"))
+    return cases
+
+
+def test_every_path_parameter_refuses_an_empty_value():
+    from itae_export.cli._common import PathParam
+
+    cases = _empty_path_cases()
+    assert len(cases) > 25  # every command's paths, arguments and options
+    plain = [c.id for c in cases if not isinstance(c.values[2].type, PathParam)]
+    assert not plain, f"click.Path without the empty check: {plain}"
+
+
+@pytest.mark.parametrize("root,argv,param", _empty_path_cases())
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(root, argv, param, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were "" read as ".", this folder would be read or written
+    res = CliRunner().invoke(root, argv)
+    assert res.exit_code == 2, (argv, res.output)
+    assert "an empty path" in res.output and "Traceback" not in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
