@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 import torch
 from tiny import random_model, theta_for_varied_artifacts, tiny_spec
 
@@ -235,6 +236,22 @@ def test_bad_resolution_and_precision_are_input_errors(tmp_path):
         export_onnx(spec, None, tmp_path / "a.onnx", model=random_model(spec), resolution=225)
     with pytest.raises(InputError, match="--precision"):
         export_onnx(spec, None, tmp_path / "a.onnx", model=random_model(spec), precision="int4")
+
+
+def test_a_resolution_past_128_patches_a_side_is_refused_before_any_work(tmp_path):
+    from itae_export.cli.export import main as export_cli
+    from itae_export.onnx.export import ExportRequest
+
+    spec = tiny_spec("dinov2_vits14")
+    p = spec.arch.patch_size
+    assert ExportRequest.make(spec, None, tmp_path / "a.onnx", resolution=128 * p).resolution == 128 * p
+    with pytest.raises(InputError, match="129 patches a side, more than 128"):
+        export_onnx(spec, None, tmp_path / "a.onnx", model=random_model(spec), resolution=129 * p)
+    # a typo of 224 (22400 is not a multiple of 14; 22400 - 22400 % 14 is): one line, exit 2, no download
+    res = CliRunner().invoke(export_cli, ["--model", "vits14", "--resolution", str(22400 - 22400 % 14),
+                                          "--output", str(tmp_path / "b.onnx")])
+    assert res.exit_code == 2 and "patches a side" in res.output and "loading weights" not in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_validate_images_folder_adds_decodable_images(tmp_path):

@@ -160,6 +160,9 @@ def _torch_export(model, resolution: int, attention_output: bool, half: bool, pa
     return proto, location
 
 
+MAX_PATCHES_PER_SIDE = 128  # 1,792 pixels at patch 14: 16,384 tokens, 1 GiB of attention per head and image
+
+
 def _set_metadata(proto, manifest: dict, weights_folder: Path | None = None) -> None:
     for node in proto.graph.node:  # the exporter's per-node stack traces: build paths, most of the graph's bytes
         del node.metadata_props[:]
@@ -271,6 +274,11 @@ class ExportRequest:
         p = spec.arch.patch_size
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % p:
             raise OptionError(f"--resolution: {resolution} is not a positive multiple of the patch size {p}")
+        if resolution // p > MAX_PATCHES_PER_SIDE:  # a typo (22400 for 224) would otherwise hang, then exhaust memory
+            t = (resolution // p) ** 2
+            raise OptionError(f"--resolution: {resolution} is {resolution // p} patches a side, more than "
+                              f"{MAX_PATCHES_PER_SIDE} ({MAX_PATCHES_PER_SIDE * p} pixels): {t:,} tokens, whose attention "
+                              f"takes {4 * t * t / 2**30:,.0f} GiB per head and image")
         output = Path(output) if output else default_output_path(spec, options, resolution, precision, quantize,
                                                                  kw.get("unpatched_output", False))
         if output.suffix != ".onnx":
