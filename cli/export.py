@@ -21,11 +21,12 @@ from itae_export.onnx.contract import QUANTIZATIONS
                    "(itae-cluster --compare-baseline).")
 @click.option("--inline", is_flag=True, help="Also write <name>.inline.onnx with the itae functions inlined.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch before publishing.")
-@click.option("--validate-images", type=PathParam(exists=True, file_okay=False), default=None,
-              help="Also validate on the images of this folder.")
-@click.option("--calibration-images", type=PathParam(exists=True, file_okay=False), default=None,
-              help="Images for --theta auto; also validated on (and their artifacts counted) when "
-                   "--validate-images is not given.")
+@click.option("--validate-images", "validate_images", metavar="INPUT", type=PathParam(), default=None,
+              help="Also validate on these images: a folder, a path list (.txt/.lst/.csv/.parquet) or "
+                   "WebDataset tars, read as itae-cluster reads them.")
+@click.option("--calibration-images", "calibration_images", metavar="INPUT", type=PathParam(), default=None,
+              help="Images for --theta auto (any INPUT as for --validate-images); also validated on (and their "
+                   "artifacts counted) when --validate-images is not given.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <name>.onnx.data [automatic above ~1.8 GB].")
 @click.option("--optimize", is_flag=True,
@@ -34,7 +35,7 @@ from itae_export.onnx.contract import QUANTIZATIONS
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
               help="int8 MatMuls (ITAE norms stay float32): dynamic, or static QDQ (SmoothQuant first) calibrated on "
                    "real images with the layers that move the clusters kept float32; validated against fp32 on real images "
-                   "(--validate-images DIR, else Fashion-MNIST where installed).")
+                   "(--validate-images INPUT, else Fashion-MNIST where installed).")
 @click.option("--preprocess-in-graph", is_flag=True,
               help="Also write <name>_image.onnx: uint8 [batch, h, w, 3] RGB images in, resize and normalisation "
                    "as ONNX ops (validated against PyTorch with the same resize; docs/onnx-contract.md).")
@@ -66,7 +67,7 @@ def main(model_name, theta, source, group, strategy, rows, lsa, no_itae, weights
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if theta == "auto" and not calibration_images:
-        raise click.UsageError("--theta auto needs --calibration-images DIR")
+        raise click.UsageError("--theta auto needs --calibration-images INPUT (a folder, a path list or tars)")
     spec = get_model_spec(model_name)
     if preprocess_in_graph and quantize:
         raise click.UsageError("--preprocess-in-graph starts from a float graph; drop --quantize int8")

@@ -10,8 +10,8 @@ from itae_export.cli._common import PathParam, report_errors
 @click.argument("onnx_path", type=PathParam(exists=True, dir_okay=False))
 @click.option("--weights", type=PathParam(exists=True), default=None,
               help="The checkpoint it was exported from [the path recorded in the manifest].")
-@click.option("--validate-images", type=PathParam(exists=True, file_okay=False), default=None,
-              help="Also validate on the images of this folder.")
+@click.option("--validate-images", metavar="INPUT", type=PathParam(), default=None,
+              help="Also compare on these images: a folder, a path list or WebDataset tars.")
 @report_errors
 def main(onnx_path, weights, validate_images):
     """Compare ONNX_PATH in ONNX Runtime with the PyTorch ITAE model it came from; exit 1 on mismatch."""

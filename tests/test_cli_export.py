@@ -104,6 +104,36 @@ def test_theta_auto_reads_the_checkpoint_once_and_exports_the_calibrated_theta(t
     assert manifest["weights"]["sha256"] == checkpoints.sha256_file(tiny_weights)
 
 
+def test_theta_auto_calibrates_on_a_path_list_and_a_tar(tiny_weights, tmp_path, monkeypatch):
+    """--calibration-images takes any input of the source layer, as itae-cluster does."""
+    import json
+    import tarfile
+
+    import itae_export.calibrate.theta as theta_mod
+
+    seen = []
+    monkeypatch.setattr("itae_export.calibrate.auto.suggest_theta", lambda norms: seen.append(len(norms)) or
+                        theta_mod.ThetaSuggestion(theta=1.25, confidence=0.9, method="test", bimodal=True))
+    images = _noise_images(tmp_path / "calib")
+    files = sorted(images.iterdir())
+    lst = tmp_path / "calib.txt"
+    lst.write_text("".join(f"{f}\n" for f in files))
+    tar = tmp_path / "calib.tar"
+    with tarfile.open(tar, "w") as t:
+        for f in files:
+            t.add(f, arcname=f.name)
+    for src in (lst, tar):
+        out = tmp_path / f"{src.suffix[1:]}.onnx"
+        res = _invoke(export_cli, ["--model", "vits14", "--weights", str(tiny_weights), "--theta", "auto",
+                                   "--calibration-images", str(src), "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads(out.with_suffix(".json").read_text())
+        assert manifest["itae"]["theta"] == 1.25
+        validated = manifest["validation"]["inputs"]
+        assert sum(str(src) in name or str(images) in name for name in validated) == len(files), validated
+    assert seen == [len(files), len(files)]
+
+
 def test_theta_auto_on_unimodal_norms_exports_without_itae(tiny_weights, tmp_path, monkeypatch):
     """No bimodality: no artifacts to attenuate. --theta auto exports the unpatched model and says so
     in one line (docs/guide.md says the same), instead of refusing or picking a theta in one mode."""

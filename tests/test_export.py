@@ -254,7 +254,11 @@ def test_a_resolution_past_128_patches_a_side_is_refused_before_any_work(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validate_images_folder_adds_decodable_images(tmp_path):
+def _validation_input(tmp_path, kind):
+    """The same three files (one not an image) as a folder, a path list or a WebDataset tar; (input,
+    the names validation reports for a.jpg and sub/b.png)."""
+    import tarfile
+
     from PIL import Image
 
     folder = tmp_path / "imgs"
@@ -262,15 +266,40 @@ def test_validate_images_folder_adds_decodable_images(tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.jpg")
     Image.new("L", (50, 50), 128).save(folder / "sub" / "b.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    files = ["a.jpg", "sub/b.png", "broken.jpg"]
+    if kind == "folder":
+        return folder, [str(folder / f) for f in files[:2]]
+    if kind == "list":
+        lst = tmp_path / "images.txt"
+        lst.write_text("".join(f"{folder / f}\n" for f in files))
+        return lst, [str(folder / f) for f in files[:2]]
+    tar = tmp_path / "images.tar"
+    with tarfile.open(tar, "w") as t:
+        for f in files:
+            t.add(folder / f, arcname=f)
+    return tar, [str(tar / "a"), str(tar / "sub" / "b")]  # WebDataset keys: the name without its extension
+
+
+@pytest.mark.parametrize("kind", ["folder", "list", "tar"])
+def test_validate_images_reads_any_input_of_the_source_layer(tmp_path, kind):
+    src, want = _validation_input(tmp_path, kind)
     spec = tiny_spec("dinov2_vits14")
     r = export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "m.onnx", model=random_model(spec),
-                    validate_images=folder)
+                    validate_images=src)
     inputs = r.validation["inputs"]
-    assert str(folder / "a.jpg") in inputs and str(folder / "sub" / "b.png") in inputs
+    assert all(name in inputs for name in want), inputs
     assert not any("broken" in name for name in inputs)
-    with pytest.raises(InputError, match="--validate-images"):
-        export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "n.onnx", model=random_model(spec),
-                    validate_images=tmp_path / "missing")
+
+
+def test_validate_images_that_cannot_be_opened_is_one_error_naming_the_option(tmp_path):
+    spec = tiny_spec("dinov2_vits14")
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        if bad.name == "empty":
+            bad.mkdir()
+        with pytest.raises(InputError, match="--validate-images"):
+            export_onnx(spec, ITAEOptions(theta=1.0), tmp_path / "n.onnx", model=random_model(spec),
+                        validate_images=bad)
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def resolve_options(spec: ModelSpec, *, theta: float | str | None = None, source
     preloaded: dict = {}
     if theta == "auto":
         if calibration_images is None:
-            raise OptionError("--theta auto needs calibration images (--calibration-images DIR)")
+            raise OptionError("--theta auto needs calibration images (--calibration-images INPUT)")
         theta, preloaded = load_and_calibrate(spec, calibration_images, weights=weights, pos_rule=pos_rule,
                                               source=source, log=log)
         enabled = enabled and theta is not None  # unimodal norms: the unpatched model (calibrate_theta said so)

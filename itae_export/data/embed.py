@@ -6,6 +6,7 @@ batch), skip bad images with a reason."""
 from __future__ import annotations
 
 import os
+import posixpath
 import sys
 import time
 from collections import Counter, deque
@@ -15,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item
+from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item, open_source
 from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images
@@ -157,6 +158,37 @@ def load_item(item: Item, pre: PreprocessSpec, max_pixels: int | None = DEFAULT_
         return None, e.reason, []
     except Exception as e:  # noqa: BLE001 - one bad image must never stop the job
         return None, f"cannot decode: {type(e).__name__}: {e}", []
+
+
+def load_items(items: list[Item], pre: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> tuple[list[Item], list[np.ndarray], list[tuple[Item, str]]]:
+    """:func:`load_item` over ``items``: (items that decoded, their pixels, (item, reason) of the rest)."""
+    ok, arrays, skipped = [], [], []
+    for it in items:
+        px, reason, _ = load_item(it, pre, max_pixels)
+        if px is None:
+            skipped.append((it, reason))
+        else:
+            ok.append(it)
+            arrays.append(px)
+    return ok, arrays, skipped
+
+
+def source_items(spec: str | os.PathLike, option: str) -> tuple[list[Item], str]:
+    """(every item, location) of any input of the source layer (a folder, a path list, WebDataset
+    tars), in the source's order: the images an option such as ``--validate-images`` names. An input
+    that cannot be opened is an InputError naming ``option``."""
+    try:
+        src = open_source(spec)
+    except InputError as e:
+        raise InputError(f"{option}: {e}") from None
+    return [it for part in src.parts for it in part.items()], src.location
+
+
+def item_class(item: Item) -> str | None:
+    """The folder an item's key names (its class, as ``--labels-from-dirs`` reads a folder), or None
+    for an image at the top."""
+    return posixpath.dirname(item.key) or None
 
 
 class GraphOutputs:

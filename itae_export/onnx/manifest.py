@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from itae_export.errors import InputError, UnknownModelError
-from itae_export.files import atomic_write_json
+from itae_export.files import atomic_write_json, sha256_file
 from itae_export.onnx.contract import INPUT_NAME, MANIFEST_SCHEMA, MANIFEST_SUFFIX, METADATA_KEY
 from itae_export.registry import get_model_spec
 
@@ -100,11 +100,7 @@ def external_locations(proto) -> list[str]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + sha256_file(path, chunk=1 << 22)
 
 
 def seal_with_weights(proto, manifest: dict, folder: str | os.PathLike) -> None:

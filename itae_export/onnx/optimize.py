@@ -42,7 +42,8 @@ import numpy as np
 from itae_export import fashion_mnist, hardware
 from itae_export.cluster.metrics import kmeans_ari, l2_normalize
 from itae_export.errors import InputError, ToleranceError
-from itae_export.images import load_images, scan_images
+from itae_export.data.embed import item_class, load_items, source_items
+from itae_export.images import PreprocessSpec
 from itae_export.model.vit import LayerScale
 from itae_export.onnx.contract import (
     INT8_MIN_ARI,
@@ -779,20 +780,18 @@ def real_images(images_dir: str | os.PathLike | None, manifest: dict, n: int = 2
 
 
     prep = manifest["preprocessing"]
-    if images_dir is not None:
-        root = Path(images_dir)
-        files = scan_images(root)
-        classes = {p.parent for p in files if p.parent != root}
+    if images_dir is not None:  # any input of the source layer
+        files, where = source_items(images_dir, "--validate-images")
+        k = _classes(files)
         step = max(1, len(files) // n)  # every step-th file: calibration_images takes none of these
-        _, xs, _ = load_images(files[::step][:n], prep)  # unreadable files are skipped, as in itae-cluster
-        k = len(classes) if len(classes) >= 2 else 10
+        _, xs, _ = load_items(files[::step][:n], PreprocessSpec.from_manifest(prep))  # unreadable ones skipped
         if len(xs) < 2 * k:
-            raise InputError(f"--validate-images: {root} has {len(xs)} readable images; the int8 check needs "
+            raise InputError(f"--validate-images: {where} has {len(xs)} readable images; the int8 check needs "
                              f"at least {2 * k}")
-        return np.stack(xs), k, f"{len(xs)} images of {root}"
+        return np.stack(xs), k, f"{len(xs)} images of {where}"
 
     if not fashion_mnist.available():
-        raise InputError("--quantize int8 checks the clustering on real images: pass --validate-images DIR "
+        raise InputError("--quantize int8 checks the clustering on real images: pass --validate-images INPUT "
                          f"(no Fashion-MNIST at {fashion_mnist.ROOT}; set ITAE_FASHION_MNIST)")
     x, y = fashion_mnist.load()
     per_class = max(1, n // 10)
@@ -814,19 +813,18 @@ def calibration_images(images_dir: str | os.PathLike | None, manifest: dict, n: 
     from PIL import Image
 
     prep = manifest["preprocessing"]
-    if images_dir is not None:
-        root = Path(images_dir)
-        files = scan_images(root)
+    if images_dir is not None:  # any input of the source layer
+        files, where = source_items(images_dir, "--validate-images")
         step = max(1, len(files) // 256)
         rest = [f for i, f in enumerate(files) if i % step] if step > 1 else files
         stride = max(2, len(rest) // n)
-        _, xs, _ = load_images(rest[part % stride::stride][:n], prep)
+        _, xs, _ = load_items(rest[part % stride::stride][:n], PreprocessSpec.from_manifest(prep))
         if not xs:
-            raise InputError(f"int8 calibration: no readable images in {root} besides the guard's")
+            raise InputError(f"int8 calibration: no readable images in {where} besides the guard's")
         overlap = "" if step > 1 else ", shared with the guard's"
-        return np.stack(xs), f"{len(xs)} images of {root}{overlap}"
+        return np.stack(xs), f"{len(xs)} images of {where}{overlap}"
     if not fashion_mnist.available("train"):
-        raise InputError("int8 calibration needs real images: pass --validate-images DIR "
+        raise InputError("int8 calibration needs real images: pass --validate-images INPUT "
                          f"(no Fashion-MNIST train split at {fashion_mnist.ROOT}; set ITAE_FASHION_MNIST)")
     x, y = fashion_mnist.load("train")
     per_class, start = max(1, n // 10), 50 * part
@@ -839,8 +837,12 @@ def image_classes(images_dir: str | os.PathLike | None) -> int:
     """k for the ARI checks: the class sub-folders of ``images_dir`` (10 when fewer than 2), 10 for Fashion-MNIST."""
     if images_dir is None:
         return 10
-    root = Path(images_dir)
-    classes = {p.parent for p in scan_images(root) if p.parent != root}
+    return _classes(source_items(images_dir, "--validate-images")[0])
+
+
+def _classes(items) -> int:
+    """The number of class folders among ``items`` (10 when fewer than 2)."""
+    classes = {item_class(it) for it in items} - {None}
     return len(classes) if len(classes) >= 2 else 10
 
 

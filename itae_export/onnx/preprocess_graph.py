@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from itae_export.errors import CheckpointError, InputError, ToleranceError
+from itae_export.data.embed import source_items
 from itae_export.images import (
     ImageDecodeError,
     PreprocessSpec,
-    decode_image,
     pil_resize,
-    scan_images,
     to_rgb,
 )
 from itae_export.onnx.contract import (
@@ -54,7 +53,7 @@ from itae_export.onnx.contract import (
 )
 from itae_export.onnx.export import ExportResult, spec_from_manifest, staging_folder
 from itae_export.onnx.manifest import graph_tensors, manifest_path, read_manifest, seal_with_weights, write_manifest
-from itae_export.onnx.validate import format_report, judge, reference_for, sample_photos
+from itae_export.onnx.validate import format_report, item_name, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
 from itae_export.runtime import ort_session
 from itae_export.weights import checkpoints
@@ -256,13 +255,11 @@ def validation_images(seed: int = 0, images_dir: str | os.PathLike | None = None
     for name, img in sample_photos():
         images.append(np.asarray(to_rgb(img)))
         names.append(name)
-    if images_dir is not None:
-        if not Path(images_dir).is_dir():
-            raise InputError(f"--validate-images: {images_dir} is not a folder")
-        for path in scan_images(images_dir):
+    if images_dir is not None:  # any input of the source layer
+        for item in source_items(images_dir, "--validate-images")[0]:
             try:
-                images.append(np.asarray(decode_image(path)[0]))
-                names.append(str(path))
+                images.append(np.asarray(item.decode()[0]))
+                names.append(item_name(item))
             except ImageDecodeError:
                 continue
     for h, w in ((97, 61), (300, 224), (41, 500), (224, 224), (1, 1)):

@@ -19,8 +19,8 @@ import numpy as np
 
 from itae_export.cluster.artifacts import artifact_stats, counts_from_masks
 from itae_export.cluster.metrics import kmeans_ari, l2_normalize
-from itae_export.errors import OptionError
-from itae_export.images import PreprocessSpec, load_images, scan_images, to_rgb
+from itae_export.data.embed import load_items, source_items
+from itae_export.images import PreprocessSpec, to_rgb
 from itae_export.images import preprocess as _preprocess
 from itae_export.onnx.contract import (
     FLOAT32_REACH,
@@ -77,6 +77,12 @@ def noise_images(h: int, w: int, n: int, seed: int = 0) -> list:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def item_name(item) -> str:
+    """How validation reports an image: its file, or for a tar member its WebDataset key beside the
+    tar (``shards/x.tar/sample``)."""
+    return item.path if item.offset < 0 else str(Path(item.path).parent / item.key)
+
+
 def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = None, n_random: int = 4,
                       seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Noise images, the bundled sample photos, and optionally a folder of images."""
@@ -87,13 +93,11 @@ def validation_inputs(manifest: dict, images_dir: str | os.PathLike | None = Non
     for name, img in sample_photos():
         xs.append(preprocess(img, prep))
         names.append(name)
-    if images_dir is not None:
-        root = Path(images_dir)
-        if not root.is_dir():
-            raise OptionError(f"--validate-images: {root} is not a folder")
-        ok, arrays, _ = load_images(scan_images(root), prep)  # unreadable files are skipped, as in itae-cluster
+    if images_dir is not None:  # any input of the source layer; unreadable images are skipped, as in itae-cluster
+        items, _ = source_items(images_dir, "--validate-images")
+        ok, arrays, _ = load_items(items, PreprocessSpec.from_manifest(prep))
         xs += arrays
-        names += [str(p) for p in ok]
+        names += [item_name(it) for it in ok]
     return np.stack(xs).astype(np.float32), names
 
 
