@@ -25,9 +25,9 @@ Examples:
 
 \b
 A Slurm array:  sbatch --array=0-15 --wrap 'itae-embed run paths.txt --out shards/ --onnx m.onnx --shard $SLURM_ARRAY_TASK_ID/16'
-Re-running a command after a kill redoes only what is missing. The local engine shares the embedding
-cache of itae-cluster ($ITAE_CACHE_DIR, default ~/.cache/itae-export): images already embedded with
-the same model are not embedded again. See docs/scale.md.
+Re-running a command after a kill redoes only what is missing. Both engines share the embedding
+cache of itae-cluster ($ITAE_CACHE_DIR, default ~/.cache/itae-export; on Ray, the driver's): images
+already embedded with the same model are not embedded again. See docs/scale.md.
 """
 
 
@@ -66,7 +66,7 @@ def main():
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip (with a reason) images larger than this many pixels, read from the header before decoding.")
 @click.option("--no-cache", is_flag=True,
-              help="[--engine local] Neither read nor fill the shared embedding cache ($ITAE_CACHE_DIR; docs/scale.md).")
+              help="Neither read nor fill the shared embedding cache ($ITAE_CACHE_DIR; docs/scale.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no informational lines.")
 @report_errors
 def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engine, ray_address, actors, actor_cpus,
@@ -83,7 +83,7 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
     except InputError as e:  # a usage error: exit 2
         raise click.BadParameter(str(e).split(": ", 1)[-1], param_hint="--shard") from None
     ray_only = {"--ray-address": ray_address, "--actors": actors, "--actor-cpus": actor_cpus}
-    local_only = {"--workers": workers, "--threads": intra_op_threads, "--no-cache": no_cache or None,
+    local_only = {"--workers": workers, "--threads": intra_op_threads,
                   "--max-pixels": None if max_pixels == DEFAULT_MAX_PIXELS else max_pixels}
     if engine == "local" and any(v is not None for v in ray_only.values()):
         raise click.UsageError(f"{', '.join(k for k, v in ray_only.items() if v is not None)}: only with --engine ray")
@@ -96,7 +96,7 @@ def run_cmd(input_spec, out_dir, onnx_path, shard, input_format, part_size, engi
             stats = embed_shards_ray(input_spec, out_dir, onnx_path, shard=shard, part_size=part_size,
                                      input_format=input_format, batch_size=batch_size, device=device,
                                      address=ray_address or os.environ.get("RAY_ADDRESS"), actors=actors,
-                                     actor_cpus=actor_cpus, log=log)
+                                     actor_cpus=actor_cpus, cache=not no_cache, log=log)
         else:
             from itae_export.engines.local import embed_shards
 

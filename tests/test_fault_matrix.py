@@ -57,7 +57,7 @@ COMMANDS = [
             "itae_export.cli.embed", reads_images=False),
     Command("itae-embed run --engine ray", lambda src, out, m: (embed_cli, ["run", src, "--out", out, "--onnx", m,
                                                                             "--engine", "ray", "--batch-size", 4]),
-            "itae_export.cli.embed", uses_cache=False),
+            "itae_export.cli.embed"),
     # the norms come from the PyTorch model of a registry name, not from the exported graph
     Command("itae-inspect", lambda src, out, m: (inspect_cli, [src, "--model", "vits14", "--random-weights",
                                                                "--out", out, "--batch-size", 8]),

@@ -55,8 +55,9 @@ def test_starving_actor_pool_is_refused():
 def test_ray_engine_equals_local_engine(local_ray, photos, tiny_model, local_run, tmp_path):
     out = tmp_path / "ray"
     with pytest.raises(InputError, match="starve"):
-        embed_shards_ray(photos, out, tiny_model, part_size=16, actors=1, actor_cpus=CPUS)
-    st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1)
+        embed_shards_ray(photos, out, tiny_model, part_size=16, actors=1, actor_cpus=CPUS, cache=False)
+    st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1,
+                          cache=False)  # Ray's own work: local_run filled the cache
     assert st.parts_written == 5 and st.embedded == 80
     import os
 
@@ -101,10 +102,36 @@ def test_ray_work_goes_in_windows_of_whole_parts(local_ray, photos, tiny_model, 
     monkeypatch.setattr(ray_embed, "_execute", spy)
     out = tmp_path / "ray"
     st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1,
-                          window_items=20)
+                          window_items=20, cache=False)
     assert [n for n, _ in seen] == [32, 32, 16] and [len(p) for _, p in seen] == [2, 2, 1]
     assert st.parts_written == 5 and st.embedded == 80
     np.testing.assert_allclose(open_shards(out).load_all(), open_shards(local_run).load_all(), atol=1e-5, rtol=0)
+
+
+def test_the_ray_engine_reads_and_fills_the_shared_cache(local_ray, photos, tiny_model, local_run, tmp_path,
+                                                        monkeypatch):
+    """What the local engine stored is not sent to Ray (the driver looks it up); what Ray embeds is
+    stored, so the local engine then embeds nothing. The files equal the local engine's."""
+    import shutil
+
+    from itae_export.engines import ray_embed
+
+    sent = []
+    real = ray_embed._execute
+    monkeypatch.setattr(ray_embed, "_execute", lambda ray_, run, window, *a, **kw: sent.append(window.n_rows)
+                        or real(ray_, run, window, *a, **kw))
+    st = embed_shards_ray(photos, tmp_path / "again", tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1)
+    assert sent == [] and st.reused == 80 and st.embedded == 80 and st.parts_written == 5
+    np.testing.assert_array_equal(open_shards(tmp_path / "again").load_all(), open_shards(local_run).load_all())
+
+    copy = tmp_path / "copy"  # other paths: not in the cache
+    shutil.copytree(photos, copy)
+    st = embed_shards_ray(copy, tmp_path / "ray", tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1)
+    assert sum(sent) == 80 and st.reused == 0 and st.embedded == 80
+    st = embed_shards(copy, tmp_path / "local", tiny_model, part_size=16, batch_size=8, progress=False)
+    assert st.reused == 80 and st.embedded == 80
+    np.testing.assert_allclose(open_shards(tmp_path / "local").load_all(), open_shards(tmp_path / "ray").load_all(),
+                               atol=0, rtol=0)
 
 
 KILLER = textwrap.dedent("""
@@ -116,7 +143,7 @@ KILLER = textwrap.dedent("""
         if n[0] == int(sys.argv[1]):
             os.kill(os.getpid(), signal.SIGKILL)
     embed_shards_ray({photos!r}, {out!r}, {model!r}, part_size=16, batch_size=8, actors=1, actor_cpus=1,
-                     address={address!r}, on_batch=on_batch)
+                     address={address!r}, on_batch=on_batch, cache=False)
 """)
 
 
@@ -138,7 +165,8 @@ def test_killed_ray_driver_resumes(local_ray, photos, tiny_model, local_run, tmp
     db.close()
     assert 0 < sum(q["n_items"] for q in written) + in_record < 80  # really killed mid-run
 
-    st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1)
+    st = embed_shards_ray(photos, out, tiny_model, part_size=16, batch_size=8, actors=1, actor_cpus=1,
+                          cache=False)  # Ray's own work: local_run filled the cache
     assert st.parts_done_before == len(written) and st.rows_resumed == in_record
     assert st.embedded == 80 - sum(q["n_items"] for q in written) - in_record
     np.testing.assert_allclose(open_shards(out).load_all(), open_shards(local_run).load_all(), atol=1e-5, rtol=0)

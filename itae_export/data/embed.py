@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item, open_source
+from itae_export.data.sources import OTHER_IMAGE_EXTENSIONS, SCAN_EXTENSIONS, Item, open_source, text_key
 from itae_export.data.store import EmbeddingStore, extra_model_id, file_key, source_key
 from itae_export.errors import InputError, OptionError
 from itae_export.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, preprocess, scan_images
@@ -323,6 +323,22 @@ def lookup(store, model_id: str, fkeys: dict, extra: tuple[str, ...], has_mask: 
         if src in hit and all(src in extras[n] for n in extra) and (hit[src][1] >= 0 or not has_mask):
             out[key] = (hit[src][0], hit[src][1], {n: extras[n][src][0] for n in extra})
     return out
+
+
+def reuse_stored(store, model_id: str, todo: list[Item], has_mask: bool, *, unstat_is_skip: bool = True
+                 ) -> tuple[list[tuple], list[Item], dict, int]:
+    """What the embedding store already holds of ``todo`` (items of one part), for both engines:
+    (rows for the resume record, the items left to embed, {key: (store key, file key)} to store
+    their vectors under, how many rows came from the store). The rows are the store's hits and the
+    items the source marked as skipped or, with ``unstat_is_skip``, whose file cannot be stat'ed
+    here (a Ray cluster may see files this driver cannot: those are left to embed, uncached)."""
+    keys, unstat = file_keys(todo)
+    hit = lookup(store, model_id, keys, (), has_mask)
+    rows = [(it.pos, text_key(it.key), hit[it.key][0], None, hit[it.key][1]) for it in todo if it.key in hit]
+    gone = set(unstat) if unstat_is_skip else set(unstat) & {it.key for it in todo if it.skip is not None}
+    rows += [(it.pos, text_key(it.key), None, unstat[it.key]) for it in todo if it.key in gone]
+    left = [it for it in todo if it.key not in hit and it.key not in gone]
+    return rows, left, keys, len(hit)
 
 
 def _run_pipeline(todo, pre, max_pixels, run: GraphOutputs, store, model_id, fkeys, batch_size, workers, pool,

@@ -18,10 +18,9 @@ from itae_export.data.embed import (
     default_batch_size,
     decode_workers,
     default_workers,
-    file_keys,
     load_item,
-    lookup,
     progress_bar,
+    reuse_stored,
 )
 from itae_export.data.store import EmbeddingStore
 from itae_export.data.shards import RunStats, ShardRun
@@ -118,17 +117,13 @@ def _pipeline(run: ShardRun, pre, outs: GraphOutputs, store, batch_size: int, wo
             if not todo:  # every row was in the resume record: only the file is left to write
                 run.finish_part(part, n_items)
                 continue
-            keys, unstat = file_keys(todo)
-            hit = lookup(store, run.model_id, keys, (), outs.has_mask)
-            done = [(it.pos, text_key(it.key), hit[it.key][0], None, hit[it.key][1]) for it in todo if it.key in hit]
-            done += [(it.pos, text_key(it.key), None, unstat[it.key]) for it in todo if it.key in unstat]
-            run.stats.reused += len(hit)
+            done, left, keys, reused = reuse_stored(store, run.model_id, todo, outs.has_mask)
+            run.stats.reused += reused
             fkeys.update(keys)
             if done:
                 commit({part.id: done})
-            for it in todo:
-                if it.key in keys and it.key not in hit:
-                    yield part.id, it
+            for it in left:
+                yield part.id, it
 
     ex = ThreadPoolExecutor(workers, thread_name_prefix="itae-decode")
     ahead = 2 * batch_size + workers

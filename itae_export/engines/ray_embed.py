@@ -29,13 +29,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from itae_export.data.embed import GraphOutputs, default_batch_size, load_item
+from itae_export.data.embed import GraphOutputs, default_batch_size, load_item, reuse_stored
 from itae_export.data.shards import RunStats
+from itae_export.data.store import EmbeddingStore
 from itae_export.data.sources import DEFAULT_PART_SIZE, Item, text_key
 from itae_export.engines.local import open_run
 from itae_export.errors import InputError, MissingDependencyError
 from itae_export.images import PreprocessSpec
-from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX
+from itae_export.onnx.contract import EXTERNAL_DATA_SUFFIX, OUTPUT_MASK
+from itae_export.onnx.manifest import read_manifest
 from itae_export.runtime import Embedder, open_session
 
 # The driver hands Ray this many images at a time (whole parts): what it holds of the work list is
@@ -126,8 +128,10 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
                      address: str | None = None, actors: int | None = None, actor_cpus: float | None = None,
                      num_cpus: int | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
                      on_batch: Callable[[RunStats], None] | None = None,
-                     window_items: int = WINDOW_ITEMS) -> RunStats:
-    """:func:`itae_export.engines.local.embed_shards` on Ray Data: same files, same resume record.
+                     window_items: int = WINDOW_ITEMS, cache: bool = True) -> RunStats:
+    """:func:`itae_export.engines.local.embed_shards` on Ray Data: same files, same resume record,
+    and (with ``cache``) the same embedding store, read and filled by this driver: images it holds
+    for this model are not sent to Ray.
 
     Uses the Ray already initialised in this process, else ``address`` (or ``$RAY_ADDRESS``), else
     starts a local Ray with ``num_cpus`` (default: the actors' CPUs + 2). ``stats.actor_pids`` lists
@@ -142,9 +146,11 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
     t0 = time.perf_counter()
     started = False
     plan = None
+    store = EmbeddingStore() if cache else None
+    has_mask = OUTPUT_MASK in {o.get("name") for o in read_manifest(onnx_path).get("outputs", [])}
     with run:
         try:
-            for window in _windows(run, window_items):
+            for window in _windows(run, window_items, store, has_mask):
                 if not started and not ray.is_initialized():
                     address = address or os.environ.get("RAY_ADDRESS")
                     want = (actors or 1) * (actor_cpus or 2) + 2
@@ -158,10 +164,12 @@ def embed_shards_ray(input_spec, out, onnx_path, *, shard="0/1", part_size: int 
                     log(f"Ray: {plan['cpus']:g} CPUs, {plan['gpus']} GPUs; {plan['actors']} actors x "
                         f"{plan['actor_cpus']:g} CPUs{' + 1 GPU' if plan['use_gpu'] else ''}; batches of {plan['bs']}")
                 log(f"Ray: {window.n_rows} images of {len(window.parts)} parts")
-                _execute(ray, run, window, pre, onnx_path, plan, on_batch)
+                _execute(ray, run, window, pre, onnx_path, plan, on_batch, store)
         finally:
             if started:
                 ray.shutdown()
+            if store is not None:
+                store.close()
     run.stats.seconds = time.perf_counter() - t0
     return run.stats
 
@@ -173,21 +181,29 @@ class _Window:
     columns: dict
     expected: dict  # part id -> images still to embed
     parts: dict  # part id -> (Part, number of items)
+    store_keys: dict  # (part id, pos) -> (store key, file key) of the images to store once embedded
 
     @property
     def n_rows(self) -> int:
         return len(self.columns["key"])
 
 
-def _windows(run, window_items: int) -> Iterator[_Window]:
-    """The shard's pending work in windows of whole parts; parts with nothing left are written at once."""
+def _windows(run, window_items: int, store=None, has_mask: bool = True) -> Iterator[_Window]:
+    """The shard's pending work in windows of whole parts; parts with nothing left (the store held
+    the rest) are written at once."""
     cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
-    expected, parts = {}, {}
+    expected, parts, store_keys = {}, {}, {}
 
     def flush():
-        return _Window(cols, dict(expected), dict(parts))
+        return _Window(cols, dict(expected), dict(parts), dict(store_keys))
 
     for part, n_items, todo in run.pending():
+        if todo and store is not None:
+            done, todo, keys, reused = reuse_stored(store, run.model_id, todo, has_mask, unstat_is_skip=False)
+            run.stats.reused += reused
+            if done:
+                run.add(part.id, done)
+            store_keys.update({(part.id, it.pos): keys[it.key] for it in todo if it.key in keys})
         if not todo:
             run.finish_part(part, n_items)
             continue
@@ -204,7 +220,7 @@ def _windows(run, window_items: int) -> Iterator[_Window]:
         if len(cols["key"]) >= window_items:
             yield flush()
             cols = {c: [] for c in ROW_COLUMNS}
-            expected, parts = {}, {}
+            expected, parts, store_keys = {}, {}, {}
     if cols["key"]:
         yield flush()
 
@@ -243,7 +259,7 @@ def _configure(ray, progress: bool) -> None:
     ctx.execution_options.preserve_order = False
 
 
-def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch) -> None:
+def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch, store=None) -> None:
     bs, actors, actor_cpus, use_gpu = plan["bs"], plan["actors"], plan["actor_cpus"], plan["use_gpu"]
     files_ref = plan["files_ref"]
     pre_dict = {"resolution": [pre.height, pre.width], "mean": list(pre.mean), "std": list(pre.std),
@@ -269,6 +285,8 @@ def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch) ->
             by_part.setdefault(int(batch["part"][j]), []).append(
                 (int(batch["pos"][j]), str(batch["key"][j]), v, reason or None, int(batch["artifacts"][j])))
         pids.update(int(p) for p in batch["actor_pid"])
+        if store is not None:
+            _store_batch(store, run.model_id, window.store_keys, by_part)
         for pid, prow in by_part.items():
             run.add(pid, prow)
             remaining[pid] -= len(prow)
@@ -280,3 +298,17 @@ def _execute(ray, run, window: _Window, pre, onnx_path, plan: dict, on_batch) ->
     if left:
         raise RuntimeError(f"Ray returned too few rows for parts {sorted(left)}")
     run.stats.actor_pids = sorted(pids)
+
+
+def _store_batch(store, model_id: str, store_keys: dict, by_part: dict) -> None:
+    """The finite vectors of one batch into the embedding store (a NaN vector is never stored)."""
+    keys, vecs, counts = [], [], []
+    for pid, prow in by_part.items():
+        for pos, _, v, _, count in prow:
+            fk = store_keys.get((pid, pos))
+            if v is not None and fk is not None and np.isfinite(v).all():
+                keys.append((fk[0], *fk[1]))
+                vecs.append(v)
+                counts.append(count)
+    if keys:
+        store.add(model_id, keys, np.stack(vecs), np.asarray(counts, np.int64))
