@@ -217,6 +217,27 @@ def case_corrupt_cache(cmd, tmp, model, shards, request):
     _one_line_error(res, "corrupt", str(store), forbid=())
 
 
+def case_corrupt_resume_record(cmd, tmp, model, shards, request):
+    if cmd.name == RAY:
+        pytest.importorskip("ray")
+    src = _source("folder", tmp)
+    assert _invoke(cmd, src, tmp / "out", model).exit_code == 0
+    written = sorted(p.name for p in (tmp / "out").glob("part-*.parquet"))
+    record = next((tmp / "out" / "_state").glob("*.sqlite"))
+    for side in record.parent.glob(record.name + "-*"):
+        side.unlink()
+    data = bytearray(record.read_bytes())
+    data[100:4096] = os.urandom(4096 - 100)  # a corrupt first page
+    record.write_bytes(bytes(data))
+    res = _invoke(cmd, src, tmp / "out", model)
+    line = _one_line_error(res, str(record), "part files written are kept", forbid=())
+    assert "afresh" not in line
+    record.rename(tmp / "record.bak")  # as the line says: the written parts are kept, nothing is embedded again
+    res = _invoke(cmd, src, tmp / "out", model)
+    assert res.exit_code == 0 and _embedded(res.output) == 0, res.output
+    assert sorted(p.name for p in (tmp / "out").glob("part-*.parquet")) == written
+
+
 def _cache_rows() -> int:
     path = default_store_path()
     if not path.exists():
@@ -264,7 +285,8 @@ CASES = [  # (name, run, the commands it applies to)
     ("--out read-only", case_out_read_only, {c.name for c in COMMANDS} - {RAY}),
     ("--out in /proc", case_out_in_proc, {c.name for c in COMMANDS} - {RAY}),
     ("full disk", case_full_disk, {"itae-cluster", "itae-embed run"}),
-    ("corrupt cache", case_corrupt_cache, {"itae-cluster", "itae-embed run"}),
+    ("corrupt cache", case_corrupt_cache, {"itae-cluster", "itae-embed run", RAY}),
+    ("corrupt resume record", case_corrupt_resume_record, {"itae-embed run", RAY}),
     ("kill and resume", case_kill_and_resume, {"itae-cluster", "itae-embed run"}),
 ]
 

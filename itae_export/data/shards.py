@@ -314,7 +314,9 @@ class ShardState:
             if "readonly" in low or "read-only" in low or "unable to open" in low:
                 raise OutputError(f"{path}: the resume record cannot be written (read-only filesystem or no "
                                   "permission); choose another --out") from None
-            raise InputError(f"{path}: not a usable resume record ({e}); delete it to start the shard afresh") from e
+            raise InputError(f"{path}: not a usable resume record ({e}); move it away (or delete it) and run the same "
+                             "command again: the part files written are kept and checked, and only the images no "
+                             "part holds are embedded again") from e
         self.path = path
 
     def close(self) -> None:
