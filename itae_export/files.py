@@ -40,9 +40,10 @@ def ensure_dir(path: str | os.PathLike, what: str = "--out") -> Path:
 
 
 def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> None:
-    """Check up front, creating nothing, that ``path`` can be written (a folder with ``folder``,
-    else a file): no part of it is a file, it is not the other kind already, and the nearest
-    existing folder above it is writable. OutputError in one line naming ``what``."""
+    """Check up front that ``path`` can be written (a folder with ``folder``, else a file): no part
+    of it is a file, it is not the other kind already, and a file can be created in the nearest
+    existing folder above it (tried with an empty hidden file, removed at once: permission bits
+    alone pass /proc, /sys and some mounts for root). OutputError in one line naming ``what``."""
     path = Path(path)
     if path.exists():
         if folder and not path.is_dir():
@@ -63,6 +64,12 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> None:
             ro = False
         why = "the filesystem is read-only" if ro else "permission denied"
         raise OutputError(f"{what}: cannot write in {probe} ({why})")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".itae-write-check.")
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write in {probe} ({describe_os_error(e)})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

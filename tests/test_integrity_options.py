@@ -103,6 +103,21 @@ def test_a_bad_output_fails_before_the_export(no_work, tmp_path):
     assert not no_work
 
 
+@pytest.mark.parametrize("target", ["/proc/m.onnx", "/sys/m.onnx", "/proc/self/new/m.onnx"])
+def test_an_output_where_no_file_can_be_created_fails_before_the_weights_load(no_work, target):
+    """The permission bits of /proc and /sys let root through: the check creates (and removes) a file."""
+    _one_line(_export("-o", target), 1, "--output", "cannot write in")
+    assert not no_work
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    from itae_export.files import check_writable
+
+    check_writable(tmp_path / "a" / "b.onnx", "--output", folder=False)
+    check_writable(tmp_path / "out", "--out", folder=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture()
 def without_tritonclient(monkeypatch):
     for mod in [m for m in sys.modules if m == "tritonclient" or m.startswith("tritonclient.")]:
