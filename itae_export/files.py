@@ -67,7 +67,7 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> None:
     try:
         fd, name = tempfile.mkstemp(dir=probe, prefix=".itae-write-check.")
     except OSError as e:
-        raise OutputError(f"{what}: cannot write in {probe} ({describe_os_error(e)})") from None
+        raise OutputError(f"{what}: {path}: cannot write in {probe} ({describe_os_error(e)})") from None
     os.close(fd)
     os.unlink(name)
 
