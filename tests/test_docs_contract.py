@@ -108,6 +108,41 @@ def test_cmyk_with_and_without_adobe_marker(tmp_path):
     assert "with or without an Adobe APP14 marker" in CONTRACT and "ycck_cmyk_convert" in CONTRACT
 
 
+def _ycc_to_rgb(y, cb, cr):
+    """libjpeg-turbo's YCbCr -> RGB (jdcolor.c, build_ycc_rgb_table: 16-bit fixed point, then clamped)."""
+    def fix(x):
+        return int(x * (1 << 16) + 0.5)
+
+    half = 1 << 15
+    cb, cr = cb - 128, cr - 128
+    r = y + ((fix(1.40200) * cr + half) >> 16)
+    g = y + ((-fix(0.34414) * cb - fix(0.71414) * cr + half) >> 16)
+    b = y + ((fix(1.77200) * cb + half) >> 16)
+    return [np.clip(c, 0, 255) for c in (r, g, b)]
+
+
+def test_ycck_follows_the_stated_rule(tmp_path):
+    """A YCCK JPEG: the same bitstream as a CMYK one with the Adobe transform byte set to 2, so the
+    decoded samples are known (the CMYK file's) and the rule of the contract can be applied to them:
+    the YCC triple to RGB, stored as 255 - R, 255 - G, 255 - B with K unchanged, then as CMYK."""
+    rng = np.random.default_rng(1)
+    cmyk = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    p = tmp_path / "c.jpg"
+    Image.fromarray(cmyk, "CMYK").save(p, quality=95)
+    data = bytearray(p.read_bytes())
+    i = data.index(b"Adobe")  # APP14: "Adobe", version (2 bytes), flags0, flags1, then the transform
+    assert data[i + 11] == 0  # Pillow writes transform 0 (plain CMYK)
+    data[i + 11] = 2
+    q = tmp_path / "ycck.jpg"
+    q.write_bytes(bytes(data))
+    with Image.open(p) as im:
+        stored = 255 - np.asarray(im).astype(np.int64)  # the decoded samples, as test_cmyk_... finds them
+    r, g, b = _ycc_to_rgb(stored[..., 0], stored[..., 1], stored[..., 2])
+    c, m, y, k = 255 - r, 255 - g, 255 - b, stored[..., 3]  # ycck_cmyk_convert
+    want = np.stack([(2 * v * k + 255) // 510 for v in (c, m, y)], -1).astype(np.uint8)
+    np.testing.assert_array_equal(rgb_of(q), want)
+
+
 def test_size_limit_is_the_code_s_and_exact(tmp_path):
     assert f"{DEFAULT_MAX_PIXELS:,} pixels" in CONTRACT
     p = tmp_path / "wide.png"
