@@ -261,31 +261,6 @@ def load_image(path: str | os.PathLike, preprocessing: PreprocessSpec | dict) ->
         raise ImageDecodeError(path, f"cannot resize: {e}") from None
 
 
-def try_load_image(path: str | os.PathLike, pre: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-    """(pixels [3, H, W] or None, reason or None, conversion notes): one bad image never raises."""
-    try:
-        img, notes = decode_image(path, max_pixels)
-        return preprocess(img, pre), None, notes
-    except ImageDecodeError as e:
-        return None, e.reason, []
-    except Exception as e:  # noqa: BLE001 - one bad image must never stop the job
-        return None, f"cannot decode: {type(e).__name__}: {e}", []
-
-
-def load_images(paths, preprocessing: PreprocessSpec | dict) -> tuple[list[Path], list[np.ndarray], list[tuple[Path, str]]]:
-    """A list of image files to arrays: (paths that decoded, their pixels, (path, reason) of the rest)."""
-    pre = preprocessing if isinstance(preprocessing, PreprocessSpec) else PreprocessSpec.from_manifest(preprocessing)
-    ok, arrays, skipped = [], [], []
-    for p in paths:
-        px, reason, _ = try_load_image(p, pre)
-        if px is None:
-            skipped.append((Path(p), reason))
-        else:
-            ok.append(Path(p))
-            arrays.append(px)
-    return ok, arrays, skipped
-
-
 def sample_evenly(paths: list, n: int | None) -> list:
     """``n`` items evenly spaced over ``paths`` (all of them when ``n`` is None or not smaller)."""
     if n is None or len(paths) <= n:

@@ -57,6 +57,7 @@ def text_key(key: str) -> str:
     except UnicodeEncodeError:
         return os.fsencode(key).decode("utf-8", "backslashreplace")
 
+
 def unique_keys(keys: list[str], skips: list[str | None]) -> list[str]:
     """``keys`` with every key unique: a skipped item whose key is taken (a symlink member ``q`` beside
     the sample ``q.png``, a third copy of a member, a list path spelled like an empty row's

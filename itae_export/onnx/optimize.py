@@ -52,6 +52,7 @@ from itae_export.onnx.contract import (
     OUTPUT_MASK,
     external_data_name,
 )
+from itae_export.onnx.manifest import external_locations
 from itae_export.onnx.validate import preprocess, validation_inputs
 from itae_export.runtime import ort_session, run_onnx
 
@@ -492,7 +493,7 @@ def smooth_activations(src: str | os.PathLike, dst: str | os.PathLike, calibrati
 
     src, dst = Path(src), Path(dst)
     light = onnx.load(str(src), load_external_data=False)  # for the taps: its external data resolves beside src
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
+    external = bool(external_locations(light))
     proto = onnx.load(str(src))
     labels = dict(weight_matmul_layers(proto))
     skip = set(mask_source_matmuls(proto))

@@ -52,7 +52,7 @@ from itae_export.onnx.contract import (
     external_data_name,
 )
 from itae_export.onnx.export import ExportResult, spec_from_manifest, staging_folder
-from itae_export.onnx.manifest import graph_tensors, manifest_path, read_manifest, seal_with_weights, write_manifest
+from itae_export.onnx.manifest import external_locations, graph_tensors, manifest_path, read_manifest, seal_with_weights, write_manifest
 from itae_export.onnx.validate import format_report, item_name, judge, reference_for, sample_photos
 from itae_export.registry import ITAEOptions
 from itae_export.runtime import ort_session
@@ -227,12 +227,12 @@ def compose(encoder_path: str | os.PathLike, output: str | os.PathLike, pre: Pre
     del g.input[:]
     g.input.extend(pre_model.graph.input)
     location = None
-    old = {e.value for t in graph_tensors(enc) for e in t.external_data if e.key == "location"}
+    old = external_locations(enc)
     if old:
         if len(old) != 1:
-            raise InputError(f"{encoder_path}: weights in several external files ({sorted(old)}) are not supported")
+            raise InputError(f"{encoder_path}: weights in several external files ({old}) are not supported")
         location = external_data_name(output.name)
-        shutil.copyfile(encoder_path.parent / old.pop(), output.parent / location)
+        shutil.copyfile(encoder_path.parent / old[0], output.parent / location)
         for t in graph_tensors(enc):
             for e in t.external_data:
                 if e.key == "location":
